@@ -1,0 +1,20 @@
+"""numcast: quantize neural networks to modern number formats, bit-exactly and fast."""
+
+from numcast.formats import (
+    Format,
+    QTensor,
+    cast,
+    cast_stats,
+    cast_ste,
+    get_format,
+    list_formats,
+    quantize,
+    register_format,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Format", "QTensor", "__version__", "cast", "cast_stats", "cast_ste", "get_format", "list_formats",
+    "quantize", "register_format",
+]  # fmt: skip

@@ -1,0 +1,198 @@
+"""Element casts: real values → the nearest value of an integer or minifloat grid, and codes ↔ values.
+
+The cast follows the TensorCast/OCP recipe (``../shared/design/papers.md`` §2): per-element exponent
+e = max(floor(log2|y|), emin) read from the exponent bits (never ``log2``: pitfall 1), scale to an
+integer grid with an exact power-of-two multiply, round, scale back, then overflow by policy. Work is done
+in float32 when every power of two involved is a float32 normal and nearest rounding of a float32 quotient
+cannot double-round (p32 ≥ 2p+2), else in float64; both are exact.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from numcast.formats.rounding import round_to_int
+from numcast.formats.spec import Element, FloatElement, IntElement, Scaling
+
+_F32_EXP = (-126, 127)
+_F64_EXP = (-1022, 1023)
+
+
+def work_dtype(elem: Element, scaling: Scaling | None = None, input_dtype: torch.dtype = torch.float32) -> torch.dtype:
+    """float32 where exact, else float64 (see module docstring)."""
+    if input_dtype == torch.float64:
+        return torch.float64
+    pow2_scale = scaling is None or not scaling.scaled or scaling.rule != "amax"
+    if scaling is not None and scaling.tensor_scale:
+        return torch.float64
+    if isinstance(elem, IntElement):
+        ok = abs(elem.frac_bits) <= 100 and (elem.bits <= 11 or (pow2_scale and elem.bits <= 24))
+        return torch.float32 if ok else torch.float64
+    lo, hi = _F32_EXP
+    ks = (elem.mbits - elem.emax - 1, elem.mbits - elem.emin, elem.emin - elem.mbits, elem.emax + 1 - elem.mbits)
+    ok = all(lo <= k <= hi for k in ks) and (pow2_scale or elem.mbits <= 10)
+    return torch.float32 if ok else torch.float64
+
+
+def _int_view(dtype: torch.dtype) -> tuple[torch.dtype, int, int]:
+    if dtype == torch.float32:
+        return torch.int32, 23, 127
+    if dtype == torch.float64:
+        return torch.int64, 52, 1023
+    raise TypeError(f"work dtype must be float32 or float64, got {dtype}")
+
+
+def floor_log2(a: torch.Tensor) -> torch.Tensor:
+    """floor(log2|a|) from the exponent bits (exact; zero and float subnormals give −bias−0, callers clamp)."""
+    itype, mant, bias = _int_view(a.dtype)
+    return ((a.view(itype) >> mant) & (2 * bias + 1)) - bias
+
+
+def pow2(k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """2^k exactly, for integer tensors k within the normal exponent range of ``dtype``."""
+    itype, mant, bias = _int_view(dtype)
+    return ((k.to(itype) + bias) << mant).view(dtype)
+
+
+def cast_element(
+    y: torch.Tensor,
+    elem: Element,
+    rounding: str = "nearest_even",
+    noise: torch.Tensor | None = None,
+    saturate: bool = True,
+) -> torch.Tensor:
+    """Round ``y`` (float32/float64) to the element grid; same dtype and shape.
+
+    Non-finite inputs: NaN stays NaN; ±inf stays ±inf in ``ieee`` formats and becomes NaN elsewhere (never a
+    silent finite value). Finite overflow saturates to ±max when ``saturate`` (always for ``finite`` and
+    integer grids), else becomes the policy's inf/NaN. ``fnuz`` has no −0: negative zeros become +0.
+    ``fnu`` (E8M0) is unsigned without zero: zero and negative inputs become NaN (as ml_dtypes).
+    """
+    if isinstance(elem, IntElement):
+        v = y * math.ldexp(1.0, elem.frac_bits) if elem.frac_bits else y
+        r = round_to_int(v, rounding, noise).clamp_(elem.qmin, elem.qmax)
+        out = r * math.ldexp(1.0, -elem.frac_bits) if elem.frac_bits else r
+        return torch.where(torch.isfinite(y), out, torch.full_like(out, math.nan))
+
+    e = floor_log2(y).clamp_(elem.emin, elem.emax + 1)
+    v = y * pow2(elem.mbits - e, y.dtype)
+    r = round_to_int(v, rounding, noise)
+    out = r * pow2(e - elem.mbits, y.dtype)
+    big = out.abs() > elem.max
+    if saturate or elem.policy == "finite":
+        over = torch.copysign(torch.full_like(out, elem.max), out)
+    elif elem.policy == "ieee":
+        over = torch.copysign(torch.full_like(out, math.inf), out)
+    else:
+        over = torch.full_like(out, math.nan)
+    out = torch.where(big, over, out)
+    inf_in = torch.isinf(y)
+    if elem.policy == "ieee":
+        out = torch.where(inf_in, y, out)
+    else:
+        out = torch.where(inf_in, torch.full_like(out, math.nan), out)
+    if elem.policy == "fnuz":
+        out = out + 0.0  # −0 + 0 = +0 under round-to-nearest
+    elif elem.policy == "fnu":
+        out = torch.where(y > 0, out, torch.full_like(out, math.nan))
+        out = torch.where(out == 0, torch.full_like(out, elem.min_normal), out)
+    return out
+
+
+# ---- codes ↔ values -------------------------------------------------------------------------------
+
+
+def code_dtype(bits: int) -> torch.dtype:
+    """Smallest torch dtype holding raw ``bits``-bit codes as non-negative integers."""
+    return torch.uint8 if bits <= 8 else torch.int32 if bits <= 16 else torch.int64
+
+
+def decode(codes: torch.Tensor, elem: Element, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Values of raw codes (bit patterns, non-negative integers < 2^bits)."""
+    if elem.bits <= 16:
+        table = decode_table(elem, dtype)
+        return table.to(codes.device)[codes.long()]
+    return _decode_arith(codes.long(), elem).to(dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def decode_table(elem: Element, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """All 2^bits code values, index = code (the format's full decode table)."""
+    return _decode_arith(torch.arange(2**elem.bits, dtype=torch.int64), elem).to(dtype)
+
+
+def _decode_arith(c: torch.Tensor, elem: Element) -> torch.Tensor:
+    if isinstance(elem, IntElement):
+        v = c
+        if elem.signed:
+            v = torch.where(c >= 2 ** (elem.bits - 1), c - 2**elem.bits, c)
+        out = v.double() * math.ldexp(1.0, -elem.frac_bits)
+        if elem.narrow:
+            out = torch.where(v < elem.qmin, torch.full_like(out, math.nan), out)
+        return out
+    m, eb = elem.mbits, elem.ebits
+    man = (c & (2**m - 1)).double()
+    expf = (c >> m) & (2**eb - 1)
+    sign = ((c >> (eb + m)) & 1) if elem.signed else torch.zeros_like(c)
+    if elem.policy == "fnu":
+        mag = pow2(expf - elem.bias, torch.float64)
+    else:
+        normal = (man + 2**m) * pow2((expf - elem.bias - m).clamp(min=-1022), torch.float64)
+        sub = man * math.ldexp(1.0, elem.emin - m)
+        mag = torch.where(expf == 0, sub, normal)
+    top = expf == 2**eb - 1
+    nan = torch.zeros_like(top)
+    if elem.policy == "ieee":
+        mag = torch.where(top & (man == 0), torch.full_like(mag, math.inf), mag)
+        nan = top & (man != 0)
+    elif elem.policy in ("fn", "fnu"):
+        nan = top & (man == 2**m - 1)
+    elif elem.policy == "fnuz":
+        nan = (sign == 1) & (expf == 0) & (man == 0)
+    out = torch.where(sign == 1, -mag, mag)
+    return torch.where(nan, torch.full_like(out, math.nan), out)
+
+
+def encode(values: torch.Tensor, elem: Element) -> torch.Tensor:
+    """Raw codes of values that lie on the element grid (as produced by :func:`cast_element`).
+
+    NaN encodes to the policy's NaN code (sign kept where the format has signed NaNs); a format without
+    NaN (``finite``, integers) raises ``ValueError`` naming the count, since its codes cannot say NaN.
+    """
+    dt = code_dtype(elem.bits)
+    nan = torch.isnan(values)
+    n_nan = int(nan.sum())
+    if n_nan and not elem.has_nan:
+        raise ValueError(f"{n_nan} NaN/inf value(s) cannot be encoded in {elem.name}, which has no NaN code")
+    if isinstance(elem, IntElement):
+        q = (values * math.ldexp(1.0, elem.frac_bits)).round().to(torch.int64)
+        return (q & (2**elem.bits - 1)).to(dt)
+    x = values.double()
+    m, eb = elem.mbits, elem.ebits
+    sign = torch.signbit(x).long() if elem.signed else torch.zeros_like(x, dtype=torch.long)
+    a = x.abs().nan_to_num(nan=0.0, posinf=0.0)
+    e = floor_log2(a).clamp(min=elem.emin)
+    if elem.policy == "fnu":
+        expf = e + elem.bias
+        man = torch.zeros_like(expf)
+    else:
+        is_sub = a < elem.min_normal
+        man_n = (a * pow2(m - e, torch.float64)).long() - 2**m
+        man_s = (a * math.ldexp(1.0, m - elem.emin)).long()
+        man = torch.where(is_sub, man_s, man_n)
+        expf = torch.where(is_sub, torch.zeros_like(e), e + elem.bias)
+    code = (sign << (eb + m)) | (expf << m) | man
+    if elem.policy == "ieee":
+        inf = torch.isinf(x)
+        code = torch.where(inf, (sign << (eb + m)) | ((2**eb - 1) << m), code)
+        qnan = (sign << (eb + m)) | ((2**eb - 1) << m) | (1 << max(m - 1, 0))
+        code = torch.where(nan, qnan, code)
+    elif elem.policy in ("fn", "fnu"):
+        code = torch.where(nan, (sign << (eb + m)) | (2 ** (eb + m) - 1), code)
+    elif elem.policy == "fnuz":
+        code = torch.where(nan, torch.full_like(code, 1 << (elem.bits - 1)), code)
+        code = torch.where((code == 1 << (elem.bits - 1)) & ~nan, torch.zeros_like(code), code)
+    return code.to(dt)

@@ -1,0 +1,191 @@
+"""The public operations: ``cast`` (fake quantization), ``quantize`` (codes + scales) and ``cast_ste``.
+
+One core computes, for every format, the element values (in element units, rows layout) and the scales;
+``cast`` multiplies them back, ``quantize`` encodes them, and ``QTensor.dequantize`` decodes and runs the
+same multiply, so ``quantize(x).dequantize() == cast(x)`` bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from numcast.formats.element import cast_element, work_dtype
+from numcast.formats.layout import Layout
+from numcast.formats.registry import FormatLike, get_format
+from numcast.formats.rounding import make_noise
+from numcast.formats.scale import Scales, compute_scales
+from numcast.formats.spec import Format
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass
+class CoreResult:
+    layout: Layout
+    y: torch.Tensor  # element input (rows, work dtype): x / scale (+ zero point)
+    values: torch.Tensor  # element grid values (rows, work dtype)
+    scales: Scales
+    work: torch.dtype
+
+
+def check_input(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"numcast casts floating tensors (float32, float16, bfloat16, float64), got {x.dtype}")
+
+
+def core(
+    x: torch.Tensor,
+    fmt: Format,
+    rounding: str | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+) -> CoreResult:
+    """Element values and scales of ``x`` in ``fmt`` (see module docstring)."""
+    check_input(x)
+    rounding = rounding or fmt.rounding
+    elem, scaling = fmt.element, fmt.scaling
+    work = work_dtype(elem, scaling, x.dtype)
+    layout = Layout.of(x.shape, scaling)
+    rows = layout.to_rows(x.to(work))
+    noise = None
+    if rounding == "stochastic":
+        noise = make_noise(rows.shape, rows.device, generator, seed)
+    if not scaling.scaled:
+        scales = Scales(None)
+        y = rows
+    else:
+        scales = compute_scales(rows, elem, scaling)
+        s = scales.effective().to(work)[:, None]
+        if scaling.rule != "amax":
+            y = rows * (1.0 / scales.scale).to(work)[:, None]  # exact: power of two
+        else:
+            y = rows / s
+        if scales.zero_point is not None:
+            y = y + scales.zero_point.to(work)[:, None]
+    values = cast_element(y, elem, rounding, noise, fmt.saturate)
+    return CoreResult(layout, y, values, scales, work)
+
+
+def dequantize_rows(values: torch.Tensor, scales: Scales, work: torch.dtype) -> torch.Tensor:
+    """Element values × scale (− zero point), in the work dtype."""
+    s = scales.effective()
+    if s is None:
+        return values
+    if scales.zero_point is not None:
+        values = values - scales.zero_point.to(work)[:, None]
+    return values * s.to(work)[:, None]
+
+
+def cast(
+    x: torch.Tensor,
+    fmt: FormatLike,
+    *,
+    rounding: str | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """Fake-quantize ``x`` to ``fmt``: same shape and dtype, every value on the format's grid.
+
+    ``rounding`` overrides the format's default (``nearest_even``); ``stochastic`` needs ``generator`` or
+    ``seed`` and never touches the global RNG. Results are exact (bit-identical to the spec's real-number
+    definition) when the output dtype can hold the grid; a narrower input dtype (bfloat16/float16) gets
+    the values rounded to it on return.
+    """
+    fmt = get_format(fmt)
+    r = core(x, fmt, rounding, generator, seed)
+    out = dequantize_rows(r.values, r.scales, r.work)
+    return r.layout.from_rows(out).reshape(x.shape).to(x.dtype)
+
+
+def quantize(
+    x: torch.Tensor,
+    fmt: FormatLike,
+    *,
+    rounding: str | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+):
+    """Quantize ``x`` to a :class:`~numcast.formats.qtensor.QTensor` (codes + scales + format)."""
+    from numcast.formats.qtensor import QTensor
+
+    fmt = get_format(fmt)
+    r = core(x, fmt, rounding, generator, seed)
+    return QTensor.from_core(r, fmt, tuple(x.shape), x.dtype)
+
+
+class _STE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, fmt, rounding, generator, seed, mask_outside):  # noqa: D102
+        r = core(x.detach(), fmt, rounding, generator, seed)
+        out = r.layout.from_rows(dequantize_rows(r.values, r.scales, r.work)).reshape(x.shape).to(x.dtype)
+        if mask_outside:
+            ctx.save_for_backward(r.layout.from_rows(~saturated_rows(r, fmt)).reshape(x.shape))
+        ctx.mask_outside = mask_outside
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        if ctx.mask_outside:
+            (keep,) = ctx.saved_tensors
+            grad = grad * keep
+        return grad, None, None, None, None, None
+
+
+def cast_ste(
+    x: torch.Tensor,
+    fmt: FormatLike,
+    *,
+    rounding: str | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    mask_outside: bool = False,
+) -> torch.Tensor:
+    """``cast`` with a straight-through gradient (d cast/dx = 1).
+
+    With ``mask_outside`` the gradient is zeroed where the value saturated (|x| beyond the largest
+    representable magnitude of its block), the usual clipped STE.
+    """
+    return _STE.apply(x, get_format(fmt), rounding, generator, seed, mask_outside)
+
+
+def saturated_rows(r: CoreResult, fmt: Format) -> torch.Tensor:
+    """Boolean rows mask of finite inputs clipped to the grid's range."""
+    elem = fmt.element
+    if fmt.scaling.zero_point:
+        return (r.y < 0) | (r.y > elem.qmax)
+    lo = elem.qmin * 2.0**-elem.frac_bits if elem.kind == "int" else -elem.max
+    return torch.isfinite(r.y) & ((r.y > elem.max) | (r.y < lo))
+
+
+def cast_stats(x: torch.Tensor, fmt: FormatLike, **kw) -> tuple[torch.Tensor, dict]:
+    """``cast`` plus error figures: MSE, SQNR (dB), max abs error, fractions saturated and flushed to zero,
+    NaN/inf counts of input and output. Non-finite positions are excluded from the error figures."""
+    fmt = get_format(fmt)
+    r = core(x, fmt, kw.get("rounding"), kw.get("generator"), kw.get("seed"))
+    out = r.layout.from_rows(dequantize_rows(r.values, r.scales, r.work)).reshape(x.shape)
+    sat = r.layout.from_rows(saturated_rows(r, fmt)).reshape(x.shape)
+    xd, od = x.double(), out.double()
+    fin = torch.isfinite(xd) & torch.isfinite(od)
+    err = (od - xd)[fin]
+    sig = xd[fin]
+    mse = float(err.square().mean()) if err.numel() else 0.0
+    p_sig = float(sig.square().mean()) if sig.numel() else 0.0
+    n = max(x.numel(), 1)
+    stats = {
+        "format": fmt.label,
+        "numel": x.numel(),
+        "mse": mse,
+        "sqnr_db": float(10 * torch.log10(torch.tensor(p_sig / mse))) if mse > 0 else float("inf"),
+        "max_abs_err": float(err.abs().max()) if err.numel() else 0.0,
+        "frac_saturated": float(sat.sum()) / n,
+        "frac_flushed_to_zero": float(((xd != 0) & torch.isfinite(xd) & (od == 0)).sum()) / n,
+        "nan_in": int(torch.isnan(xd).sum()),
+        "inf_in": int(torch.isinf(xd).sum()),
+        "nan_out": int(torch.isnan(od).sum()),
+        "inf_out": int(torch.isinf(od).sum()),
+    }
+    return out.to(x.dtype), stats

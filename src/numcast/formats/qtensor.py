@@ -1,0 +1,175 @@
+"""QTensor: exact integer codes + scales + format metadata, with true bit packing and safetensors I/O.
+
+Storage layout of :meth:`QTensor.pack` (all little-endian, see :mod:`numcast.formats.packing`):
+``[element codes, bits each][block/channel scale codes, scale-format bits each][zero points, element bits
+each][per-tensor FP32 scale, 4 bytes]``; absent parts take no bytes. ``nbytes`` is that length, so MXFP4
+costs (32·4 + 8)/32 = 4.25 bits per value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+
+import torch
+
+from numcast.formats.element import code_dtype, decode, encode, work_dtype
+from numcast.formats.layout import Layout
+from numcast.formats.packing import pack_bits, packed_nbytes, unpack_bits
+from numcast.formats.scale import Scales
+from numcast.formats.spec import Format
+
+_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
+
+
+@dataclass
+class QTensor:
+    """A quantized tensor.
+
+    - ``codes``: raw element codes (bit patterns, two's complement for signed ints), shape ``shape``.
+    - ``scale_codes``: raw scale codes in the scale format, shape ``Layout.scale_shape`` (None if unscaled).
+    - ``zero_point``: integer zero points, same shape as the scales (None unless the format has them).
+    - ``tensor_scale``: the FP32 per-tensor scale of two-level formats (NVFP4), else None.
+    - ``dtype``: the dtype ``dequantize`` returns (the input's).
+    """
+
+    codes: torch.Tensor
+    scale_codes: torch.Tensor | None
+    zero_point: torch.Tensor | None
+    tensor_scale: float | None
+    format: Format
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+
+    # ---- construction ------------------------------------------------------------------------
+    @staticmethod
+    def from_core(r, fmt: Format, shape: tuple[int, ...], dtype: torch.dtype) -> QTensor:
+        codes = r.layout.from_rows(encode(r.values, fmt.element)).reshape(shape).contiguous()
+        scale_codes = zp = None
+        sc = r.scales
+        if sc.scale is not None:
+            scale_codes = encode(sc.scale, fmt.scaling.scale_format).reshape(r.layout.scale_shape)
+        if sc.zero_point is not None:
+            zp = sc.zero_point.to(torch.int64).reshape(r.layout.scale_shape)
+        return QTensor(codes, scale_codes, zp, sc.tensor_scale, fmt, tuple(shape), dtype)
+
+    # ---- values ------------------------------------------------------------------------------
+    @property
+    def layout(self) -> Layout:
+        return Layout.of(self.shape, self.format.scaling)
+
+    def scales(self) -> torch.Tensor | None:
+        """Decoded scale values (float64), shape ``layout.scale_shape``."""
+        if self.scale_codes is None:
+            return None
+        return decode(self.scale_codes, self.format.scaling.scale_format, torch.float64)
+
+    def dequantize(self) -> torch.Tensor:
+        """The real values; equals ``numcast.cast`` of the original tensor bit for bit."""
+        from numcast.formats.ops import dequantize_rows
+
+        fmt, layout = self.format, self.layout
+        work = work_dtype(fmt.element, fmt.scaling, self.dtype)
+        vals = layout.to_rows(decode(self.codes, fmt.element, work))
+        sc = Scales(None)
+        if self.scale_codes is not None:
+            zp = self.zero_point.reshape(-1).double() if self.zero_point is not None else None
+            sc = Scales(self.scales().reshape(-1), self.tensor_scale, zp)
+        out = layout.from_rows(dequantize_rows(vals, sc, work))
+        return out.reshape(self.shape).to(self.dtype)
+
+    # ---- storage -----------------------------------------------------------------------------
+    def _parts(self) -> list[tuple[str, int, int]]:
+        """(name, bits, count) of each stored part."""
+        fmt, n = self.format, math.prod(self.shape)
+        parts = [("codes", fmt.element.bits, n)]
+        if fmt.scaling.scaled:
+            ns = math.prod(self.layout.scale_shape)
+            parts.append(("scales", fmt.scaling.scale_format.bits, ns))
+            if fmt.scaling.zero_point:
+                parts.append(("zero_point", fmt.element.bits, ns))
+        return parts
+
+    @property
+    def nbytes(self) -> int:
+        """True storage size in bytes including scales (the length of :meth:`pack`)."""
+        size = sum(packed_nbytes(c, b) for _, b, c in self._parts())
+        return size + (4 if self.format.scaling.tensor_scale else 0)
+
+    @property
+    def bits_per_value(self) -> float:
+        return 8 * self.nbytes / max(math.prod(self.shape), 1)
+
+    def pack(self) -> bytes:
+        """Codes, scales, zero points and tensor scale packed at their true bit widths."""
+        src = {"codes": self.codes, "scales": self.scale_codes, "zero_point": self.zero_point}
+        out = b"".join(pack_bits(src[name].to(torch.int64), bits) for name, bits, _ in self._parts())
+        if self.format.scaling.tensor_scale:
+            out += struct.pack("<f", self.tensor_scale)
+        return out
+
+    @staticmethod
+    def unpack(
+        data: bytes, fmt: Format, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+    ) -> QTensor:
+        """Rebuild a QTensor from :meth:`pack` output; ``ValueError`` if the length does not match."""
+        shape = tuple(shape)
+        probe = QTensor(torch.empty(0), None, None, None, fmt, shape, dtype)
+        if len(data) != probe.nbytes:
+            raise ValueError(f"packed {fmt.label} tensor of shape {shape} needs {probe.nbytes} bytes, got {len(data)}")
+        layout, got, off = probe.layout, {}, 0
+        for name, bits, count in probe._parts():
+            nb = packed_nbytes(count, bits)
+            got[name] = unpack_bits(data[off : off + nb], bits, count)
+            off += nb
+        ts = struct.unpack("<f", data[off : off + 4])[0] if fmt.scaling.tensor_scale else None
+        codes = got["codes"].to(code_dtype(fmt.element.bits)).reshape(shape)
+        sc = got.get("scales")
+        if sc is not None:
+            sc = sc.to(code_dtype(fmt.scaling.scale_format.bits)).reshape(layout.scale_shape)
+        zp = got.get("zero_point")
+        if zp is not None:
+            zp = zp.reshape(layout.scale_shape)
+        return QTensor(codes, sc, zp, ts, fmt, shape, dtype)
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Write the packed tensor to a safetensors file, the format in its metadata."""
+        from safetensors.torch import save_file
+
+        if os.path.exists(path) and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+        data = torch.frombuffer(bytearray(self.pack()), dtype=torch.uint8) if self.nbytes else torch.empty(0, dtype=torch.uint8)
+        meta = {
+            "numcast_format": self.format.to_json(),
+            "numcast_format_name": self.format.name or "",
+            "shape": json.dumps(list(self.shape)),
+            "dtype": str(self.dtype),
+        }
+        save_file({"packed": data}, str(path), metadata=meta)
+
+    @staticmethod
+    def load(path: str | os.PathLike) -> QTensor:
+        """Read a tensor written by :meth:`save`; errors name the file, never return garbage."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                packed = f.get_tensor("packed")
+        except Exception as exc:  # safetensors raises several types for corrupted headers
+            raise ValueError(f"{path}: not a readable numcast safetensors file ({exc})") from exc
+        try:
+            fmt = Format.from_json(meta["numcast_format"])
+            if meta.get("numcast_format_name"):
+                fmt = fmt.with_(name=meta["numcast_format_name"])
+            shape = tuple(json.loads(meta["shape"]))
+            dtype = _DTYPES[meta["dtype"]]
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ValueError(f"{path}: missing or invalid numcast metadata ({exc})") from exc
+        try:
+            return QTensor.unpack(packed.numpy().tobytes(), fmt, shape, dtype)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc

@@ -1,0 +1,105 @@
+"""Shared scales: from each row's (block's, channel's, tensor's) range to a scale in the scale format.
+
+All scale arithmetic runs in float64 on the small per-row vectors, so each scale is the scale format's
+correctly rounded value of the exact real quotient (float64 then a ≤24-bit format never double-rounds).
+
+Rules (``Scaling.rule``; numcast's choices against peers are stated here once):
+
+- ``floor`` (OCP MX v1.0 §6.3, default for MX): X = 2^(floor(log2 amax) − emax_elem), exponent read
+  with frexp-exact bit arithmetic, clamped to E8M0's 2^−127…2^127. May saturate the block max (pitfall 9:
+  957 in an E4M3 block becomes 896); spec-conformant.
+- ``ceil`` (NVIDIA "RCEIL"): the smallest power of two X with amax/X ≤ max_elem; never saturates.
+- ``nearest``: amax/max_elem rounded to the nearest power of two (ties up, as an E8M0 cast).
+- ``amax``: s = RN_sf(amax / max_elem) (integers: amax/qmax with qmax = 2^{b−1}−1, as PyTorch and the
+  GPTQ reference; not amax/(qmax+½)). Two-level (NVFP4): s_t = RN_fp32(amax_tensor/(max_elem·max_sf)),
+  s_b = RN_sf(amax_block/(max_elem·s_t)), effective scale s_b·s_t.
+- Zero point (unsigned asymmetric): s = RN_sf((max(x,0) − min(x,0))/qmax), z = clamp(round(−min/s), 0, qmax).
+
+Degenerate rows: an all-zero row gets the scale format's smallest positive value (for E8M0 2^−127, what
+the floor rule's clamp of log2(0) = −inf gives), and so does any row whose scale would underflow to 0.
+Scales above the scale format's max saturate to it. A row holding NaN or ±inf gets a NaN scale
+(E8M0 0xFF), so the whole block dequantizes to NaN and the problem is visible, never hidden.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from numcast.formats.element import cast_element, floor_log2, pow2
+from numcast.formats.spec import Element, Scaling
+
+
+@dataclass
+class Scales:
+    """Per-row scales (float64, [R]), the optional per-tensor scale and the optional zero points."""
+
+    scale: torch.Tensor | None
+    tensor_scale: float | None = None
+    zero_point: torch.Tensor | None = None
+
+    def effective(self) -> torch.Tensor | None:
+        if self.scale is None:
+            return None
+        return self.scale * self.tensor_scale if self.tensor_scale is not None else self.scale
+
+
+def row_range(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(amax, min, max) per row in float64; amax is NaN if the row has NaN, inf if it has ±inf."""
+    mn, mx = torch.aminmax(rows, dim=-1)
+    mn, mx = mn.double(), mx.double()
+    amax = torch.maximum(mx, -mn)
+    has_nan = torch.isnan(mn) | torch.isnan(mx)
+    return torch.where(has_nan, torch.full_like(amax, math.nan), amax), mn, mx
+
+
+def compute_scales(rows: torch.Tensor, elem: Element, scaling: Scaling) -> Scales:
+    """Scales for [R, L] rows (see module docstring for the rules)."""
+    sf = scaling.scale_format
+    amax, mn, mx = row_range(rows)
+    bad = ~torch.isfinite(amax)
+    if scaling.rule != "amax":
+        e = _pow2_exponent(amax, elem, scaling.rule).clamp(sf.emin, sf.emax)
+        scale = pow2(e, torch.float64)
+        return Scales(torch.where(bad, torch.full_like(scale, math.nan), scale))
+
+    tensor_scale = None
+    denom = elem.max
+    if scaling.tensor_scale:
+        t_amax = float(amax.max()) if amax.numel() else 0.0
+        if not math.isfinite(t_amax):
+            tensor_scale = math.nan
+        elif t_amax == 0.0:
+            tensor_scale = 1.0
+        else:
+            tensor_scale = float(torch.tensor(t_amax / (elem.max * sf.max), dtype=torch.float64).float())
+            tensor_scale = tensor_scale or math.ldexp(1.0, -149)
+        denom = elem.max * tensor_scale
+    zp = None
+    if scaling.zero_point:
+        lo = mn.clamp(max=0.0)
+        q = (mx.clamp(min=0.0) - lo) / denom
+    else:
+        q = amax / denom
+    s = cast_element(q.nan_to_num(nan=0.0, posinf=0.0), sf, "nearest_even", saturate=True)
+    s = torch.where(s > 0, s, torch.full_like(s, sf.min_subnormal))
+    s = torch.where(bad, torch.full_like(s, math.nan), s)
+    if scaling.zero_point:
+        zp = torch.round(-lo / s).clamp(0, elem.qmax).nan_to_num(0.0)
+    return Scales(s, tensor_scale, zp)
+
+
+def _pow2_exponent(amax: torch.Tensor, elem: Element, rule: str) -> torch.Tensor:
+    a = amax.nan_to_num(nan=0.0, posinf=0.0)
+    if rule == "floor":
+        return floor_log2(a) - elem.emax
+    if rule == "ceil":
+        e0 = floor_log2(a) - elem.emax
+        return e0 + (a > elem.max * pow2(e0.clamp(-1022, 1023), torch.float64)).long()
+    if rule == "nearest":
+        q = a / elem.max
+        f = floor_log2(q)
+        return f + (q >= 1.5 * pow2(f.clamp(-1022, 1023), torch.float64)).long()
+    raise ValueError(f"unknown power-of-two scale rule {rule!r}")
