@@ -7,6 +7,7 @@ same multiply, so ``quantize(x).dequantize() == cast(x)`` bit for bit.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,7 @@ import torch
 from numcast.formats.element import cast_element, work_dtype
 from numcast.formats.layout import Layout
 from numcast.formats.registry import FormatLike, get_format
-from numcast.formats.rounding import make_noise
+from numcast.formats.rounding import make_noise, round_to_int
 from numcast.formats.scale import Scales, compute_scales
 from numcast.formats.spec import Format
 
@@ -65,7 +66,11 @@ def core(
         else:
             y = rows / s
         if scales.zero_point is not None:
-            y = y + scales.zero_point.to(work)[:, None]
+            # q = clamp(round(x/s) + z, 0, qmax): round first, then shift (PyTorch's fake_quantize order)
+            zp = scales.zero_point.to(work)[:, None]
+            q = round_to_int(y, rounding, noise) + zp
+            values = torch.where(torch.isfinite(y), q.clamp(0, elem.qmax), torch.full_like(q, math.nan))
+            return CoreResult(layout, y + zp, values, scales, work)
     values = cast_element(y, elem, rounding, noise, fmt.saturate)
     return CoreResult(layout, y, values, scales, work)
 

@@ -1,0 +1,39 @@
+"""Shared test helpers (no numcast logic: references live in the test files)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def assert_bitwise(a: torch.Tensor, b: torch.Tensor, msg: str = "") -> None:
+    """Equal bit for bit, treating every NaN as equal to every NaN (and +0 != −0)."""
+    a = torch.as_tensor(a)
+    b = torch.as_tensor(b)
+    assert a.shape == b.shape, f"{msg}: shapes {tuple(a.shape)} != {tuple(b.shape)}"
+    an, bn = torch.isnan(a), torch.isnan(b)
+    assert torch.equal(an, bn), f"{msg}: NaN positions differ at {torch.nonzero(an != bn)[:5].tolist()}"
+    ia = a.double().masked_fill(an, 0).numpy().view(np.int64)
+    ib = b.double().masked_fill(bn, 0).numpy().view(np.int64)
+    bad = np.nonzero(ia != ib)
+    if bad[0].size:
+        i = tuple(int(k[0]) for k in bad)
+        raise AssertionError(
+            f"{msg}: {bad[0].size} of {a.numel()} values differ, first at {i}: {a[i].item()!r} != {b[i].item()!r}"
+        )
+
+
+def adversarial_f32(grid: np.ndarray, fmax: float) -> np.ndarray:
+    """Float32 values that stress a cast onto ``grid`` (sorted finite representable values).
+
+    Every grid value, every midpoint (ties at every binade), the float32 neighbours of each midpoint and
+    grid value, ±max, just above max, max + half ulp, ±inf, NaN, ±0, float32 subnormals and huge values.
+    """
+    g = np.unique(grid.astype(np.float64))
+    mids = (g[:-1] + g[1:]) / 2
+    base = np.concatenate([g, mids, [fmax * 1.0001, fmax * 2, 3e38, 1e-40, 1e-45, 1.2e-38, 0.0, -0.0]])
+    base = np.concatenate([base, -base]).astype(np.float32)
+    up = np.nextafter(base, np.float32(np.inf))
+    down = np.nextafter(base, np.float32(-np.inf))
+    special = np.array([np.inf, -np.inf, np.nan], dtype=np.float32)
+    return np.concatenate([base, up, down, special]).astype(np.float32)
