@@ -73,7 +73,7 @@ def cast_element(
     """
     if isinstance(elem, IntElement):
         v = y * math.ldexp(1.0, elem.frac_bits) if elem.frac_bits else y
-        r = round_to_int(v, rounding, noise).clamp_(elem.qmin, elem.qmax)
+        r = round_to_int(v, rounding, noise).clamp_(elem.qmin, elem.qmax) + 0.0  # integers have no −0
         out = r * math.ldexp(1.0, -elem.frac_bits) if elem.frac_bits else r
         return torch.where(torch.isfinite(y), out, torch.full_like(out, math.nan))
 
