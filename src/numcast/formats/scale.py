@@ -55,15 +55,24 @@ def row_range(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return torch.where(has_nan, torch.full_like(amax, math.nan), amax), mn, mx
 
 
+def row_amax(rows: torch.Tensor) -> torch.Tensor:
+    """max |x| per row (NaN propagates), in the rows' dtype."""
+    return rows.abs().amax(dim=-1)
+
+
 def compute_scales(rows: torch.Tensor, elem: Element, scaling: Scaling) -> Scales:
     """Scales for [R, L] rows (see module docstring for the rules)."""
     sf = scaling.scale_format
+    if scaling.rule != "amax":
+        amax = row_amax(rows)
+        if scaling.rule == "floor":  # exponent bits are exact in any dtype: no float64 detour
+            e = floor_log2(amax) - elem.emax
+        else:
+            e = _pow2_exponent(amax.double(), elem, scaling.rule)
+        scale = pow2(e.clamp(sf.emin, sf.emax), torch.float64)
+        return Scales(torch.where(torch.isfinite(amax), scale, torch.full_like(scale, math.nan)))
     amax, mn, mx = row_range(rows)
     bad = ~torch.isfinite(amax)
-    if scaling.rule != "amax":
-        e = _pow2_exponent(amax, elem, scaling.rule).clamp(sf.emin, sf.emax)
-        scale = pow2(e, torch.float64)
-        return Scales(torch.where(bad, torch.full_like(scale, math.nan), scale))
 
     tensor_scale = None
     denom = elem.max

@@ -1,0 +1,1 @@
+"""Adapters for real pretrained models that ship inside installable packages (no hub downloads)."""
