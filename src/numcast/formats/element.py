@@ -81,19 +81,14 @@ def cast_element(
     v = y * pow2(elem.mbits - e, y.dtype)
     r = round_to_int(v, rounding, noise)
     out = r * pow2(e - elem.mbits, y.dtype)
-    big = out.abs() > elem.max
     if saturate or elem.policy == "finite":
-        over = torch.copysign(torch.full_like(out, elem.max), out)
+        out = out.clamp(-elem.max, elem.max)  # NaN passes through clamp
     elif elem.policy == "ieee":
-        over = torch.copysign(torch.full_like(out, math.inf), out)
+        out = torch.where(out.abs() > elem.max, torch.copysign(torch.full_like(out, math.inf), out), out)
     else:
-        over = torch.full_like(out, math.nan)
-    out = torch.where(big, over, out)
-    inf_in = torch.isinf(y)
-    if elem.policy == "ieee":
-        out = torch.where(inf_in, y, out)
-    else:
-        out = torch.where(inf_in, torch.full_like(out, math.nan), out)
+        out = torch.where(out.abs() > elem.max, torch.full_like(out, math.nan), out)
+    inf_in = y.abs() == math.inf  # (not isinf: compiles to a vector compare)
+    out = torch.where(inf_in, y if elem.policy == "ieee" else torch.full_like(out, math.nan), out)
     if elem.policy == "fnuz":
         out = out + 0.0  # −0 + 0 = +0 under round-to-nearest
     elif elem.policy == "fnu":

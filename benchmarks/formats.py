@@ -1,0 +1,150 @@
+"""Speed of ``numcast.cast`` on a 4096×4096 float32 tensor, as a multiple of a memory-bound copy.
+
+    .venv/bin/python benchmarks/formats.py [--size 4096] [--threads 2] [--json benchmarks/results/formats.json]
+
+The copy baseline ``y.copy_(x)`` into a preallocated tensor is timed in the same run; every cast is
+reported in milliseconds and as a multiple of it (timings on these machines vary up to 2× between runs,
+ratios within one run are what to compare). Each figure is the best of ``--repeat`` runs after a warm-up.
+
+glibc returns freed 64 MiB buffers to the OS, so every fresh output page faults on first touch; that can
+cost more than the cast itself. ``--malloc both`` runs the whole bench twice in subprocesses, without and
+with ``MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=536870912``,
+and prints both tables. When ``brevitas`` or ``torchao`` are importable their MXFP4 fake-quant is timed
+alongside (optional bench extras; absent here, they are reported as not installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+FORMATS = ["fp8_e4m3", "fp4_e2m1", "mxfp8_e4m3", "mxfp6_e2m3", "mxfp4", "mxint8", "nvfp4", "int4_g128"]
+MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": "17179869184",
+    "MALLOC_TRIM_THRESHOLD_": "17179869184",
+    "MALLOC_TOP_PAD_": "536870912",
+}
+
+
+def best_ms(fn, repeat: int) -> tuple[float, float]:
+    fn()
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return 1e3 * min(ts), 1e3 * statistics.median(ts)
+
+
+def peer_fns(x: torch.Tensor) -> dict:
+    """MXFP4 fake-quant of peer libraries, where installed."""
+    fns = {}
+    try:  # torchao's MX reference path
+        from torchao.prototype.mx_formats.mx_tensor import MXTensor
+
+        fns["torchao mxfp4"] = lambda: MXTensor.to_mx(x, torch.float4_e2m1fn_x2, 32).dequantize(torch.float32)
+    except Exception as exc:  # noqa: BLE001 - report whatever stops the import
+        fns["torchao mxfp4"] = f"not installed ({type(exc).__name__})"
+    try:
+        import brevitas  # noqa: F401
+
+        fns["brevitas mxfp4"] = "installed; harness not wired (see README limits)"
+    except Exception as exc:  # noqa: BLE001
+        fns["brevitas mxfp4"] = f"not installed ({type(exc).__name__})"
+    return fns
+
+
+def run(args: argparse.Namespace) -> dict:
+    import numcast
+
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.size, args.size, generator=g)
+    y = torch.empty_like(x)
+    copy_min, copy_med = best_ms(lambda: y.copy_(x), args.repeat)
+    rows = [{"name": "copy (y.copy_(x))", "backend": "-", "ms": copy_min, "median_ms": copy_med, "x_copy": 1.0}]
+    for name in args.formats:
+        for backend in args.backends:
+            t0 = time.perf_counter()
+            numcast.cast(x, name, backend=backend)  # warm-up / compile
+            first = time.perf_counter() - t0
+            ms, med = best_ms(lambda n=name, b=backend: numcast.cast(x, n, backend=b), args.repeat)
+            rows.append({"name": name, "backend": backend, "ms": ms, "median_ms": med, "x_copy": ms / copy_min,
+                         "first_call_s": first})  # fmt: skip
+    for name, fn in peer_fns(x).items():
+        if callable(fn):
+            ms, med = best_ms(fn, args.repeat)
+            rows.append({"name": name, "backend": "peer", "ms": ms, "median_ms": med, "x_copy": ms / copy_min})
+        else:
+            rows.append({"name": name, "backend": "peer", "note": fn})
+    malloc = all(os.environ.get(k) == v for k, v in MALLOC_ENV.items())
+    return {
+        "size": [args.size, args.size],
+        "dtype": "float32",
+        "threads": args.threads,
+        "repeat": args.repeat,
+        "malloc_env": malloc,
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "rows": rows,
+    }
+
+
+def print_table(res: dict) -> None:
+    from numcast.report.tables import make_table, print_table
+
+    title = (f"cast of a {res['size'][0]}x{res['size'][1]} float32 tensor, {res['threads']} threads, best of "
+             f"{res['repeat']}, glibc malloc env {'on' if res['malloc_env'] else 'off'}")  # fmt: skip
+    rows = [[r["name"], r["backend"], r.get("ms"), r.get("median_ms"), r.get("x_copy"), r.get("first_call_s"),
+             r.get("note", "")] for r in res["rows"]]  # fmt: skip
+    cols = ("format", "backend", "best ms", "median ms", "x copy", "first call s", "note")
+    print_table(make_table(title, cols, rows, digits=3))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", type=int, default=4096)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--formats", nargs="+", default=FORMATS)
+    p.add_argument("--backends", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    p.add_argument("--malloc", choices=["inherit", "both"], default="both")
+    p.add_argument("--json", default="benchmarks/results/formats.json")
+    args = p.parse_args()
+    if args.malloc == "both":
+        results = []
+        for env_on in (False, True):
+            env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
+            if env_on:
+                env.update(MALLOC_ENV)
+            cmd = [sys.executable, __file__, "--malloc", "inherit", "--json", "-", "--size", str(args.size),
+                   "--threads", str(args.threads), "--repeat", str(args.repeat), "--formats", *args.formats,
+                   "--backends", *args.backends]  # fmt: skip
+            out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+            res = json.loads(out[out.index("{") :])
+            print_table(res)
+            results.append(res)
+        payload = {"runs": results}
+    else:
+        payload = run(args)
+        if args.json == "-":
+            print(json.dumps(payload))
+            return
+        print_table(payload)
+    if args.json and args.json != "-":
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(payload, indent=2))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
