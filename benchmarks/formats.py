@@ -80,6 +80,10 @@ def run(args: argparse.Namespace) -> dict:
             ms, med = best_ms(lambda n=name, b=backend: numcast.cast(x, n, backend=b), args.repeat)
             rows.append({"name": name, "backend": backend, "ms": ms, "median_ms": med, "x_copy": ms / copy_min,
                          "first_call_s": first})  # fmt: skip
+            numcast.cast(x, name, backend=backend, out=y)
+            ms, med = best_ms(lambda n=name, b=backend: numcast.cast(x, n, backend=b, out=y), args.repeat)
+            rows.append({"name": name, "backend": f"{backend}, out=", "ms": ms, "median_ms": med,
+                         "x_copy": ms / copy_min})  # fmt: skip
     for name, fn in peer_fns(x).items():
         if callable(fn):
             ms, med = best_ms(fn, args.repeat)

@@ -37,3 +37,30 @@ def adversarial_f32(grid: np.ndarray, fmax: float) -> np.ndarray:
     down = np.nextafter(base, np.float32(-np.inf))
     special = np.array([np.inf, -np.inf, np.nan], dtype=np.float32)
     return np.concatenate([base, up, down, special]).astype(np.float32)
+
+
+def adversarial_blocks(block: int, rng: np.random.Generator) -> np.ndarray:
+    rows = []
+    rows.append(np.zeros(block))
+    for p in (-130, -126, -100, -20, -1, 0, 1, 8, 20, 100, 126, 127):
+        at = rng.standard_normal(block) * 2.0**p / 4
+        at[rng.integers(block)] = 2.0**p  # block max exactly a power of two
+        rows.append(at)
+        below = at.copy()
+        below[np.argmax(np.abs(below))] = np.nextafter(np.float32(2.0**p), np.float32(0))
+        rows.append(below)
+    rows.append(rng.standard_normal(block) * 1e-40)
+    rows.append(rng.standard_normal(block) * 1e38)
+    r = rng.standard_normal(block)
+    r[3] = np.nan
+    rows.append(r)
+    r = rng.standard_normal(block)
+    r[5] = np.inf
+    rows.append(r)
+    r = rng.standard_normal(block)
+    r[0] = -np.inf
+    rows.append(r)
+    spread = rng.standard_normal(block) * np.exp(rng.uniform(-30, 30, block))
+    rows.append(spread)
+    rows.append(np.full(block, 957.0))  # pitfall 9: saturates to 896 in MXFP8 E4M3
+    return np.array(rows, dtype=np.float32)

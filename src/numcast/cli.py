@@ -78,7 +78,10 @@ def cmd_cast(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(records, indent=2))
     else:
-        print_table(make_table(f"cast to {fmt.label} ({args.rounding or fmt.rounding})", ("tensor",) + STATS_COLUMNS[1:], rows), console)
+        print_table(
+            make_table(f"cast to {fmt.label} ({args.rounding or fmt.rounding})", ("tensor",) + STATS_COLUMNS[1:], rows),
+            console,
+        )
         if args.out:
             console.print(f"wrote {args.out}")
     return 0
@@ -103,7 +106,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         s.update(bits_per_value=qt.bits_per_value, packed_bytes=qt.nbytes, cast_ms=1e3 * dt)
         records.append(s)
         rows.append(stats_row(s) + [s["cast_ms"]])
-    title = f"MobileNetV2 (ImageNet) {args.tensor} {list(w2.shape)}: {w2.numel()} float32 values, {4 * w2.numel()} bytes"
+    title = (
+        f"MobileNetV2 (ImageNet) {args.tensor} {list(w2.shape)}: {w2.numel()} float32 values, {4 * w2.numel()} bytes"
+    )
     print_table(make_table(title, STATS_COLUMNS + ("cast ms",), rows), console)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(records, indent=2))

@@ -49,8 +49,10 @@ def representable_bounds(fmt, qt: QTensor) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = -z * s, (e.qmax - z) * s
     else:
         lo, hi = lo_e * s, e.max * s
+
     def spread(v):
         return lay.from_rows(v[:, None].expand(-1, width)).reshape(qt.shape)
+
     return spread(lo), spread(hi)
 
 

@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from helpers import assert_bitwise
+from helpers import adversarial_blocks, assert_bitwise
 
 from numcast.formats.ops import cast, quantize
 from numcast.formats.registry import get_format
@@ -68,33 +68,6 @@ def nvfp4_reference(x: np.ndarray) -> np.ndarray:
         y = np.clip(row / s, -6, 6).astype(np.float32)
         out[i] = y.astype(ml_dtypes.float4_e2m1fn).astype(np.float64) * s
     return out.reshape(x.shape).astype(np.float32)
-
-
-def adversarial_blocks(block: int, rng: np.random.Generator) -> np.ndarray:
-    rows = []
-    rows.append(np.zeros(block))
-    for p in (-130, -126, -100, -20, -1, 0, 1, 8, 20, 100, 126, 127):
-        at = rng.standard_normal(block) * 2.0**p / 4
-        at[rng.integers(block)] = 2.0**p  # block max exactly a power of two
-        rows.append(at)
-        below = at.copy()
-        below[np.argmax(np.abs(below))] = np.nextafter(np.float32(2.0**p), np.float32(0))
-        rows.append(below)
-    rows.append(rng.standard_normal(block) * 1e-40)
-    rows.append(rng.standard_normal(block) * 1e38)
-    r = rng.standard_normal(block)
-    r[3] = np.nan
-    rows.append(r)
-    r = rng.standard_normal(block)
-    r[5] = np.inf
-    rows.append(r)
-    r = rng.standard_normal(block)
-    r[0] = -np.inf
-    rows.append(r)
-    spread = rng.standard_normal(block) * np.exp(rng.uniform(-30, 30, block))
-    rows.append(spread)
-    rows.append(np.full(block, 957.0))  # pitfall 9: saturates to 896 in MXFP8 E4M3
-    return np.array(rows, dtype=np.float32)
 
 
 def random_blocks(block: int, rng: np.random.Generator, n: int = 400) -> np.ndarray:

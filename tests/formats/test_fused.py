@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import assert_bitwise
-from test_block_reference import adversarial_blocks
+from helpers import adversarial_blocks, assert_bitwise
 
 from numcast.formats.ops import cast
 

@@ -15,7 +15,7 @@ import math
 import torch
 
 from numcast.formats.rounding import round_to_int
-from numcast.formats.spec import Element, FloatElement, IntElement, Scaling
+from numcast.formats.spec import Element, IntElement, Scaling
 
 _F32_EXP = (-126, 127)
 _F64_EXP = (-1022, 1023)
@@ -78,9 +78,9 @@ def cast_element(
         return torch.where(torch.isfinite(y), out, torch.full_like(out, math.nan))
 
     e = floor_log2(y).clamp_(elem.emin, elem.emax + 1)
-    v = y * pow2(elem.mbits - e, y.dtype)
-    r = round_to_int(v, rounding, noise)
-    out = r * pow2(e - elem.mbits, y.dtype)
+    step = pow2(e - elem.mbits, y.dtype)  # grid spacing at y's binade
+    r = round_to_int(y / step, rounding, noise)  # exact: division by a power of two
+    out = r * step
     if saturate or elem.policy == "finite":
         out = out.clamp(-elem.max, elem.max)  # NaN passes through clamp
     elif elem.policy == "ieee":

@@ -102,6 +102,7 @@ def cast(
     generator: torch.Generator | None = None,
     seed: int | None = None,
     backend: str = "eager",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fake-quantize ``x`` to ``fmt``: same shape and dtype, every value on the format's grid.
 
@@ -110,18 +111,24 @@ def cast(
     definition) when the output dtype can hold the grid; a narrower input dtype (bfloat16/float16) gets
     the values rounded to it on return. ``backend="compiled"`` runs the same arithmetic fused by
     ``torch.compile`` (:mod:`numcast.formats.fused`), bit-identical and several times faster on large
-    tensors once compiled; stochastic rounding always runs eager.
+    tensors once compiled; stochastic rounding always runs eager. ``out``: a preallocated tensor of x's
+    shape and dtype to copy the result into.
     """
     fmt = get_format(fmt)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; one of {BACKENDS}")
+    if out is not None and (out.shape != x.shape or out.dtype != x.dtype or out.device != x.device):
+        raise ValueError(f"out must match x: {tuple(x.shape)} {x.dtype} {x.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} {out.device}")  # fmt: skip
     mode = rounding or fmt.rounding
     if backend == "compiled" and mode != "stochastic":
         from numcast.formats.fused import compiled_cast_fn
 
         check_input(x)
-        return compiled_cast_fn(fmt, mode)(x)
-    return cast_eager(x, fmt, rounding, generator, seed)
+        res = compiled_cast_fn(fmt, mode)(x)
+    else:
+        res = cast_eager(x, fmt, rounding, generator, seed)
+    return res if out is None else out.copy_(res)
 
 
 def quantize(

@@ -47,9 +47,12 @@ class QTensor:
     # ---- construction ------------------------------------------------------------------------
     @staticmethod
     def from_core(r, fmt: Format, shape: tuple[int, ...], dtype: torch.dtype) -> QTensor:
-        codes = r.layout.from_rows(encode(r.values, fmt.element)).reshape(shape).contiguous()
-        scale_codes = zp = None
         sc = r.scales
+        values = r.values
+        if sc.scale is not None:  # a NaN scale already says "this block is NaN": store its elements as 0
+            values = torch.where(torch.isnan(sc.scale.to(values.dtype))[:, None], torch.zeros_like(values), values)
+        codes = r.layout.from_rows(encode(values, fmt.element)).reshape(shape).contiguous()
+        scale_codes = zp = None
         if sc.scale is not None:
             scale_codes = encode(sc.scale, fmt.scaling.scale_format).reshape(r.layout.scale_shape)
         if sc.zero_point is not None:
@@ -112,9 +115,7 @@ class QTensor:
         return out
 
     @staticmethod
-    def unpack(
-        data: bytes, fmt: Format, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
-    ) -> QTensor:
+    def unpack(data: bytes, fmt: Format, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> QTensor:
         """Rebuild a QTensor from :meth:`pack` output; ``ValueError`` if the length does not match."""
         shape = tuple(shape)
         probe = QTensor(torch.empty(0), None, None, None, fmt, shape, dtype)
@@ -141,7 +142,11 @@ class QTensor:
 
         if os.path.exists(path) and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
-        data = torch.frombuffer(bytearray(self.pack()), dtype=torch.uint8) if self.nbytes else torch.empty(0, dtype=torch.uint8)
+        data = (
+            torch.frombuffer(bytearray(self.pack()), dtype=torch.uint8)
+            if self.nbytes
+            else torch.empty(0, dtype=torch.uint8)
+        )
         meta = {
             "numcast_format": self.format.to_json(),
             "numcast_format_name": self.format.name or "",

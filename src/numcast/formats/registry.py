@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Union
 
 from numcast.formats.spec import BF16, E4M3, E8M0, FP16, FP32, FloatElement, Format, IntElement, Scaling
 
-FormatLike = Union[str, Format]
+FormatLike = str | Format
 
 _REGISTRY: dict[str, Format] = {}
 

@@ -49,7 +49,9 @@ def make_noise(
     """Uniform [0, 1) float32 noise for stochastic rounding from an explicit generator or seed."""
     if generator is None:
         if seed is None:
-            raise ValueError("stochastic rounding needs an explicit torch.Generator or seed (the global RNG is never used)")
+            raise ValueError(
+                "stochastic rounding needs an explicit torch.Generator or seed (the global RNG is never used)"
+            )
         generator = torch.Generator(device=device)
         generator.manual_seed(int(seed))
     return torch.rand(shape, generator=generator, device=device, dtype=torch.float32)

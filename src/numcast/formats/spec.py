@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Literal, Union
+from typing import Literal
 
 Policy = Literal["ieee", "fn", "fnuz", "finite", "fnu"]
 POLICIES: tuple[str, ...] = ("ieee", "fn", "fnuz", "finite", "fnu")
@@ -197,7 +197,7 @@ class FloatElement:
         return f"e{self.ebits}m{self.mbits}" + ("" if default_bias else f"b{self.bias}") + f"_{self.policy}"
 
 
-Element = Union[IntElement, FloatElement]
+Element = IntElement | FloatElement
 
 # Scale element formats used by the named formats.
 E8M0 = FloatElement(8, 0, 127, "fnu", signed=False)

