@@ -15,7 +15,14 @@ from rich.console import Console
 from numcast.formats.ops import cast_stats, quantize
 from numcast.formats.registry import get_format, list_formats
 from numcast.formats.spec import ROUNDINGS
-from numcast.report.tables import STATS_COLUMNS, formats_table, make_table, print_table, stats_row
+from numcast.report.tables import (
+    STATS_COLUMNS,
+    formats_markdown,
+    formats_table,
+    make_table,
+    print_table,
+    stats_row,
+)
 
 console = Console(width=200)
 
@@ -52,6 +59,8 @@ def cmd_formats(args: argparse.Namespace) -> int:
     fmts = list_formats()
     if args.json:
         print(json.dumps([f.figures() for f in fmts], indent=2))
+    elif args.markdown:
+        print(formats_markdown(fmts))
     else:
         print_table(formats_table(fmts), console)
     return 0
@@ -120,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("formats", help="table of every registered format")
     f.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    f.add_argument("--markdown", action="store_true", help="print a Markdown table (the README's)")
     f.set_defaults(func=cmd_formats)
     c = sub.add_parser("cast", help="cast a tensor file to a format and print the error figures")
     c.add_argument("input", help=".pt, .npy or .safetensors file")

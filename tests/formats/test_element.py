@@ -32,7 +32,7 @@ REFERENCE = {
     "e3m4_ieee": ml_dtypes.float8_e3m4,
     "e4m3b11_fnuz": ml_dtypes.float8_e4m3b11fnuz,
 }
-UNSCALED = [f.name for f in list_formats() if not f.scaling.scaled]
+UNSCALED = [f.name for f in list_formats() if not f.scaling.scaled and f.element.bits <= 16]  # exhaustive
 FLOAT_REF = sorted(REFERENCE)
 
 
@@ -113,8 +113,6 @@ def test_non_finite_inputs_follow_policy(name):
 def test_every_code_round_trips(name):
     """decode → cast → encode gives back every code (NaN codes give a NaN code); exhaustive."""
     e = get_format(name).element
-    if e.bits > 16:
-        pytest.skip("exhaustive only up to 16 bits")
     codes = torch.arange(2**e.bits)
     vals = decode(codes, e, torch.float64)
     keep = ~torch.isnan(vals)

@@ -26,8 +26,6 @@ def work_dtype(elem: Element, scaling: Scaling | None = None, input_dtype: torch
     if input_dtype == torch.float64:
         return torch.float64
     pow2_scale = scaling is None or not scaling.scaled or scaling.rule != "amax"
-    if scaling is not None and scaling.tensor_scale:
-        return torch.float64
     if isinstance(elem, IntElement):
         ok = abs(elem.frac_bits) <= 100 and (elem.bits <= 11 or (pow2_scale and elem.bits <= 24))
         return torch.float32 if ok else torch.float64

@@ -60,11 +60,12 @@ def core(
         y = rows
     else:
         scales = compute_scales(rows, elem, scaling)
-        s = scales.effective().to(work)[:, None]
         if scaling.rule != "amax":
             y = rows * (1.0 / scales.scale).to(work)[:, None]  # exact: power of two
+        elif scaling.tensor_scale:  # s_b·s_t needs ~28 bits: divide in float64, round once to `work`
+            y = (rows.double() / scales.effective()[:, None]).to(work)
         else:
-            y = rows / s
+            y = rows / scales.effective().to(work)[:, None]
         if scales.zero_point is not None:
             # q = clamp(round(x/s) + z, 0, qmax): round first, then shift (PyTorch's fake_quantize order)
             zp = scales.zero_point.to(work)[:, None]
@@ -76,10 +77,13 @@ def core(
 
 
 def dequantize_rows(values: torch.Tensor, scales: Scales, work: torch.dtype) -> torch.Tensor:
-    """Element values × scale (− zero point), in the work dtype."""
+    """Element values × scale (− zero point), in the work dtype (float64 for two-level scales, whose
+    product q·s_b·s_t is exact there and is rounded once, to the output dtype)."""
     s = scales.effective()
     if s is None:
         return values
+    if scales.tensor_scale is not None:
+        return values.double() * s[:, None]
     if scales.zero_point is not None:
         values = values - scales.zero_point.to(work)[:, None]
     return values * s.to(work)[:, None]

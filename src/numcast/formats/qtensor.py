@@ -57,7 +57,8 @@ class QTensor:
             scale_codes = encode(sc.scale, fmt.scaling.scale_format).reshape(r.layout.scale_shape)
         if sc.zero_point is not None:
             zp = sc.zero_point.to(torch.int64).reshape(r.layout.scale_shape)
-        return QTensor(codes, scale_codes, zp, sc.tensor_scale, fmt, tuple(shape), dtype)
+        ts = None if sc.tensor_scale is None else float(sc.tensor_scale)
+        return QTensor(codes, scale_codes, zp, ts, fmt, tuple(shape), dtype)
 
     # ---- values ------------------------------------------------------------------------------
     @property

@@ -37,7 +37,7 @@ class Scales:
     """Per-row scales (float64, [R]), the optional per-tensor scale and the optional zero points."""
 
     scale: torch.Tensor | None
-    tensor_scale: float | None = None
+    tensor_scale: torch.Tensor | float | None = None
     zero_point: torch.Tensor | None = None
 
     def effective(self) -> torch.Tensor | None:
@@ -76,15 +76,11 @@ def compute_scales(rows: torch.Tensor, elem: Element, scaling: Scaling) -> Scale
 
     tensor_scale = None
     denom = elem.max
-    if scaling.tensor_scale:
-        t_amax = float(amax.max()) if amax.numel() else 0.0
-        if not math.isfinite(t_amax):
-            tensor_scale = math.nan
-        elif t_amax == 0.0:
-            tensor_scale = 1.0
-        else:
-            tensor_scale = float(torch.tensor(t_amax / (elem.max * sf.max), dtype=torch.float64).float())
-            tensor_scale = tensor_scale or math.ldexp(1.0, -149)
+    if scaling.tensor_scale:  # a 0-dim float64 tensor holding an FP32 value (no host sync: compiles whole)
+        t_amax = amax.max() if amax.numel() else amax.new_zeros(())
+        t = (t_amax / (elem.max * sf.max)).float().double()
+        t = torch.where(t == 0, torch.full_like(t, math.ldexp(1.0, -149)), t)  # FP32 underflow: smallest
+        tensor_scale = torch.where(t_amax == 0, torch.ones_like(t), t)  # NaN/inf amax -> NaN/inf -> NaN rows
         denom = elem.max * tensor_scale
     zp = None
     if scaling.zero_point:

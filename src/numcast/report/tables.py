@@ -38,7 +38,7 @@ def make_table(title: str, columns: Sequence[str], rows: Iterable[Sequence], dig
 FORMAT_COLUMNS = ("name", "bits/value", "max", "min normal", "min subnormal", "mantissa bits", "block", "scale")
 
 
-def formats_table(formats: Iterable[Format]) -> Table:
+def format_rows(formats: Iterable[Format]) -> list[list]:
     rows = []
     for f in formats:
         d = f.figures()
@@ -51,7 +51,18 @@ def formats_table(formats: Iterable[Format]) -> Table:
                 scale += " + zero point"
         rows.append([d["name"], d["bits_per_value"], d["max"], d["min_normal"], d["min_subnormal"],
                      d["mantissa_bits"], d["block_size"], scale])  # fmt: skip
-    return make_table("numcast formats (element units; scales multiply them)", FORMAT_COLUMNS, rows)
+    return rows
+
+
+def formats_table(formats: Iterable[Format]) -> Table:
+    return make_table("numcast formats (element units; scales multiply them)", FORMAT_COLUMNS, format_rows(formats))
+
+
+def formats_markdown(formats: Iterable[Format]) -> str:
+    lines = ["| " + " | ".join(FORMAT_COLUMNS) + " |", "|" + "---|" * len(FORMAT_COLUMNS)]
+    for r in format_rows(formats):
+        lines.append("| " + " | ".join(fmt_num(v) for v in r) + " |")
+    return "\n".join(lines)
 
 
 STATS_COLUMNS = ("format", "bits/value", "packed bytes", "SQNR dB", "MSE", "max |err|", "saturated", "flushed to 0",
