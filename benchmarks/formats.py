@@ -10,7 +10,7 @@ glibc returns freed 64 MiB buffers to the OS, so every fresh output page faults 
 cost more than the cast itself. ``--malloc both`` runs the whole bench twice in subprocesses, without and
 with ``MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=536870912``,
 and prints both tables. When ``brevitas`` or ``torchao`` are importable their MXFP4 fake-quant is timed
-alongside (optional bench extras; absent here, they are reported as not installed).
+alongside, after a check that they agree with numcast bit for bit (optional bench extras).
 """
 
 from __future__ import annotations
@@ -46,21 +46,42 @@ def best_ms(fn, repeat: int) -> tuple[float, float]:
 
 
 def peer_fns(x: torch.Tensor) -> dict:
-    """MXFP4 fake-quant of peer libraries, where installed."""
-    fns = {}
-    try:  # torchao's MX reference path
+    """MXFP4 / MXFP8 fake-quant of peer libraries where installed (``pip install -c constraints.txt -e .[bench]``);
+    each is checked bit-identical to numcast on ``x`` before it is timed."""
+    import numcast
+
+    fns: dict = {}
+    try:  # torchao's MX emulation path
         from torchao.prototype.mx_formats.mx_tensor import MXTensor
 
-        fns["torchao mxfp4"] = lambda: MXTensor.to_mx(x, torch.float4_e2m1fn_x2, 32).dequantize(torch.float32)
+        for name, dt in (("mxfp4", torch.float4_e2m1fn_x2), ("mxfp8_e4m3", torch.float8_e4m3fn)):
+            fns[f"torchao {name}"] = (name, lambda dt=dt: MXTensor.to_mx(x, dt, 32).dequantize(torch.float32))
     except Exception as exc:  # noqa: BLE001 - report whatever stops the import
-        fns["torchao mxfp4"] = f"not installed ({type(exc).__name__})"
+        fns["torchao"] = f"not installed ({type(exc).__name__})"
     try:
-        import brevitas  # noqa: F401
+        import warnings
 
-        fns["brevitas mxfp4"] = "installed; harness not wired (see README limits)"
+        from brevitas.nn import QuantIdentity
+        from brevitas.quant import MXFloat8e4m3Act
+
+        warnings.filterwarnings("ignore", module="brevitas")
+        for name, (eb, mb) in (("mxfp4", (2, 1)), ("mxfp8_e4m3", (4, 3))):
+            quant = MXFloat8e4m3Act.let(exponent_bit_width=eb, mantissa_bit_width=mb, group_dim=1, group_size=32)
+            mod = QuantIdentity(act_quant=quant, return_quant_tensor=False).eval()
+            fns[f"brevitas {name}"] = (name, lambda m=mod: _no_grad(m, x))
     except Exception as exc:  # noqa: BLE001
-        fns["brevitas mxfp4"] = f"not installed ({type(exc).__name__})"
+        fns["brevitas"] = f"not installed ({type(exc).__name__})"
+    for key, val in list(fns.items()):
+        if isinstance(val, tuple):
+            name, fn = val
+            same = torch.equal(fn(), numcast.cast(x, name))
+            fns[key] = (fn, "bit-identical to numcast" if same else "DIFFERS from numcast")
     return fns
+
+
+def _no_grad(mod, x):
+    with torch.no_grad():
+        return mod(x)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -84,12 +105,14 @@ def run(args: argparse.Namespace) -> dict:
             ms, med = best_ms(lambda n=name, b=backend: numcast.cast(x, n, backend=b, out=y), args.repeat)
             rows.append({"name": name, "backend": f"{backend}, out=", "ms": ms, "median_ms": med,
                          "x_copy": ms / copy_min})  # fmt: skip
-    for name, fn in peer_fns(x).items():
-        if callable(fn):
+    for name, val in peer_fns(x).items():
+        if isinstance(val, tuple):
+            fn, note = val
             ms, med = best_ms(fn, args.repeat)
-            rows.append({"name": name, "backend": "peer", "ms": ms, "median_ms": med, "x_copy": ms / copy_min})
+            rows.append({"name": name, "backend": "peer", "ms": ms, "median_ms": med, "x_copy": ms / copy_min,
+                         "note": note})  # fmt: skip
         else:
-            rows.append({"name": name, "backend": "peer", "note": fn})
+            rows.append({"name": name, "backend": "peer", "note": val})
     malloc = all(os.environ.get(k) == v for k, v in MALLOC_ENV.items())
     return {
         "size": [args.size, args.size],
