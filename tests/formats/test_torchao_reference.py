@@ -34,6 +34,6 @@ def test_mx_equals_torchao(name):
     adv = adv[np.isfinite(adv).all(axis=1) & (amax > 1e-30)]
     scale = np.exp(rng.uniform(-10, 10, (256, 1)))
     x = np.concatenate([adv, (rng.standard_normal((256, 32)) * scale)]).astype(np.float32)
-    xt = torch.from_numpy(x).reshape(-1, 64)
+    xt = torch.from_numpy(x)
     ref = mx_tensor.MXTensor.to_mx(xt, ELEMENTS[name], 32).dequantize(torch.float32)
     assert_bitwise(cast(xt, name), ref, name)
