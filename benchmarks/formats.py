@@ -1,6 +1,7 @@
 """Speed of ``numcast.cast`` on a 4096×4096 float32 tensor, as a multiple of a memory-bound copy.
 
-    .venv/bin/python benchmarks/formats.py [--size 4096] [--threads 2] [--json benchmarks/results/formats.json]
+    .venv/bin/python benchmarks/formats.py [--markdown] [--size 4096] [--threads 2] [--json PATH]
+    .venv/bin/python benchmarks/formats.py --render benchmarks/results/formats.json   # table of a saved run
 
 The copy baseline ``y.copy_(x)`` into a preallocated tensor is timed in the same run; every cast is
 reported in milliseconds and as a multiple of it (timings on these machines vary up to 2× between runs,
@@ -137,6 +138,26 @@ def print_table(res: dict) -> None:
     print_table(make_table(title, cols, rows, digits=3))
 
 
+def markdown(payload: dict) -> str:
+    """One Markdown table of both glibc settings side by side (the README's); `out=` rows stay in the JSON."""
+    runs = payload["runs"] if "runs" in payload else [payload]
+    keyed = [{(r["name"], r["backend"]): r for r in run["rows"]} for run in runs]
+    head = ["format", "backend"]
+    for run in runs:
+        env = "malloc env on" if run["malloc_env"] else "malloc env off"
+        head += [f"ms ({env})", f"x copy ({env})"]
+    lines = ["| " + " | ".join(head + ["note"]) + " |", "|" + "---|" * (len(head) + 1)]
+    for key, first in keyed[0].items():
+        if key[1].endswith("out="):
+            continue
+        cells = [key[0], key[1]]
+        for k in keyed:
+            r = k.get(key, {})
+            cells += [f"{r['ms']:.3g}" if "ms" in r else "-", f"{r['x_copy']:.3g}" if "x_copy" in r else "-"]
+        lines.append("| " + " | ".join(cells + [first.get("note", "")]) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=4096)
@@ -146,7 +167,12 @@ def main() -> None:
     p.add_argument("--backends", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     p.add_argument("--malloc", choices=["inherit", "both"], default="both")
     p.add_argument("--json", default="benchmarks/results/formats.json")
+    p.add_argument("--markdown", action="store_true", help="also print the README's Markdown table")
+    p.add_argument("--render", metavar="JSON", help="only print the Markdown table of a saved run")
     args = p.parse_args()
+    if args.render:
+        print(markdown(json.loads(Path(args.render).read_text())))
+        return
     if args.malloc == "both":
         results = []
         for env_on in (False, True):
@@ -171,6 +197,8 @@ def main() -> None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.json}")
+    if args.markdown:
+        print(markdown(payload))
 
 
 if __name__ == "__main__":

@@ -222,3 +222,23 @@ def test_property_idempotence_and_round_trip_on_arbitrary_values(name, vals):
     qt = quantize(x, name) if torch.isfinite(y).all() or fmt.element.has_nan or fmt.scaling.scaled else None
     if qt is not None:
         assert_bitwise(QTensor.unpack(qt.pack(), fmt, qt.shape).dequantize(), y, name)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_chunked_eager_path_equals_whole_tensor_path(name, monkeypatch):
+    """Large tensors are cast in row chunks; the bits must not depend on it."""
+    from numcast.formats import ops
+
+    fmt = by_name[name]
+    x = sample(fmt, (40, 96), seed=8)
+    whole = cast(x, name)
+    monkeypatch.setattr(ops, "CHUNK_ELEMENTS", 100)
+    assert_bitwise(cast(x, name), whole, name)
+    if fmt.scaling.granularity == "block":
+        from dataclasses import replace
+
+        on_rows = fmt.with_(scaling=replace(fmt.scaling, axis=0))
+        monkeypatch.setattr(ops, "CHUNK_ELEMENTS", 1 << 20)
+        ref = cast(x.t().contiguous(), on_rows)
+        monkeypatch.setattr(ops, "CHUNK_ELEMENTS", 100)
+        assert_bitwise(cast(x.t().contiguous(), on_rows), ref, f"{name} axis 0")

