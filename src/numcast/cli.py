@@ -20,6 +20,7 @@ from numcast.report.tables import (
     formats_markdown,
     formats_table,
     make_table,
+    markdown_table,
     print_table,
     stats_row,
 )
@@ -119,6 +120,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"MobileNetV2 (ImageNet) {args.tensor} {list(w2.shape)}: {w2.numel()} float32 values, {4 * w2.numel()} bytes"
     )
     print_table(make_table(title, STATS_COLUMNS + ("cast ms",), rows), console)
+    if args.markdown:
+        print(markdown_table(STATS_COLUMNS, [r[:-1] for r in rows]))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(records, indent=2))
     return 0
@@ -144,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job on the shipped MobileNetV2 weights")
     d.add_argument("--tensor", default="classifier.1.weight", help="state-dict entry to cast")
     d.add_argument("--json-out", help="also write the records as JSON here")
+    d.add_argument("--markdown", action="store_true", help="also print the error table as Markdown")
     d.set_defaults(func=cmd_demo)
     return p
 

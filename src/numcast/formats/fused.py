@@ -19,9 +19,9 @@ from numcast.formats.spec import Format
 @functools.lru_cache(maxsize=128)
 def compiled_cast_fn(fmt: Format, rounding: str):
     """A compiled ``x -> cast(x, fmt, rounding=rounding)`` for one format and rounding mode."""
-    from numcast.formats.ops import cast_eager
+    from numcast.formats.ops import _cast_whole
 
     def fn(x: torch.Tensor) -> torch.Tensor:
-        return cast_eager(x, fmt, rounding)
+        return _cast_whole(x, fmt, rounding)  # unchunked: the fused kernel streams the whole tensor
 
     return torch.compile(fn, dynamic=False)

@@ -58,11 +58,17 @@ def formats_table(formats: Iterable[Format]) -> Table:
     return make_table("numcast formats (element units; scales multiply them)", FORMAT_COLUMNS, format_rows(formats))
 
 
-def formats_markdown(formats: Iterable[Format]) -> str:
-    lines = ["| " + " | ".join(FORMAT_COLUMNS) + " |", "|" + "---|" * len(FORMAT_COLUMNS)]
-    for r in format_rows(formats):
-        lines.append("| " + " | ".join(fmt_num(v) for v in r) + " |")
+def markdown_table(columns: Sequence[str], rows: Iterable[Sequence], digits: int = 4) -> str:
+    def cell(v) -> str:
+        return fmt_num(v, digits).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def formats_markdown(formats: Iterable[Format]) -> str:
+    return markdown_table(FORMAT_COLUMNS, format_rows(formats))
 
 
 STATS_COLUMNS = ("format", "bits/value", "packed bytes", "SQNR dB", "MSE", "max |err|", "saturated", "flushed to 0",
