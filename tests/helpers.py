@@ -32,7 +32,8 @@ def adversarial_f32(grid: np.ndarray, fmax: float) -> np.ndarray:
     g = np.unique(grid.astype(np.float64))
     mids = (g[:-1] + g[1:]) / 2
     base = np.concatenate([g, mids, [fmax * 1.0001, fmax * 2, 3e38, 1e-40, 1e-45, 1.2e-38, 0.0, -0.0]])
-    base = np.concatenate([base, -base]).astype(np.float32)
+    with np.errstate(over="ignore"):  # values beyond float32 become inf, itself a test value
+        base = np.concatenate([base, -base]).astype(np.float32)
     up = np.nextafter(base, np.float32(np.inf))
     down = np.nextafter(base, np.float32(-np.inf))
     special = np.array([np.inf, -np.inf, np.nan], dtype=np.float32)

@@ -41,7 +41,8 @@ def ref_values(name: str, x: np.ndarray, saturate: bool) -> np.ndarray:
     dt = REFERENCE[name]
     fmax = float(ml_dtypes.finfo(dt).max)
     xs = np.clip(x, -fmax, fmax) if saturate else x
-    return xs.astype(dt).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf/NaN is the point of the test
+        return xs.astype(dt).astype(np.float32)
 
 
 def bits_of(name: str) -> int:
@@ -53,10 +54,8 @@ def test_decode_table_equals_reference(name):
     dt = REFERENCE[name]
     n = 2 ** bits_of(name)
     codes = np.arange(n, dtype=np.uint16 if n > 256 else np.uint8)
-    if np.dtype(dt).itemsize == 1:
-        ref = codes.astype(np.uint8).view(dt).astype(np.float64)
-    else:
-        ref = codes.astype(np.uint16).view(dt).astype(np.float64)
+    with np.errstate(invalid="ignore"):  # NaN codes
+        ref = codes.astype(np.uint8 if np.dtype(dt).itemsize == 1 else np.uint16).view(dt).astype(np.float64)
     ours = decode_table(get_format(name).element, torch.float64).numpy()
     assert_bitwise(torch.from_numpy(ours), torch.from_numpy(ref), name)
 
@@ -80,12 +79,13 @@ def test_cast_adversarial_and_random_equals_reference(name, saturate):
     grid = decode_table(e, torch.float64).numpy()
     grid = grid[np.isfinite(grid)]
     rng = np.random.default_rng(0)
-    rand = np.concatenate([
-        rng.standard_normal(20000) * e.max / 4,
-        rng.standard_normal(5000) * e.min_normal,
-        np.exp(rng.uniform(math.log(e.min_subnormal / 4), math.log(e.max * 4), 20000)),
-    ]).astype(np.float32)  # fmt: skip
-    x = np.concatenate([adversarial_f32(grid, e.max), rand, -rand])
+    with np.errstate(over="ignore"):  # e.max * 4 overflows float32 for bf16 and e8m0: inf is a test value
+        rand = np.concatenate([
+            rng.standard_normal(20000) * e.max / 4,
+            rng.standard_normal(5000) * e.min_normal,
+            np.exp(rng.uniform(math.log(e.min_subnormal / 4), math.log(e.max * 4), 20000)),
+        ]).astype(np.float32)  # fmt: skip
+        x = np.concatenate([adversarial_f32(grid, e.max), rand, -rand])
     ours = cast(torch.from_numpy(x), fmt).numpy()
     finite = np.isfinite(x)
     if name == "e8m0":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +19,9 @@ from numcast.formats.registry import FormatLike, get_format
 from numcast.formats.rounding import make_noise, round_to_int
 from numcast.formats.scale import Scales, compute_scales
 from numcast.formats.spec import Format
+
+if TYPE_CHECKING:
+    from numcast.formats.qtensor import QTensor
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -29,6 +33,14 @@ class CoreResult:
     values: torch.Tensor  # element grid values (rows, work dtype)
     scales: Scales
     work: torch.dtype
+
+    def output(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The dequantized tensor (what ``cast`` returns)."""
+        out = dequantize_rows(self.values, self.scales, self.work)
+        return self.layout.from_rows(out).reshape(shape).to(dtype)
+
+    def rows_to_tensor(self, rows: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        return self.layout.from_rows(rows).reshape(shape)
 
 
 def check_input(x: torch.Tensor) -> None:
@@ -96,9 +108,7 @@ CHUNK_ELEMENTS = 1 << 18  # ~1 MiB of float32: an eager chunk's ~20 temporaries 
 
 
 def _cast_whole(x: torch.Tensor, fmt: Format, rounding: str | None, generator=None, seed=None) -> torch.Tensor:
-    r = core(x, fmt, rounding, generator, seed)
-    out = dequantize_rows(r.values, r.scales, r.work)
-    return r.layout.from_rows(out).reshape(x.shape).to(x.dtype)
+    return core(x, fmt, rounding, generator, seed).output(x.shape, x.dtype)
 
 
 def cast_eager(x: torch.Tensor, fmt: Format, rounding: str | None = None, generator=None, seed=None) -> torch.Tensor:
@@ -172,7 +182,7 @@ def quantize(
     rounding: str | None = None,
     generator: torch.Generator | None = None,
     seed: int | None = None,
-):
+) -> QTensor:
     """Quantize ``x`` to a :class:`~numcast.formats.qtensor.QTensor` (codes + scales + format)."""
     from numcast.formats.qtensor import QTensor
 
@@ -185,11 +195,10 @@ class _STE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, fmt, rounding, generator, seed, mask_outside):  # noqa: D102
         r = core(x.detach(), fmt, rounding, generator, seed)
-        out = r.layout.from_rows(dequantize_rows(r.values, r.scales, r.work)).reshape(x.shape).to(x.dtype)
         if mask_outside:
-            ctx.save_for_backward(r.layout.from_rows(~saturated_rows(r, fmt)).reshape(x.shape))
+            ctx.save_for_backward(r.rows_to_tensor(~saturated_rows(r, fmt), x.shape))
         ctx.mask_outside = mask_outside
-        return out
+        return r.output(x.shape, x.dtype)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
@@ -230,8 +239,8 @@ def cast_stats(x: torch.Tensor, fmt: FormatLike, **kw) -> tuple[torch.Tensor, di
     NaN/inf counts of input and output. Non-finite positions are excluded from the error figures."""
     fmt = get_format(fmt)
     r = core(x, fmt, kw.get("rounding"), kw.get("generator"), kw.get("seed"))
-    out = r.layout.from_rows(dequantize_rows(r.values, r.scales, r.work)).reshape(x.shape)
-    sat = r.layout.from_rows(saturated_rows(r, fmt)).reshape(x.shape)
+    out = r.output(x.shape, x.dtype)
+    sat = r.rows_to_tensor(saturated_rows(r, fmt), x.shape)
     xd, od = x.double(), out.double()
     fin = torch.isfinite(xd) & torch.isfinite(od)
     err = (od - xd)[fin]
@@ -243,7 +252,7 @@ def cast_stats(x: torch.Tensor, fmt: FormatLike, **kw) -> tuple[torch.Tensor, di
         "format": fmt.label,
         "numel": x.numel(),
         "mse": mse,
-        "sqnr_db": float(10 * torch.log10(torch.tensor(p_sig / mse))) if mse > 0 else float("inf"),
+        "sqnr_db": 10 * math.log10(p_sig / mse) if mse > 0 and p_sig > 0 else (math.inf if mse == 0 else -math.inf),
         "max_abs_err": float(err.abs().max()) if err.numel() else 0.0,
         "frac_saturated": float(sat.sum()) / n,
         "frac_flushed_to_zero": float(((xd != 0) & torch.isfinite(xd) & (od == 0)).sum()) / n,
@@ -252,4 +261,4 @@ def cast_stats(x: torch.Tensor, fmt: FormatLike, **kw) -> tuple[torch.Tensor, di
         "nan_out": int(torch.isnan(od).sum()),
         "inf_out": int(torch.isinf(od).sum()),
     }
-    return out.to(x.dtype), stats
+    return out, stats
