@@ -82,14 +82,3 @@ class Layout:
         if self.granularity == "channel":
             return rows.reshape(self.moved_shape).movedim(0, self.axis)
         return rows.reshape(self.shape)
-
-    def rows_mask(self, device: torch.device) -> torch.Tensor | None:
-        """Boolean [R, L] mask of real (not padded) positions, or None when nothing is padded."""
-        if not self.padded:
-            return None
-        valid = torch.ones(self.shape[self.axis], dtype=torch.bool, device=device)
-        valid = F.pad(valid, (0, self.padded), value=False).reshape(self.n_blocks, self.block)
-        r = 1
-        for d in self.moved_shape[:-1]:
-            r *= d
-        return valid.expand(r, -1, -1).reshape(-1, self.block)
