@@ -56,8 +56,13 @@ def core(
     rounding: str | None = None,
     generator: torch.Generator | None = None,
     seed: int | None = None,
+    scales: Scales | None = None,
 ) -> CoreResult:
-    """Element values and scales of ``x`` in ``fmt`` (see module docstring)."""
+    """Element values and scales of ``x`` in ``fmt`` (see module docstring).
+
+    ``scales`` fixes the scales (one per row of ``Layout.of(x.shape, fmt.scaling)``) instead of deriving
+    them from ``x``: the solvers that quantize a weight column by column (GPTQ, Error Diffusion) fix a
+    block's scale before its elements are rounded."""
     check_input(x)
     rounding = rounding or fmt.rounding
     elem, scaling = fmt.element, fmt.scaling
@@ -71,7 +76,7 @@ def core(
         scales = Scales(None)
         y = rows
     else:
-        scales = compute_scales(rows, elem, scaling)
+        scales = scales if scales is not None else compute_scales(rows, elem, scaling)
         if scaling.rule != "amax":
             y = rows * (1.0 / scales.scale).to(work)[:, None]  # exact: power of two
         elif scaling.tensor_scale:  # s_b·s_t needs ~28 bits: divide in float64, round once to `work`

@@ -60,8 +60,11 @@ def row_amax(rows: torch.Tensor) -> torch.Tensor:
     return rows.abs().amax(dim=-1)
 
 
-def compute_scales(rows: torch.Tensor, elem: Element, scaling: Scaling) -> Scales:
-    """Scales for [R, L] rows (see module docstring for the rules)."""
+def compute_scales(
+    rows: torch.Tensor, elem: Element, scaling: Scaling, tensor_scale: torch.Tensor | float | None = None
+) -> Scales:
+    """Scales for [R, L] rows (see module docstring for the rules). ``tensor_scale`` fixes the two-level
+    per-tensor scale instead of deriving it from these rows (a slab of a larger tensor)."""
     sf = scaling.scale_format
     if scaling.rule != "amax":
         amax = row_amax(rows)
@@ -74,9 +77,13 @@ def compute_scales(rows: torch.Tensor, elem: Element, scaling: Scaling) -> Scale
     amax, mn, mx = row_range(rows)
     bad = ~torch.isfinite(amax)
 
-    tensor_scale = None
     denom = elem.max
-    if scaling.tensor_scale:  # a 0-dim float64 tensor holding an FP32 value (no host sync: compiles whole)
+    if not scaling.tensor_scale:
+        tensor_scale = None
+    elif tensor_scale is not None:
+        tensor_scale = torch.as_tensor(tensor_scale, dtype=torch.float64, device=amax.device)
+        denom = elem.max * tensor_scale
+    else:  # a 0-dim float64 tensor holding an FP32 value (no host sync: compiles whole)
         t_amax = amax.max() if amax.numel() else amax.new_zeros(())
         t = (t_amax / (elem.max * sf.max)).float().double()
         t = torch.where(t == 0, torch.full_like(t, math.ldexp(1.0, -149)), t)  # FP32 underflow: smallest

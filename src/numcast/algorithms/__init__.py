@@ -1,0 +1,1 @@
+"""Weight solvers, one file each, functions of tensors: ``(weight, inputs..., format) -> QTensor``."""

@@ -1,0 +1,89 @@
+"""GPTQ and RTN as functions of tensors: exact format members, the OBS property, and error vs RTN."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_bitwise
+
+from numcast.algorithms.columns import ColumnQuantizer
+from numcast.algorithms.gptq import gptq, hessian
+from numcast.algorithms.rtn import rtn
+from numcast.formats.ops import cast
+from numcast.formats.registry import get_format
+
+WEIGHT_FORMATS = ["mxfp4", "mxfp6_e2m3", "nvfp4", "int4_g128", "int3_g64", "mxint8", "int4_channel",
+                  "fp8_e4m3", "uint4_g128_zp", "bfp4_b16", "fp8_e4m3_tensor"]  # fmt: skip
+
+
+def correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    """Tokens whose features are strongly correlated (a low-rank mix plus noise), as real activations are."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(d // 4, d, generator=g)
+    return torch.randn(n, d // 4, generator=g) @ basis + 0.1 * torch.randn(n, d, generator=g)
+
+
+@pytest.mark.parametrize("name", WEIGHT_FORMATS)
+def test_column_quantizer_without_updates_is_rtn(name):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(24, 200, generator=g)
+    cq = ColumnQuantizer(w, get_format(name))
+    cols = []
+    for j in range(w.shape[1]):
+        if cq.needs_scales(j):
+            cq.fix_block(j, w[:, j : j + cq.block])
+        cols.append(cq.quantize(w[:, j], j))
+    ref = cast(w, name)
+    assert_bitwise(torch.stack(cols, dim=1), ref, name)
+    assert_bitwise(cq.qtensor().dequantize(), ref, f"{name} qtensor")
+
+
+@pytest.mark.parametrize("name", WEIGHT_FORMATS)
+def test_gptq_result_is_on_the_format_and_beats_rtn_on_correlated_inputs(name):
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(32, 256, generator=g)
+    x = correlated_inputs(2048, 256)
+    res = gptq(w, hessian(x), name)
+    assert_bitwise(res.qtensor.dequantize(), res.weight, f"{name}: QTensor == returned weight")
+    assert res.qtensor.format == get_format(name)
+    err_gptq = ((res.weight - w) @ x.T).square().mean()
+    err_rtn = ((rtn(w, name).dequantize() - w) @ x.T).square().mean()
+    assert err_gptq < 0.8 * err_rtn, f"{name}: GPTQ {err_gptq:.4g} vs RTN {err_rtn:.4g}"
+
+
+@pytest.mark.parametrize("name", ["mxfp4", "int4_channel", "int4_g128", "fp8_e4m3"])
+def test_gptq_with_identity_hessian_equals_rtn(name):
+    """With H = I (uncorrelated inputs) the OBS update of every later column is zero: GPTQ is RTN."""
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(3))
+    res = gptq(w, torch.eye(128, dtype=torch.float64), name, damp=0.0)
+    assert_bitwise(res.weight, cast(w, name), name)
+
+
+def test_act_order_and_dead_inputs():
+    w = torch.randn(16, 96, generator=torch.Generator().manual_seed(4))
+    x = correlated_inputs(1024, 96)
+    x[:, 5] = 0  # a dead input feature
+    res = gptq(w, hessian(x), "int4_g32", act_order=True)
+    assert (res.weight[:, 5] == 0).all()
+    assert_bitwise(res.qtensor.dequantize(), res.weight, "act-order")
+    err = ((res.weight - w) @ x.T).square().mean()
+    assert err < ((rtn(w, "int4_g32").dequantize() - w) @ x.T).square().mean()
+
+
+def test_gptq_is_deterministic_and_refuses_bad_input():
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(5))
+    h = hessian(correlated_inputs(256, 64))
+    assert torch.equal(gptq(w, h, "mxfp4").weight, gptq(w.clone(), h.clone(), "mxfp4").weight)
+    with pytest.raises(ValueError, match="Hessian shape"):
+        gptq(w, h[:32, :32], "mxfp4")
+    bad = w.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        gptq(bad, h, "mxfp4")
+
+
+def test_rtn_views_conv_weights_along_the_reduction_axis():
+    wc = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(6))
+    qt = rtn(wc, "mxfp4")
+    assert qt.shape == (8, 36)
+    assert_bitwise(qt.dequantize(), cast(wc.reshape(8, 36), "mxfp4"), "conv view")
