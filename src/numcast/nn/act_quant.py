@@ -1,0 +1,110 @@
+"""Activation (input/output) quantization: dynamic or static (calibrated) scales.
+
+- ``dynamic``: the format's own scales are computed from each tensor as it flows (per block for MX/NVFP4,
+  per tensor for ``*_tensor`` formats...): exactly ``numcast.cast``.
+- ``static``: one per-tensor scale is calibrated on data and then frozen, for formats with per-tensor
+  scaling (``int8_tensor``, ``fp8_e4m3_tensor``, ...). Observers: ``minmax`` (amax seen), ``percentile``
+  (the 99.99th percentile of |x|), ``mse`` (the clipping amax among 100 candidates in (0, amax] that
+  minimises the quantization MSE of the observed data).
+
+Blocks run along the reduction axis of the consuming layer: the last axis for Linear inputs, the channel
+axis (1) for convolution inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from numcast.formats.ops import cast, core
+from numcast.formats.registry import FormatLike, get_format
+from numcast.formats.scale import Scales
+
+MODES = ("dynamic", "static")
+OBSERVERS = ("minmax", "percentile", "mse")
+
+
+class ActQuantizer(nn.Module):
+    """Fake-quantizes activations to ``fmt``; ``axis`` is the reduction axis blocks run along."""
+
+    def __init__(self, fmt: FormatLike, mode: str = "dynamic", observer: str = "minmax", axis: int = -1) -> None:
+        super().__init__()
+        fmt = get_format(fmt)
+        if mode not in MODES:
+            raise ValueError(f"unknown activation mode {mode!r}; one of {MODES}")
+        if observer not in OBSERVERS:
+            raise ValueError(f"unknown observer {observer!r}; one of {OBSERVERS}")
+        if mode == "static" and fmt.scaling.granularity != "tensor":
+            raise ValueError(
+                f"static activation scales need a per-tensor format (e.g. int8_tensor, fp8_e4m3_tensor), "
+                f"got {fmt.label} ({fmt.scaling.granularity} scaling); use mode='dynamic'"
+            )
+        if mode == "static" and fmt.scaling.zero_point:
+            raise ValueError(f"static activation scales support symmetric formats only, got {fmt.label}")
+        if fmt.scaling.granularity == "block":
+            fmt = fmt.with_(scaling=replace(fmt.scaling, axis=axis), name=fmt.name)
+        self.fmt, self.mode, self.observer = fmt, mode, observer
+        self.register_buffer("amax", torch.zeros(()), persistent=True)
+        self.calibrating = False
+        self._seen: list[torch.Tensor] = []
+
+    @property
+    def calibrated(self) -> bool:
+        return self.mode == "dynamic" or bool(self.amax > 0)
+
+    def start_calibration(self) -> None:
+        self.calibrating, self._seen = True, []
+
+    def finish_calibration(self) -> None:
+        """Freeze the static scale from what was observed (``ValueError`` if nothing was)."""
+        self.calibrating = False
+        if self.mode != "static":
+            return
+        if not self._seen:
+            raise ValueError("static activation quantizer saw no calibration data")
+        data = torch.cat(self._seen)
+        self._seen = []
+        self.amax.fill_(self._choose_amax(data))
+
+    def _choose_amax(self, a: torch.Tensor) -> float:
+        amax = float(a.max())
+        if self.observer == "minmax" or amax == 0:
+            return amax
+        if self.observer == "percentile":
+            k = max(1, int(round(0.9999 * a.numel())))
+            return float(a.float().kthvalue(k).values)
+        best, best_err = amax, float("inf")
+        for frac in torch.linspace(0.01, 1.0, 100).tolist():
+            c = amax * frac
+            q = self._apply_static(a, c)
+            err = float((q - a).square().mean())
+            if err < best_err:
+                best, best_err = c, err
+        return best
+
+    def _apply_static(self, x: torch.Tensor, amax: float) -> torch.Tensor:
+        fmt = self.fmt
+        probe = torch.tensor([[amax]], dtype=torch.float32)
+        scales = core(probe, fmt).scales  # the scale the format gives a tensor whose amax is `amax`
+        return core(x, fmt, scales=Scales(scales.scale, scales.tensor_scale, scales.zero_point)).output(
+            x.shape, x.dtype
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calibrating:
+            if self.mode == "static":
+                sample = x.detach().abs().reshape(-1).float()
+                if sample.numel() > 1 << 16:  # bounded memory: a deterministic stride sample
+                    sample = sample[:: sample.numel() // (1 << 16) + 1]
+                self._seen.append(sample.cpu())
+            return x
+        if self.mode == "dynamic":
+            return cast(x, self.fmt)
+        if not self.calibrated:
+            raise RuntimeError("static activation quantizer used before calibration (run the calibration pass)")
+        return self._apply_static(x, float(self.amax))
+
+    def extra_repr(self) -> str:
+        return f"{self.fmt.label}, mode={self.mode}" + (f", observer={self.observer}" if self.mode == "static" else "")

@@ -1,0 +1,138 @@
+"""Quantized layers: weights stored as a packed :class:`~numcast.formats.qtensor.QTensor`, dequantized once
+(cached) for a float forward; optional input and output activation quantizers.
+
+Blocks run along the reduction axis: Linear weights [out, in] along ``in``; convolution weights
+[out, in/groups, *k] are viewed as [out, in/groups·Πk] (grouped and depthwise convolutions included), and
+convolution inputs are blocked along their channel axis.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from numcast.algorithms.rtn import rtn
+from numcast.formats.qtensor import QTensor
+from numcast.formats.registry import FormatLike, get_format
+from numcast.nn.act_quant import ActQuantizer
+
+
+class _QuantWeightMixin(nn.Module):
+    """Holds ``qweight`` (QTensor of the 2-D view) and a cached float ``weight`` of the module's shape."""
+
+    weight_shape: tuple[int, ...]
+
+    def _init_quant(
+        self,
+        weight: torch.Tensor,
+        weight_format: FormatLike,
+        qweight: QTensor | None,
+        input_format: FormatLike | ActQuantizer | None,
+        output_format: FormatLike | ActQuantizer | None,
+        act_axis: int,
+    ) -> None:
+        self.weight_format = get_format(weight_format)
+        self.weight_shape = tuple(weight.shape)
+        if qweight is None:
+            qweight = rtn(weight, self.weight_format)
+        expected = (weight.shape[0], weight[0].numel())
+        if tuple(qweight.shape) != expected:
+            raise ValueError(f"qweight shape {qweight.shape} does not match the weight view {expected}")
+        self.qweight = qweight
+        self.register_buffer("weight", qweight.dequantize().reshape(self.weight_shape), persistent=False)
+        self.input_quant = _act(input_format, act_axis)
+        self.output_quant = _act(output_format, act_axis)
+
+    def set_qweight(self, qweight: QTensor) -> None:
+        """Replace the quantized weight (a solver's result) and refresh the cached float weight."""
+        self.qweight = qweight
+        self.weight = qweight.dequantize().reshape(self.weight_shape).to(self.weight.device)
+
+    def _io(self, x: torch.Tensor, fn) -> torch.Tensor:
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        y = fn(x)
+        return self.output_quant(y) if self.output_quant is not None else y
+
+
+def _act(fmt, axis: int) -> ActQuantizer | None:
+    if fmt is None or isinstance(fmt, ActQuantizer):
+        return fmt
+    return ActQuantizer(fmt, axis=axis)
+
+
+class QuantLinear(_QuantWeightMixin):
+    """``nn.Linear`` with a quantized weight (and optionally quantized input/output)."""
+
+    def __init__(self, linear: nn.Linear, weight_format: FormatLike, *, qweight=None, input_format=None,
+                 output_format=None) -> None:  # fmt: skip
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self._init_quant(linear.weight.detach(), weight_format, qweight, input_format, output_format, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._io(
+            x, lambda t: F.linear(t, self.weight.to(t.dtype), None if self.bias is None else self.bias.to(t.dtype))
+        )
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, weight={self.weight_format.label}"
+
+
+class _QuantConvNd(_QuantWeightMixin):
+    _conv = None
+
+    def __init__(self, conv, weight_format: FormatLike, *, qweight=None, input_format=None, output_format=None):
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"{type(conv).__name__} with padding_mode={conv.padding_mode!r} is not supported")
+        for k in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
+            setattr(self, k, getattr(conv, k))
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        self._init_quant(conv.weight.detach(), weight_format, qweight, input_format, output_format, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def run(t):
+            b = None if self.bias is None else self.bias.to(t.dtype)
+            return type(self)._conv(
+                t, self.weight.to(t.dtype), b, self.stride, self.padding, self.dilation, self.groups
+            )
+
+        return self._io(x, run)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, k={self.kernel_size}, s={self.stride}, "
+                f"groups={self.groups}, weight={self.weight_format.label}")  # fmt: skip
+
+
+class QuantConv1d(_QuantConvNd):
+    """``nn.Conv1d`` with a quantized weight viewed as [out, in/groups·k]."""
+
+    _conv = staticmethod(F.conv1d)
+
+
+class QuantConv2d(_QuantConvNd):
+    """``nn.Conv2d`` (incl. grouped and depthwise) with a quantized weight viewed as [out, in/groups·kh·kw]."""
+
+    _conv = staticmethod(F.conv2d)
+
+
+class QuantEmbedding(_QuantWeightMixin):
+    """``nn.Embedding`` with a quantized table [num, dim] (blocks along ``dim``); opt-in in recipes."""
+
+    def __init__(self, emb: nn.Embedding, weight_format: FormatLike, *, qweight=None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = (
+            emb.num_embeddings,
+            emb.embedding_dim,
+            emb.padding_idx,
+        )
+        self._init_quant(emb.weight.detach(), weight_format, qweight, None, None, -1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight, self.padding_idx)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, weight={self.weight_format.label}"

@@ -1,0 +1,102 @@
+"""Quantized modules compute exactly the float op on cast weights (and cast activations)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_bitwise
+from torch import nn
+
+from numcast.formats.ops import cast
+from numcast.formats.registry import get_format
+from numcast.formats.spec import Scaling
+from numcast.nn import ActQuantizer, QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("wfmt", ["mxfp4", "nvfp4", "int4_g128", "int8_channel", "fp8_e4m3"])
+def test_quant_linear_equals_linear_on_cast_weight_and_input(wfmt):
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 40)
+    q = QuantLinear(lin, wfmt, input_format="mxfp8_e4m3")
+    x = torch.randn(5, 7, 256, generator=gen(1))
+    ref = F.linear(cast(x, "mxfp8_e4m3"), cast(lin.weight.detach(), wfmt), lin.bias.detach())
+    assert_bitwise(q(x), ref, wfmt)
+    assert_bitwise(q.qweight.dequantize(), cast(lin.weight.detach(), wfmt), "packed weight")
+    per_channel = 32 / 256 if get_format(wfmt).scaling.granularity == "channel" else 0  # one FP32 scale per row
+    bits = q.qweight.nbytes * 8 / lin.weight.numel()
+    assert bits == pytest.approx(get_format(wfmt).bits_per_value + per_channel, abs=0.01)
+
+
+@pytest.mark.parametrize("groups", [1, 4, 32])
+def test_quant_conv2d_blocks_run_along_the_reduction_axis(groups):
+    torch.manual_seed(1)
+    conv = nn.Conv2d(32, 64, 3, padding=1, stride=2, groups=groups)
+    q = QuantConv2d(conv, "mxfp4", input_format="mxfp6_e2m3", output_format="int8_tensor")
+    w2 = conv.weight.detach().reshape(64, -1)
+    wq = cast(w2, "mxfp4").reshape(conv.weight.shape)
+    assert_bitwise(q.weight, wq, "weight view [O, C/g*kh*kw]")
+    x = torch.randn(2, 32, 9, 9, generator=gen(2))
+    xq = cast(x.movedim(1, -1).contiguous(), "mxfp6_e2m3").movedim(-1, 1)  # blocks along channels
+    y = F.conv2d(xq, wq, conv.bias.detach(), 2, 1, 1, groups)
+    assert_bitwise(q(x), cast(y, "int8_tensor"), f"groups={groups}")
+
+
+def test_quant_conv1d():
+    conv = nn.Conv1d(16, 8, 5, padding=2)
+    q = QuantConv1d(conv, "int4_g32")
+    x = torch.randn(3, 16, 20, generator=gen(3))
+    wq = cast(conv.weight.detach().reshape(8, -1), "int4_g32").reshape(conv.weight.shape)
+    assert_bitwise(q(x), F.conv1d(x, wq, conv.bias.detach(), padding=2), "conv1d")
+
+
+def test_quant_embedding_and_set_qweight():
+    emb = nn.Embedding(50, 64)
+    q = QuantEmbedding(emb, "mxfp4")
+    ids = torch.tensor([[1, 2, 49]])
+    assert_bitwise(q(ids), cast(emb.weight.detach(), "mxfp4")[ids], "embedding")
+    lin = nn.Linear(32, 8)
+    ql = QuantLinear(lin, "int4_g32")
+    from numcast.algorithms.rtn import rtn
+
+    other = rtn(torch.randn(8, 32, generator=gen(4)), "int4_g32")
+    ql.set_qweight(other)
+    assert torch.equal(ql.weight, other.dequantize())
+    with pytest.raises(ValueError, match="does not match"):
+        QuantLinear(lin, "int4_g32", qweight=rtn(torch.randn(8, 16), "int4_g32"))
+
+
+def test_static_activation_observers():
+    x = torch.randn(100_000, generator=gen(5)) * 3
+    x[0:6:2] = 40.0  # three outliers (on the observer's sampling stride)
+    amax = {}
+    for obs in ("minmax", "percentile", "mse"):
+        a = ActQuantizer("int8_tensor", mode="static", observer=obs)
+        with pytest.raises(RuntimeError, match="before calibration"):
+            a(x)
+        a.start_calibration()
+        assert torch.equal(a(x), x)  # observes, passes through
+        a.finish_calibration()
+        amax[obs] = float(a.amax)
+        y = a(x)
+        s = amax[obs] / 127
+        assert torch.allclose(y, (x / s).round().clamp(-128, 127) * s, rtol=0, atol=s * 1e-3)
+    assert amax["minmax"] == 40.0
+    assert amax["percentile"] < 40.0
+    assert 0 < amax["mse"] < 40.0  # clipping the outlier lowers the MSE of the rest
+
+
+def test_activation_quantizer_refuses_bad_settings():
+    with pytest.raises(ValueError, match="per-tensor"):
+        ActQuantizer("mxfp8_e4m3", mode="static")
+    with pytest.raises(ValueError, match="mode"):
+        ActQuantizer("int8_tensor", mode="sometimes")
+    a = ActQuantizer("int8_tensor", mode="static")
+    a.start_calibration()
+    with pytest.raises(ValueError, match="no calibration data"):
+        a.finish_calibration()
+    assert isinstance(get_format("int8_tensor").scaling, Scaling)
