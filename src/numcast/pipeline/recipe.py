@@ -1,0 +1,132 @@
+"""The recipe: one validated config (pydantic) for what to quantize, to which formats, by which method.
+
+Loadable from and savable to YAML or JSON (by file suffix). The CLI's ``quantize`` flags map onto these
+fields one to one. Format names are checked when the recipe is built, so a typo fails before any work,
+with the closest names.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from numcast.formats.registry import get_format
+
+METHODS = ("rtn", "gptq")
+
+
+def _check_format(v: str | None) -> str | None:
+    if v is not None:
+        get_format(v)  # raises ValueError naming the closest formats
+    return v
+
+
+class LayerOverride(BaseModel):
+    """Per-layer settings for module names matching ``pattern`` (a glob); later overrides win."""
+
+    model_config = ConfigDict(extra="forbid")
+    pattern: str
+    weights: str | None = None
+    activations: str | None = None
+    skip: bool = False
+
+    @field_validator("weights", "activations")
+    @classmethod
+    def _known_format(cls, v: str | None) -> str | None:
+        return _check_format(v)
+
+
+class GPTQSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    damp: float = Field(0.01, ge=0.0, le=1.0)
+    block_size: int = Field(128, ge=1)
+    act_order: bool = False
+
+
+class Recipe(BaseModel):
+    """What to quantize and how.
+
+    - ``weights``: weight format of every quantized layer (e.g. ``mxfp4``, ``int4_g128``).
+    - ``activations``: optional input format of quantized layers; ``activation_mode`` ``dynamic`` (scales from
+      each tensor) or ``static`` (one per-tensor scale calibrated by ``activation_observer``).
+    - ``method``: weight solver; ``calibration``: number of calibration samples (needed by gptq and static
+      activations).
+    - ``include`` / ``exclude``: globs over module names (``*`` matches dots too); ``overrides`` per layer.
+    - Embeddings and the LM head stay in float unless ``quantize_embeddings`` / ``quantize_lm_head``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    weights: str
+    activations: str | None = None
+    activation_mode: Literal["dynamic", "static"] = "dynamic"
+    activation_observer: Literal["minmax", "percentile", "mse"] = "minmax"
+    method: Literal["rtn", "gptq"] = "rtn"
+    calibration: int = Field(128, ge=0)
+    include: list[str] = Field(default_factory=lambda: ["*"])
+    exclude: list[str] = Field(default_factory=list)
+    overrides: list[LayerOverride] = Field(default_factory=list)
+    quantize_embeddings: bool = False
+    quantize_lm_head: bool = False
+    gptq: GPTQSettings = Field(default_factory=GPTQSettings)
+    seed: int = 0
+
+    @field_validator("weights", "activations")
+    @classmethod
+    def _known_format(cls, v: str | None) -> str | None:
+        return _check_format(v)
+
+    @model_validator(mode="after")
+    def _calibration_needed(self) -> Recipe:
+        if (self.method == "gptq" or (self.activations and self.activation_mode == "static")) and self.calibration < 1:
+            raise ValueError(f"method {self.method!r} / static activations need calibration samples (calibration >= 1)")
+        return self
+
+    # ---- per-layer resolution -------------------------------------------------------------------
+    def layer_settings(self, name: str) -> tuple[str | None, str | None, str | None]:
+        """(weight format, activation format, skip reason) for module ``name``."""
+        if not any(fnmatch.fnmatchcase(name, p) for p in self.include):
+            return None, None, "not matched by include"
+        if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
+            return None, None, "matched by exclude"
+        w, a = self.weights, self.activations
+        for o in self.overrides:
+            if fnmatch.fnmatchcase(name, o.pattern):
+                if o.skip:
+                    return None, None, f"skipped by override {o.pattern!r}"
+                w = o.weights or w
+                a = o.activations or a
+        return w, a, None
+
+    # ---- files ----------------------------------------------------------------------------------
+    def save(self, path: str | Path, *, overwrite: bool = False) -> None:
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        data = self.model_dump(mode="json")
+        if path.suffix.lower() in (".yaml", ".yml"):
+            path.write_text(yaml.safe_dump(data, sort_keys=False))
+        elif path.suffix.lower() == ".json":
+            path.write_text(json.dumps(data, indent=2))
+        else:
+            raise ValueError(f"{path}: recipes are .yaml, .yml or .json")
+
+    @staticmethod
+    def load(path: str | Path) -> Recipe:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such recipe file")
+        text = path.read_text()
+        if path.suffix.lower() in (".yaml", ".yml"):
+            data = yaml.safe_load(text)
+        elif path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            raise ValueError(f"{path}: recipes are .yaml, .yml or .json")
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a recipe is a mapping of settings")
+        return Recipe.model_validate(data)
