@@ -87,3 +87,17 @@ def test_rtn_views_conv_weights_along_the_reduction_axis():
     qt = rtn(wc, "mxfp4")
     assert qt.shape == (8, 36)
     assert_bitwise(qt.dequantize(), cast(wc.reshape(8, 36), "mxfp4"), "conv view")
+
+
+def test_grouped_hessians_equal_separate_gptq_per_group():
+    """A [g, in, in] Hessian solves each group of output rows with its own inputs (grouped/depthwise conv)."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(12, 48, generator=g)
+    xs = [correlated_inputs(512, 48, seed=s) for s in range(3)]
+    hs = torch.stack([hessian(x) for x in xs])
+    grouped = gptq(w, hs, "int4_channel").weight
+    for k in range(3):
+        alone = gptq(w[4 * k : 4 * k + 4], hs[k], "int4_channel").weight
+        assert torch.allclose(grouped[4 * k : 4 * k + 4], alone, atol=1e-6), k
+    with pytest.raises(ValueError, match="does not match"):
+        gptq(w, torch.stack([hessian(xs[0])] * 5), "int4_channel")

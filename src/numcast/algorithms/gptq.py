@@ -54,27 +54,37 @@ def gptq(
     block_size: int = 128,
     act_order: bool = False,
 ) -> GPTQResult:
-    """Quantize ``weight`` [out, in] to ``fmt`` given the Hessian ``h`` [in, in] (see :func:`hessian`)."""
+    """Quantize ``weight`` [out, in] to ``fmt`` given the Hessian ``h`` (see :func:`hessian`).
+
+    ``h`` is [in, in], or [groups, in, in] for a grouped convolution whose output rows split into ``groups``
+    equal parts, each seeing its own inputs (depthwise: one group per channel); every group then gets its own
+    inverse Hessian, with one shared column order."""
     fmt = get_format(fmt)
     w = weight.detach().double().clone()
     out_f, in_f = w.shape
-    if h.shape != (in_f, in_f):
-        raise ValueError(f"Hessian shape {tuple(h.shape)} does not match weight inputs {in_f}")
+    h = h.detach().double().clone()
+    if h.dim() == 2:
+        h = h[None]
+    g = h.shape[0]
+    if h.shape[1:] != (in_f, in_f) or out_f % g:
+        raise ValueError(f"Hessian shape {tuple(h.shape)} does not match weight {tuple(w.shape)}")
     if not torch.isfinite(w).all() or not torch.isfinite(h).all():
         raise ValueError("GPTQ needs finite weights and a finite Hessian")
-    h = h.detach().double().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    row_group = torch.arange(out_f) // (out_f // g)
+    diag = torch.diagonal(h, dim1=1, dim2=2)  # [g, in]
+    dead = diag == 0
+    idx = torch.arange(in_f)
+    h[:, idx, idx] = torch.where(dead, torch.ones_like(diag), diag)
+    w[dead[row_group]] = 0.0
     fmt_block = fmt.scaling.block_size if fmt.scaling.granularity == "block" else None
-    rule = "static" if act_order else "dynamic"
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_f)
+    perm = torch.argsort(diag.sum(0), descending=True) if act_order else idx
     # the quantizer works in original column order; GPTQ visits columns in `perm` order
-    cq = ColumnQuantizer(w.float(), fmt, scale_rule=rule)
+    cq = ColumnQuantizer(w.float(), fmt, scale_rule="static" if act_order else "dynamic")
     w = w[:, perm]
-    h = h[perm][:, perm]
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(in_f, dtype=h.dtype)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    h = h[:, perm][:, :, perm]
+    mean_diag = torch.diagonal(h, dim1=1, dim2=2).mean(1)
+    h += (damp * mean_diag)[:, None, None] * torch.eye(in_f, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # [g, in, in]
     if fmt_block and not act_order:
         block_size = max(fmt_block, block_size // fmt_block * fmt_block)
     q = torch.zeros_like(w)
@@ -83,19 +93,20 @@ def gptq(
         i2 = min(i1 + block_size, in_f)
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
+        hinv1 = hinv[:, i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = int(perm[i1 + i])
             if cq.needs_scales(col):  # dynamic rule: fix the block's scale from its updated columns
                 cq.fix_block(col, w1[:, i : i + fmt_block].float())
             qi = cq.quantize(w1[:, i], col).double()
-            d = hinv1[i, i]
+            d = hinv1[row_group, i, i]
             q[:, i1 + i] = qi
-            loss += float(((w1[:, i] - qi) ** 2).sum() / d**2) / 2
             e = (w1[:, i] - qi) / d
-            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            loss += float((e**2).sum()) / 2
+            w1[:, i:] -= e[:, None] * hinv1[row_group, i, i:]
             err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    qt = cq.qtensor()
+        if i2 < in_f:
+            upd = torch.bmm(err1.reshape(g, -1, i2 - i1), hinv[:, i1:i2, i2:])  # [g, rows/g, rest]
+            w[:, i2:] -= upd.reshape(out_f, -1)
     inv = torch.argsort(perm)
-    return GPTQResult(qt, q[:, inv].float(), loss)
+    return GPTQResult(cq.qtensor(), q[:, inv].float(), loss)

@@ -25,12 +25,15 @@ class LayerReport:
     activation_format: str | None = None
     reason: str | None = None
     params: int = 0
+    method: str | None = None
+    sqnr_db: float | None = None  # output SQNR on calibration data (quantized-stream inputs), when measured
 
 
 @dataclass
 class QuantizationResult:
     model: nn.Module
     layers: list[LayerReport] = field(default_factory=list)
+    wall_time_s: float = 0.0
 
     @property
     def quantized(self) -> list[LayerReport]:
@@ -48,6 +51,66 @@ def _is_lm_head(name: str) -> bool:
     return name == "lm_head" or name.endswith(".lm_head")
 
 
+@dataclass
+class LayerPlan:
+    name: str
+    module: nn.Module
+    qcls: type
+    weight_format: str
+    activation_format: str | None
+
+
+def plan_layers(model: nn.Module, recipe: Recipe) -> tuple[list[LayerPlan], list[LayerReport]]:
+    """Decide, for every module that holds parameters, whether and how it is quantized.
+
+    Returns the layers to quantize and one report entry per parameter-holding module (skips say why;
+    layer types numcast cannot quantize also raise a warning naming the layer)."""
+    report: list[LayerReport] = []
+    todo: list[LayerPlan] = []
+    for name, module in model.named_modules():
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        if own == 0:
+            continue
+        kind = type(module).__name__
+        qcls = quant_class(module)
+
+        def skip(reason: str, own=own, kind=kind, name=name) -> None:
+            report.append(LayerReport(name, kind, "skipped", reason=reason, params=own))
+
+        if qcls is None:
+            reason = why_not_quantizable(module)
+            skip(reason)
+            if "not supported" in reason or "no numcast" in reason:
+                warnings.warn(f"numcast cannot quantize {name} ({reason})", stacklevel=3)
+            continue
+        if isinstance(module, nn.Embedding) and not recipe.quantize_embeddings:
+            skip("embeddings stay in float (quantize_embeddings=False)")
+            continue
+        if _is_lm_head(name) and not recipe.quantize_lm_head:
+            skip("LM head stays in float (quantize_lm_head=False)")
+            continue
+        w, a, why = recipe.layer_settings(name)
+        if why:
+            skip(why)
+            continue
+        if isinstance(module, nn.Embedding):
+            a = None
+        todo.append(LayerPlan(name, module, qcls, w, a))
+        report.append(LayerReport(name, kind, "quantized", w, a, params=own))
+    return todo, report
+
+
+def make_quant_module(plan: LayerPlan, recipe: Recipe, qweight=None) -> nn.Module:
+    """The numcast replacement of ``plan.module`` (``qweight``: a solver's result; default RTN)."""
+    kwargs = {"qweight": qweight}
+    if plan.activation_format is not None:
+        axis = 1 if isinstance(plan.module, (nn.Conv1d, nn.Conv2d)) else -1
+        kwargs["input_format"] = ActQuantizer(
+            plan.activation_format, recipe.activation_mode, recipe.activation_observer, axis
+        )
+    return plan.qcls(plan.module, plan.weight_format, **kwargs)
+
+
 def quantize_model(
     model: nn.Module,
     recipe: Recipe,
@@ -59,7 +122,7 @@ def quantize_model(
 
     ``calibration`` (an iterable of model inputs: tensors, tuples or dicts of keyword arguments) is needed
     for static activation scales; it is checked before any work. GPTQ needs the layer-wise calibration
-    runner and is refused here with that reason.
+    runner (:mod:`numcast.pipeline.runner`) and is refused here with that reason.
     """
     if recipe.method != "rtn":
         raise ValueError(f"method {recipe.method!r} runs in the layer-wise calibration pipeline, not in quantize_model")
@@ -71,62 +134,30 @@ def quantize_model(
             raise ValueError("static activation scales need calibration data (got none)")
     if not inplace:
         model = copy.deepcopy(model)
-    report: list[LayerReport] = []
-    todo = []
-    for name, module in model.named_modules():
-        own = sum(p.numel() for p in module.parameters(recurse=False))
-        if own == 0:
-            continue
-        kind = type(module).__name__
-        qcls = quant_class(module)
-        if qcls is None:
-            reason = why_not_quantizable(module)
-            report.append(LayerReport(name, kind, "skipped", reason=reason, params=own))
-            if "not supported" in reason or "no numcast" in reason:
-                warnings.warn(f"numcast cannot quantize {name} ({reason})", stacklevel=2)
-            continue
-        if isinstance(module, nn.Embedding) and not recipe.quantize_embeddings:
-            report.append(
-                LayerReport(
-                    name, kind, "skipped", reason="embeddings stay in float (quantize_embeddings=False)", params=own
-                )
-            )
-            continue
-        if _is_lm_head(name) and not recipe.quantize_lm_head:
-            report.append(
-                LayerReport(name, kind, "skipped", reason="LM head stays in float (quantize_lm_head=False)", params=own)
-            )
-            continue
-        w, a, why = recipe.layer_settings(name)
-        if why:
-            report.append(LayerReport(name, kind, "skipped", reason=why, params=own))
-            continue
-        if isinstance(module, nn.Embedding):
-            a = None
-        todo.append((name, module, qcls, w, a))
-        report.append(LayerReport(name, kind, "quantized", w, a, params=own))
-    for name, module, qcls, w, a in todo:
-        kwargs = {}
-        if a is not None:
-            axis = 1 if isinstance(module, (nn.Conv1d, nn.Conv2d)) else -1
-            kwargs["input_format"] = ActQuantizer(a, recipe.activation_mode, recipe.activation_observer, axis)
-        set_module(model, name, qcls(module, w, **kwargs))
+    todo, report = plan_layers(model, recipe)
+    for plan in todo:
+        set_module(model, plan.name, make_quant_module(plan, recipe))
     if static:
-        _calibrate_activations(model, batches)
+        calibrate_activations(model, batches)
     return QuantizationResult(model, report)
 
 
+def call_model(model: nn.Module, batch) -> object:
+    """Run ``model`` on one calibration batch: a tensor, a tuple of arguments or a dict of keyword arguments."""
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
 @torch.no_grad()
-def _calibrate_activations(model: nn.Module, batches: list) -> None:
+def calibrate_activations(model: nn.Module, batches: list) -> None:
+    """Calibrate every static activation quantizer of ``model`` on ``batches`` (one pass)."""
     quants = [m for m in model.modules() if isinstance(m, ActQuantizer) and m.mode == "static"]
     for q in quants:
         q.start_calibration()
     for b in batches:
-        if isinstance(b, dict):
-            model(**b)
-        elif isinstance(b, (tuple, list)):
-            model(*b)
-        else:
-            model(b)
+        call_model(model, b)
     for q in quants:
         q.finish_calibration()

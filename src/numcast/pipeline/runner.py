@@ -1,0 +1,274 @@
+"""Sequential, layer-wise calibration (the GPTQ pattern) with two activation streams.
+
+1. Capture the inputs of the first block for every calibration batch (a pre-hook on the block records its
+   arguments and stops the forward), once on the float model (float stream X) and once after the layers
+   outside the blocks were quantized (quantized stream X̂; the same tensors when nothing before the first
+   block changed).
+2. For each block in order: find its quantizable layers in execution order; for each layer (``true
+   sequential``) run the block on X̂ with a hook that feeds the layer's inputs to the method's accumulator
+   (and, for methods that diffuse error, the float block on X in lock step for the float inputs), solve,
+   and swap in the quantized module; then advance both streams through the block: X̂ ← block(X̂) with the
+   quantized layers, X ← float block(X). Per-layer output SQNR is measured during that advance: each
+   quantized layer's output against its float twin's output on the same input.
+3. Layers outside the blocks (embeddings, LM head, pooler, ...) take RTN; static activation scales are
+   calibrated on the finished model.
+
+Only the block being solved is on the compute device (``Placement``); finished blocks, the float copy and
+the streams stay on the CPU, so peak memory is about the model plus one block's activations of the two
+streams. ``Placement`` is the one place that moves things, so a distributed runner can replace it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from numcast.formats.registry import get_format
+from numcast.nn.surgery import set_module
+from numcast.pipeline.methods import method_for
+from numcast.pipeline.quantize_model import (
+    QuantizationResult,
+    calibrate_activations,
+    call_model,
+    make_quant_module,
+    plan_layers,
+)
+from numcast.pipeline.recipe import Recipe
+
+
+def _move(obj, device: torch.device | str):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_move(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_move(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _move(v, device) for k, v in obj.items()}
+    return obj
+
+
+@dataclass
+class Placement:
+    """Where a block computes; everything else is offloaded to the CPU."""
+
+    device: torch.device | str = "cpu"
+
+    def compute(self, obj):
+        return obj.to(self.device) if isinstance(obj, nn.Module) else _move(obj, self.device)
+
+    def offload(self, obj):
+        return obj.to("cpu") if isinstance(obj, nn.Module) else _move(obj, "cpu")
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class BlockCall:
+    """The arguments one calibration batch passes to a block (the stream tensor is ``args[0]`` or
+    ``kwargs['hidden_states']``)."""
+
+    args: tuple
+    kwargs: dict
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.args[0] if self.args else self.kwargs["hidden_states"]
+
+    def with_x(self, x: torch.Tensor) -> tuple[tuple, dict]:
+        if self.args:
+            return (x,) + tuple(self.args[1:]), self.kwargs
+        return (), {**self.kwargs, "hidden_states": x}
+
+
+def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list, placement: Placement) -> list[BlockCall]:
+    """The arguments ``block`` receives for each batch (the model's forward is stopped there)."""
+    calls: list[BlockCall] = []
+
+    def hook(_mod, args, kwargs):
+        calls.append(BlockCall(placement.offload(tuple(args)), placement.offload(dict(kwargs))))
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for b in batches:
+                try:
+                    call_model(model, placement.compute(b))
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    if len(calls) != len(batches):
+        raise RuntimeError(f"the first block was reached by {len(calls)} of {len(batches)} calibration batches")
+    return calls
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _run_block(block: nn.Module, call: BlockCall, x: torch.Tensor, placement: Placement) -> torch.Tensor:
+    args, kwargs = call.with_x(x)
+    return _first(block(*placement.compute(args), **placement.compute(kwargs)))
+
+
+def _execution_order(block: nn.Module, modules: list[nn.Module], call: BlockCall, x, placement) -> list[nn.Module]:
+    seen: list[nn.Module] = []
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, _a: seen.append(mod) if mod not in seen else None) for m in modules
+    ]
+    try:
+        with torch.no_grad():
+            _run_block(block, call, x, placement)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen + [m for m in modules if m not in seen]
+
+
+def quantize_blockwise(
+    model: nn.Module,
+    blocks: list[nn.Module],
+    calibration: Iterable,
+    recipe: Recipe,
+    *,
+    placement: Placement | None = None,
+    true_sequential: bool = True,
+    progress: bool = True,
+) -> QuantizationResult:
+    """Quantize ``model`` in place, block by block (see module docstring).
+
+    ``blocks`` are the model's sequential blocks (decoder layers, encoder layers, CNN stages) in execution
+    order; ``calibration`` is a list of model inputs (tensors, tuples or dicts of keyword arguments).
+    """
+    placement = placement or Placement()
+    batches = list(calibration)
+    if not batches:
+        raise ValueError("the calibration set is empty: block-wise quantization needs calibration batches")
+    if not blocks:
+        raise ValueError("no blocks to quantize")
+    t0 = time.perf_counter()
+    method = method_for(recipe)
+    model.eval()
+    todo, report = plan_layers(model, recipe)
+    by_id = {id(p.module): p for p in todo}
+    in_blocks = {id(m) for b in blocks for m in b.modules()}
+    entry = {r.name: r for r in report}
+
+    float_calls = capture_block_inputs(model, blocks[0], batches, placement)
+    outside = [p for p in todo if id(p.module) not in in_blocks]
+    for p in outside:
+        set_module(model, p.name, make_quant_module(p, recipe))
+        entry[p.name].method = "rtn (outside blocks)"
+    quant_calls = capture_block_inputs(model, blocks[0], batches, placement) if outside else float_calls
+    xs_q = [c.x for c in quant_calls]
+    xs_f = [c.x for c in float_calls] if method.needs_float_inputs else []  # the float stream, when used
+
+    bar = tqdm(blocks, desc=f"{method.name} blocks", disable=not progress, leave=False)
+    for block in bar:
+        names = {id(m): n for n, m in block.named_modules()}
+        plans = [by_id[id(m)] for m in block.modules() if id(m) in by_id]
+        if not plans:
+            xs_q, xs_f = _advance(block, None, quant_calls, xs_q, xs_f, {}, placement, method.needs_float_inputs)
+            continue
+        fblock = copy.deepcopy(block)
+        ftwin = {id(p.module): fblock.get_submodule(names[id(p.module)]) for p in plans}
+        block = placement.compute(block)
+        fblock = placement.compute(fblock)
+        order = _execution_order(block, [p.module for p in plans], quant_calls[0], xs_q[0], placement)
+        plans.sort(key=lambda p: order.index(p.module))
+        groups = [[p] for p in plans] if true_sequential else [plans]
+        qmods: dict[int, nn.Module] = {}  # id(quantized module) -> float twin
+        for group in groups:
+            accs = {}
+            if method.needs_inputs:
+                accs = _accumulate(block, fblock, group, ftwin, quant_calls, float_calls, xs_q, xs_f, method, placement)
+            for p in group:
+                qt = method.solve(p.module, get_format(p.weight_format), accs.get(id(p.module)))
+                new = placement.compute(make_quant_module(p, recipe, qweight=qt))
+                set_module(model, p.name, new)
+                qmods[id(new)] = (p.name, ftwin[id(p.module)])
+                entry[p.name].method = method.name
+        stats = {k: [0.0, 0.0] for k in qmods}
+        need_f = method.needs_float_inputs
+        xs_q, xs_f = _advance(block, fblock, quant_calls, xs_q, xs_f, qmods, placement, need_f, stats)
+        for k, (sig, noise) in stats.items():
+            entry[qmods[k][0]].sqnr_db = 10 * math.log10(sig / noise) if noise > 0 and sig > 0 else math.inf
+        placement.offload(block)
+        del fblock
+    if recipe.activations is not None and recipe.activation_mode == "static":
+        calibrate_activations(model, batches)
+    for r in report:
+        if r.action == "quantized" and r.method is None:
+            r.method = method.name
+    return QuantizationResult(model, report, wall_time_s=time.perf_counter() - t0)
+
+
+def _accumulate(block, fblock, group, ftwin, quant_calls, float_calls, xs_q, xs_f, method, placement) -> dict:
+    accs = {id(p.module): method.accumulator(p.module) for p in group}
+    got_f: dict[int, torch.Tensor] = {}
+    hooks = []
+    for p in group:
+        mid = id(p.module)
+
+        def on_q(mod, args, mid=mid):
+            accs[mid].add(mod, args[0], got_f.pop(mid, None))
+
+        hooks.append(p.module.register_forward_pre_hook(on_q))
+        if method.needs_float_inputs:
+
+            def on_f(_mod, args, mid=mid):
+                got_f[mid] = args[0]
+
+            hooks.append(ftwin[mid].register_forward_pre_hook(on_f))
+    try:
+        with torch.no_grad():
+            for i, call in enumerate(quant_calls):
+                if method.needs_float_inputs:
+                    _run_block(fblock, float_calls[i], xs_f[i], placement)
+                _run_block(block, call, xs_q[i], placement)
+    finally:
+        for h in hooks:
+            h.remove()
+    return accs
+
+
+def _advance(block, fblock, quant_calls, xs_q, xs_f, qmods, placement, need_float, stats=None):
+    hooks = []
+    if stats is not None:
+        for m in block.modules():
+            if id(m) in qmods:
+                twin = qmods[id(m)][1]
+
+                def on_out(mod, args, out, twin=twin):
+                    ref = twin(args[0])
+                    s = stats[id(mod)]
+                    s[0] += float(ref.double().square().sum())
+                    s[1] += float((out.double() - ref.double()).square().sum())
+
+                hooks.append(m.register_forward_hook(on_out))
+    try:
+        with torch.no_grad():
+            new_q = [
+                placement.offload(_run_block(block, c, x, placement)) for c, x in zip(quant_calls, xs_q, strict=True)
+            ]
+            new_f = xs_f
+            if need_float:  # the float stream goes through the float twin (or the untouched block)
+                fb = fblock if fblock is not None else block
+                new_f = [
+                    placement.offload(_run_block(fb, c, x, placement)) for c, x in zip(quant_calls, xs_f, strict=True)
+                ]
+    finally:
+        for h in hooks:
+            h.remove()
+    return new_q, new_f
