@@ -127,6 +127,79 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+RECIPE_FLAGS = ("weights", "activations", "activation_mode", "activation_observer", "method", "calibration",
+                "include", "exclude", "quantize_embeddings", "quantize_lm_head", "seed")  # fmt: skip
+
+
+def recipe_from_args(args: argparse.Namespace):
+    """The recipe file (if any) with every flag given on the command line applied on top (flags = fields)."""
+    from numcast.pipeline.recipe import Recipe
+
+    data = Recipe.load(args.recipe).model_dump() if args.recipe else {}
+    for k in RECIPE_FLAGS:
+        v = getattr(args, k)
+        if v is not None:
+            data[k] = v
+    gptq = dict(data.get("gptq") or {})
+    for k in ("damp", "block_size", "act_order"):
+        v = getattr(args, f"gptq_{k}")
+        if v is not None:
+            gptq[k] = v
+    data["gptq"] = gptq
+    if "weights" not in data:
+        raise ValueError("no weight format: pass --weights FMT or a --recipe with `weights`")
+    return Recipe.model_validate(data)
+
+
+def _metric_rows(float_m: dict | None, quant_m: dict) -> list[list]:
+    return [[k, (float_m or {}).get(k), v] for k, v in quant_m.items()]
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from numcast.pipeline.ptq import run_ptq
+
+    recipe = recipe_from_args(args)
+    with console.status("starting") as status:
+        rec = run_ptq(args.model, recipe, Path(args.out), overwrite=args.overwrite, progress=not args.no_progress,
+                      stage=lambda t: status.update(t))  # fmt: skip
+    if args.json:
+        print(json.dumps({k: v for k, v in rec.items() if k != "layers"}, indent=2))
+        return 0
+    m = rec["metrics"]
+    title = f"{rec['model']}: {recipe.weights} weights" + (
+        f", {recipe.activations} activations" if recipe.activations else ""
+    )
+    rows = _metric_rows(m["float"], m["quantized"])
+    rows += [["size (bytes)", rec["size_bytes"]["float"], rec["size_bytes"]["packed"]],
+             ["bits per quantized parameter", 32.0, rec["bits_per_param"]],
+             ["wall time (s)", None, rec["wall_time_s"]["total"]],
+             ["peak memory (MiB)", None, rec["peak_rss_mb"]]]  # fmt: skip
+    print_table(make_table(f"{title}, {recipe.method}", ("metric", "float", "quantized"), rows), console)
+    q = [r for r in rec["layers"] if r["action"] == "quantized"]
+    console.print(f"{len(q)} layers quantized, {len(rec['layers']) - len(q)} kept in float (reasons in report.json)")
+    for n in rec["notes"]:
+        console.print(f"[yellow]note:[/yellow] {n}")
+    console.print(f"wrote {args.out}/report.json, sqnr.png, model.safetensors, recipe.yaml")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from numcast.pipeline.ptq import run_evaluate
+
+    with console.status("starting") as status:
+        res = run_evaluate(Path(args.dir), stage=lambda t: status.update(t))
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    rows = [[k, (res["stored"] or {}).get(k), v] for k, v in res["measured"].items()]
+    print_table(make_table(f"{res['model']} reloaded from {args.dir}", ("metric", "at quantization", "reloaded"),
+                           rows), console)  # fmt: skip
+    if res["stored"] is not None:
+        same = all(res["stored"].get(k) == v for k, v in res["measured"].items())
+        console.print("reload is bit-exact: identical metrics" if same else "[red]metrics differ from the report[/red]")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="numcast", description="Quantize tensors and networks to modern number formats.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -149,6 +222,32 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json-out", help="also write the records as JSON here")
     d.add_argument("--markdown", action="store_true", help="also print the error table as Markdown")
     d.set_defaults(func=cmd_demo)
+    q = sub.add_parser("quantize", help="quantize a model, measure it, write report + packed model")
+    q.add_argument("model", help="model name: minilm-l6, smollm2-135m, mobilenet-v2, efficientnet-lite0, fmnist-cnn")
+    q.add_argument("--weights", help="weight format (see `numcast formats`)")
+    q.add_argument("--activations", help="activation (layer input) format")
+    q.add_argument("--activation-mode", dest="activation_mode", choices=("dynamic", "static"))
+    q.add_argument("--activation-observer", dest="activation_observer", choices=("minmax", "percentile", "mse"))
+    q.add_argument("--method", choices=("rtn", "gptq"))
+    q.add_argument("--calibration", type=int, help="number of calibration samples")
+    q.add_argument("--include", nargs="+", help="globs of module names to quantize (default: all)")
+    q.add_argument("--exclude", nargs="+", help="globs of module names to keep in float")
+    q.add_argument("--quantize-embeddings", dest="quantize_embeddings", action="store_true", default=None)
+    q.add_argument("--quantize-lm-head", dest="quantize_lm_head", action="store_true", default=None)
+    q.add_argument("--gptq-damp", dest="gptq_damp", type=float)
+    q.add_argument("--gptq-block-size", dest="gptq_block_size", type=int)
+    q.add_argument("--act-order", dest="gptq_act_order", action="store_true", default=None)
+    q.add_argument("--seed", type=int)
+    q.add_argument("--recipe", help="recipe file (.yaml/.json); flags given here override its fields")
+    q.add_argument("--out", required=True, help="output directory")
+    q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    q.add_argument("--no-progress", action="store_true")
+    q.add_argument("--json", action="store_true", help="print the report (without layers) as JSON")
+    q.set_defaults(func=cmd_quantize)
+    e = sub.add_parser("evaluate", help="reload a packed model bit-exactly and re-measure it")
+    e.add_argument("dir", help="directory written by `numcast quantize`")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
     return p
 
 

@@ -90,11 +90,16 @@ class _QuantConvNd(_QuantWeightMixin):
             raise ValueError(f"{type(conv).__name__} with padding_mode={conv.padding_mode!r} is not supported")
         for k in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
             setattr(self, k, getattr(conv, k))
+        # TF-style 'same' convolutions (EfficientNet's Conv2dStaticSamePadding) pad before the convolution
+        pre = getattr(conv, "static_padding", None)
+        self.static_padding = pre if isinstance(pre, nn.Module) else None
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
         self._init_quant(conv.weight.detach(), weight_format, qweight, input_format, output_format, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         def run(t):
+            if self.static_padding is not None:
+                t = self.static_padding(t)
             b = None if self.bias is None else self.bias.to(t.dtype)
             return type(self)._conv(
                 t, self.weight.to(t.dtype), b, self.stride, self.padding, self.dilation, self.groups

@@ -15,9 +15,17 @@ QUANT_TYPES: dict[type, type] = {
 FLOAT_BY_DESIGN = ("Norm", "BatchNorm", "LayerNorm", "GroupNorm", "RMSNorm")  # kept in float, not an error
 
 
+# Subclasses whose forward numcast reproduces: the static 'same' padding module is applied before the conv.
+KNOWN_SUBCLASSES: dict[str, type] = {"Conv2dStaticSamePadding": QuantConv2d}
+
+
 def quant_class(module: nn.Module) -> type | None:
-    """The numcast class that replaces ``module``, or None. Exact type match: a subclass may change forward."""
-    return QUANT_TYPES.get(type(module))
+    """The numcast class that replaces ``module``, or None. Exact type match (a subclass may change forward),
+    plus the subclasses in :data:`KNOWN_SUBCLASSES`."""
+    cls = QUANT_TYPES.get(type(module))
+    if cls is None and isinstance(module, nn.Conv2d):
+        cls = KNOWN_SUBCLASSES.get(type(module).__name__)
+    return cls
 
 
 def why_not_quantizable(module: nn.Module) -> str:

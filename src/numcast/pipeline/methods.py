@@ -23,6 +23,9 @@ def layer_inputs_2d(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's input as rows of its reduction axis: [groups, tokens, in/groups·Πk] (groups = 1 for Linear)."""
     if isinstance(module, nn.Linear):
         return x.reshape(1, -1, x.shape[-1])
+    pre = getattr(module, "static_padding", None)
+    if isinstance(pre, nn.Module):  # TF-style 'same' padding applied inside the layer's forward
+        x = pre(x)
     if isinstance(module, nn.Conv2d):
         cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)  # [N, C·kh·kw, L]
     elif isinstance(module, nn.Conv1d):

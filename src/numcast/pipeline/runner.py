@@ -196,7 +196,8 @@ def quantize_blockwise(
             for p in group:
                 qt = method.solve(p.module, get_format(p.weight_format), accs.get(id(p.module)))
                 new = placement.compute(make_quant_module(p, recipe, qweight=qt))
-                set_module(model, p.name, new)
+                set_module(model, p.name, new)  # the model's forward sees it ...
+                set_module(block, names[id(p.module)], new)  # ... and so does a block that is a view of it
                 qmods[id(new)] = (p.name, ftwin[id(p.module)])
                 entry[p.name].method = method.name
         stats = {k: [0.0, 0.0] for k in qmods}

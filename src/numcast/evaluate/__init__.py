@@ -1,0 +1,1 @@
+"""Quality metrics with fixed, documented protocols (perplexity, similarity, agreement, accuracy, SQNR)."""

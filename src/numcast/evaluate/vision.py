@@ -1,0 +1,23 @@
+"""Classifier metrics: labelled top-1 accuracy, and — where no labels ship offline (ImageNet) — top-1
+agreement and KL divergence of the quantized model's predictions against the float model's."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def logits_of(model, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    return torch.cat([model(images[i : i + batch_size]).float() for i in range(0, images.shape[0], batch_size)])
+
+
+def agreement_and_kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> dict[str, float]:
+    """Top-1 agreement (fraction of inputs with the same arg-max) and mean KL(p_ref ‖ p) in nats."""
+    agree = float((ref_logits.argmax(1) == logits.argmax(1)).float().mean())
+    kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(ref_logits, 1), log_target=True, reduction="batchmean")
+    return {"top1_agreement": agree, "kl_divergence": float(kl)}
+
+
+def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(1) == labels).float().mean())

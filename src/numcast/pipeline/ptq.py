@@ -1,0 +1,100 @@
+"""The main job as a function: load a model workload, quantize it by recipe, measure, report, export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from numcast.models.registry import load_workload
+from numcast.pipeline.export import MODEL_FILE, load_quantized, read_metadata, save_quantized
+from numcast.pipeline.recipe import Recipe
+from numcast.pipeline.runner import quantize_blockwise
+from numcast.report.records import model_sizes, peak_rss_mb, plot_sqnr, write_report
+
+
+def prepare_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def run_ptq(model_name: str, recipe: Recipe, out: Path, *, overwrite: bool = False, progress: bool = True,
+            stage=lambda text: None) -> dict:  # fmt: skip
+    """Quantize ``model_name`` by ``recipe``; write report.json, sqnr.png, model.safetensors and recipe.yaml
+    into ``out``; return the report record."""
+    if recipe.calibration < 1:
+        raise ValueError("the calibration set is empty: pass --calibration N with N >= 1")
+    prepare_out_dir(out, overwrite)
+    torch.manual_seed(recipe.seed)  # nothing numcast does draws from it; third-party layers might
+    t_start = time.perf_counter()
+    stage(f"loading {model_name}")
+    w = load_workload(model_name)
+    t_load = time.perf_counter() - t_start
+    stage("measuring the float model")
+    t0 = time.perf_counter()
+    float_metrics = w.evaluate(w.model)
+    t_eval_f = time.perf_counter() - t0
+    stage(f"preparing {recipe.calibration} calibration samples")
+    t0 = time.perf_counter()
+    batches = w.calibration(recipe.calibration)
+    t_cal = time.perf_counter() - t0
+    stage(f"quantizing with {recipe.method}")
+    res = quantize_blockwise(w.model, w.blocks(w.model), batches, recipe, progress=progress)
+    stage("measuring the quantized model")
+    t0 = time.perf_counter()
+    q_metrics = w.evaluate(w.model)
+    t_eval_q = time.perf_counter() - t0
+    sizes = model_sizes(w.model)
+    notes = [n for n in {w.notes(r.weight_format) for r in res.quantized} if n]
+    layers = res.to_records()
+    record = {
+        "model": model_name,
+        "description": w.description,
+        "recipe": recipe.model_dump(mode="json"),
+        "metrics": {"float": float_metrics, "quantized": q_metrics},
+        "primary_metric": w.primary,
+        "higher_is_better": w.higher_is_better,
+        "size_bytes": {"float": sizes["float"], "packed": sizes["packed"]},
+        "bits_per_param": sizes["bits_per_param"],
+        "quantized_params": sizes["quantized_params"],
+        "wall_time_s": {
+            "load": t_load,
+            "calibration": t_cal,
+            "quantize": res.wall_time_s,
+            "evaluate": t_eval_f + t_eval_q,
+            "total": time.perf_counter() - t_start,
+        },  # fmt: skip
+        "peak_rss_mb": peak_rss_mb(),
+        "notes": notes,
+        "layers": layers,
+    }
+    stage("writing the report and the packed model")
+    save_quantized(w.model, out, model_name, recipe)
+    recipe.save(out / "recipe.yaml", overwrite=True)
+    plot_sqnr(layers, out / "sqnr.png", f"{model_name} {recipe.weights} {recipe.method}: per-layer output SQNR")
+    write_report(record, out)
+    return record
+
+
+def run_evaluate(out: Path, stage=lambda text: None) -> dict:
+    """Reload ``out/model.safetensors`` onto a fresh float model and re-measure; returns
+    {"model", "stored": report metrics or None, "measured": metrics}."""
+    path = out / MODEL_FILE if out.is_dir() else out
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no packed model (run `numcast quantize ... --out DIR` first)")
+    model_name, _recipe = read_metadata(path)
+    stage(f"loading {model_name}")
+    w = load_workload(model_name)
+    stage("loading the packed weights")
+    load_quantized(w.model, path)
+    stage("measuring")
+    measured = w.evaluate(w.model)
+    report = path.parent / "report.json"
+    stored = json.loads(report.read_text())["metrics"]["quantized"] if report.is_file() else None
+    return {"model": model_name, "stored": stored, "measured": measured, "primary_metric": w.primary}

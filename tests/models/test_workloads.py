@@ -1,0 +1,14 @@
+"""Workload names: unknown names list the known ones."""
+
+from __future__ import annotations
+
+import pytest
+
+from numcast.models.registry import LOADERS, load_workload
+
+
+def test_unknown_model_lists_known_names():
+    with pytest.raises(ValueError, match="known models") as err:
+        load_workload("mobilenet-v3")
+    assert "mobilenet-v2" in str(err.value)
+    assert set(LOADERS) == {"minilm-l6", "smollm2-135m", "mobilenet-v2", "efficientnet-lite0", "fmnist-cnn"}

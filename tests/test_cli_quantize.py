@@ -1,0 +1,119 @@
+"""`numcast quantize` / `numcast evaluate` end to end on a tiny registered workload (the real-model adapters
+are tested in tests/models): files, report fields, refusals, bit-exact reload."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from numcast.cli import main
+from numcast.models import registry
+from numcast.models.registry import Workload
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.blocks = nn.Sequential(nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.ReLU()),
+                                    nn.Sequential(nn.Conv2d(16, 32, 1), nn.ReLU()))  # fmt: skip
+        self.norm = nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32, 10)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        self.eval()
+
+    def forward(self, x):
+        return self.fc(self.norm(self.blocks(self.stem(x))).mean((2, 3)))
+
+
+def tiny_workload() -> Workload:
+    from numcast.evaluate.vision import agreement_and_kl, logits_of
+
+    model = Net()
+    images = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    ref = logits_of(model, images)
+
+    class Head(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.norm, self.fc = m.norm, m.fc
+
+        def forward(self, x):
+            return self.fc(self.norm(x).mean((2, 3)))
+
+    def calibration(n):
+        x = torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+        return [x[i : i + 8] for i in range(0, n, 8)]
+
+    def evaluate(m):
+        return agreement_and_kl(ref, logits_of(m, images))
+
+    blocks = lambda m: [m.stem, *m.blocks, Head(m)]  # noqa: E731
+    return Workload("tiny-cnn", model, blocks, calibration, evaluate, "top1_agreement", True, "a tiny CNN")
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    monkeypatch.setitem(registry.LOADERS, "tiny-cnn", tiny_workload)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_quantize_writes_everything_and_evaluate_reloads_bit_exactly(tiny, tmp_path, capsys, method):
+    out = tmp_path / "q"
+    argv = ["quantize", "tiny-cnn", "--weights", "int4_g32", "--activations", "mxfp8_e4m3", "--method", method,
+            "--calibration", "16", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert "top1_agreement" in capsys.readouterr().out
+    rec = json.loads((out / "report.json").read_text())
+    for key in ("model", "recipe", "metrics", "size_bytes", "bits_per_param", "wall_time_s", "peak_rss_mb", "layers"):
+        assert key in rec
+    assert rec["metrics"]["float"]["top1_agreement"] == 1.0
+    assert rec["size_bytes"]["packed"] < rec["size_bytes"]["float"]
+    layers = {r["name"]: r for r in rec["layers"]}
+    assert layers["norm"]["action"] == "skipped" and "float" in layers["norm"]["reason"]
+    assert layers["blocks.0.0"]["method"] == method and layers["blocks.0.0"]["sqnr_db"] > 0
+    assert (out / "sqnr.png").stat().st_size > 1000 and (out / "recipe.yaml").is_file()
+    assert main(["evaluate", str(out), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["measured"] == rec["metrics"]["quantized"]  # bit-exact reload: identical metrics
+    assert main(argv) == 2  # out exists: refused
+    assert "--overwrite" in capsys.readouterr().out
+
+
+def test_quantize_refusals(tiny, tmp_path, capsys):
+    assert main(["quantize", "tiny-cnnn", "--weights", "mxfp4", "--out", str(tmp_path / "a")]) == 2
+    assert "known models" in capsys.readouterr().out
+    assert main(["quantize", "tiny-cnn", "--weights", "mxfp5", "--out", str(tmp_path / "b")]) == 2
+    assert "closest" in capsys.readouterr().out
+    assert main(["quantize", "tiny-cnn", "--weights", "mxfp4", "--calibration", "0", "--out", str(tmp_path / "c")]) == 2
+    assert "empty" in capsys.readouterr().out
+    assert main(["quantize", "tiny-cnn", "--out", str(tmp_path / "d")]) == 2
+    assert "--weights" in capsys.readouterr().out
+
+
+def test_recipe_file_and_flags(tiny, tmp_path, capsys):
+    from numcast.pipeline.recipe import Recipe
+
+    Recipe(weights="int8_channel", exclude=["fc"]).save(tmp_path / "r.yaml")
+    out = tmp_path / "q"
+    assert main(["quantize", "tiny-cnn", "--recipe", str(tmp_path / "r.yaml"), "--weights", "mxfp4",
+                 "--calibration", "8", "--out", str(out), "--no-progress", "--json"]) == 0  # fmt: skip
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["recipe"]["weights"] == "mxfp4" and rec["recipe"]["exclude"] == ["fc"]
+
+
+def test_corrupted_packed_model_names_the_file(tiny, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", "tiny-cnn", "--weights", "mxfp4", "--calibration", "8", "--out", str(out),
+                 "--no-progress"]) == 0  # fmt: skip
+    f = out / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    capsys.readouterr()
+    assert main(["evaluate", str(out)]) == 2
+    assert "model.safetensors" in capsys.readouterr().out
