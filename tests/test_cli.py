@@ -78,7 +78,7 @@ def test_cast_counts_non_finite(tmp_path, capsys):
 
 def test_demo_casts_the_shipped_mobilenet_weight(tmp_path, capsys):
     js = tmp_path / "demo.json"
-    assert main(["demo", "--json-out", str(js)]) == 0
+    assert main(["demo", "--json-out", str(js), "--model", ""]) == 0
     out = capsys.readouterr().out
     assert "MobileNetV2" in out and "[1000, 1280]" in out
     recs = json.loads(js.read_text())

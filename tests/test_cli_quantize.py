@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from numcast import workloads as registry
 from numcast.cli import main
-from numcast.models import registry
-from numcast.models.registry import Workload
+from numcast.workloads import Workload
 
 
 class Net(nn.Module):
@@ -117,3 +117,16 @@ def test_corrupted_packed_model_names_the_file(tiny, tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", str(out)]) == 2
     assert "model.safetensors" in capsys.readouterr().out
+
+
+def test_demo_quantizes_a_model_and_only_replaces_its_own_output(tiny, tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--model", "tiny-cnn", "--calibration", "8", "--out", str(out)]
+    assert main(argv) == 0
+    assert "top1_agreement" in capsys.readouterr().out and (out / "report.json").is_file()
+    assert main(argv) == 0  # its own previous output: replaced
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("user data")
+    assert main(["demo", "--model", "tiny-cnn", "--calibration", "8", "--out", str(mine)]) == 2
+    assert (mine / "notes.txt").read_text() == "user data"

@@ -98,8 +98,9 @@ def cmd_cast(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job on the embedded default: every format, then a real weight matrix cast to every block
-    format (MobileNetV2 ImageNet classifier, [1000, 1280], shipped in a wheel)."""
+    """The main job on the embedded default: every format; a real weight matrix cast to every block format
+    (MobileNetV2 ImageNet classifier, [1000, 1280], shipped in a wheel); then a real model quantized with
+    GPTQ and measured (default: MiniLM-L6 to MXFP4, report in ``out/demo``, numcast's own output)."""
     from numcast.models.assets import mobilenet_v2_state_dict
 
     print_table(formats_table(list_formats()), console)
@@ -124,11 +125,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(markdown_table(STATS_COLUMNS, [r[:-1] for r in rows]))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(records, indent=2))
+    if args.model:
+        from numcast.jobs import run_ptq
+        from numcast.pipeline.recipe import Recipe
+
+        recipe = Recipe(weights=args.weights, method="gptq", calibration=args.calibration)
+        out = Path(args.out)
+        console.print(
+            f"\nquantizing {args.model} to {recipe.weights} with GPTQ ({recipe.calibration} calibration samples)"
+        )
+        with console.status("starting") as status:
+            own = (out / "report.json").is_file() and (out / "model.safetensors").is_file()  # a previous demo's
+            rec = run_ptq(args.model, recipe, out, overwrite=args.overwrite or own, progress=False,
+                          stage=lambda t: status.update(t))  # fmt: skip
+        print_ptq(rec, recipe, str(out))
     return 0
 
 
 RECIPE_FLAGS = ("weights", "activations", "activation_mode", "activation_observer", "method", "calibration",
-                "include", "exclude", "quantize_embeddings", "quantize_lm_head", "seed")  # fmt: skip
+                "include", "exclude", "quantize_embeddings", "quantize_lm_head")  # fmt: skip
 
 
 def recipe_from_args(args: argparse.Namespace):
@@ -156,7 +171,7 @@ def _metric_rows(float_m: dict | None, quant_m: dict) -> list[list]:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from numcast.pipeline.ptq import run_ptq
+    from numcast.jobs import run_ptq
 
     recipe = recipe_from_args(args)
     with console.status("starting") as status:
@@ -165,6 +180,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({k: v for k, v in rec.items() if k != "layers"}, indent=2))
         return 0
+    print_ptq(rec, recipe, args.out)
+    return 0
+
+
+def print_ptq(rec: dict, recipe, out: str) -> None:
+    """The quantize command's table: float vs quantized metrics, size, bits, time, memory."""
     m = rec["metrics"]
     title = f"{rec['model']}: {recipe.weights} weights" + (
         f", {recipe.activations} activations" if recipe.activations else ""
@@ -179,12 +200,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     console.print(f"{len(q)} layers quantized, {len(rec['layers']) - len(q)} kept in float (reasons in report.json)")
     for n in rec["notes"]:
         console.print(f"[yellow]note:[/yellow] {n}")
-    console.print(f"wrote {args.out}/report.json, sqnr.png, model.safetensors, recipe.yaml")
-    return 0
+    console.print(f"wrote {out}/report.json, sqnr.png, model.safetensors, recipe.yaml")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from numcast.pipeline.ptq import run_evaluate
+    from numcast.jobs import run_evaluate
 
     with console.status("starting") as status:
         res = run_evaluate(Path(args.dir), stage=lambda t: status.update(t))
@@ -221,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tensor", default="classifier.1.weight", help="state-dict entry to cast")
     d.add_argument("--json-out", help="also write the records as JSON here")
     d.add_argument("--markdown", action="store_true", help="also print the error table as Markdown")
+    d.add_argument("--model", default="minilm-l6", help="then quantize this model with GPTQ ('' to skip)")
+    d.add_argument("--weights", default="mxfp4", help="weight format of that quantization")
+    d.add_argument("--calibration", type=int, default=64, help="calibration samples of that quantization")
+    d.add_argument("--out", default="out/demo", help="where that quantization writes its report")
+    d.add_argument("--overwrite", action="store_true", help="replace --out even if numcast did not write it")
     d.set_defaults(func=cmd_demo)
     q = sub.add_parser("quantize", help="quantize a model, measure it, write report + packed model")
     q.add_argument("model", help="model name: minilm-l6, smollm2-135m, mobilenet-v2, efficientnet-lite0, fmnist-cnn")
@@ -237,7 +262,6 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--gptq-damp", dest="gptq_damp", type=float)
     q.add_argument("--gptq-block-size", dest="gptq_block_size", type=int)
     q.add_argument("--act-order", dest="gptq_act_order", action="store_true", default=None)
-    q.add_argument("--seed", type=int)
     q.add_argument("--recipe", help="recipe file (.yaml/.json); flags given here override its fields")
     q.add_argument("--out", required=True, help="output directory")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")

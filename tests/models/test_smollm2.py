@@ -30,6 +30,6 @@ def test_perplexity_on_evaluation_text_is_sane(smollm2):
 
 
 def test_int4_g32_grid_note():
-    from numcast.models.registry import LOADERS
+    from numcast.workloads import LOADERS
 
     assert "smollm2-135m" in LOADERS and "4-bit grid" in GGUF_GRID_NOTE

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from numcast.algorithms.rtn import rtn
+from numcast.formats.ops import quantize
 from numcast.formats.qtensor import QTensor
 from numcast.formats.registry import FormatLike, get_format
 from numcast.nn.act_quant import ActQuantizer
@@ -34,8 +34,8 @@ class _QuantWeightMixin(nn.Module):
     ) -> None:
         self.weight_format = get_format(weight_format)
         self.weight_shape = tuple(weight.shape)
-        if qweight is None:
-            qweight = rtn(weight, self.weight_format)
+        if qweight is None:  # round to nearest with the format's scaling, blocks along the reduction axis
+            qweight = quantize(weight.detach().reshape(weight.shape[0], -1).float(), self.weight_format)
         expected = (weight.shape[0], weight[0].numel())
         if tuple(qweight.shape) != expected:
             raise ValueError(f"qweight shape {qweight.shape} does not match the weight view {expected}")

@@ -73,7 +73,6 @@ class Recipe(BaseModel):
     quantize_embeddings: bool = False
     quantize_lm_head: bool = False
     gptq: GPTQSettings = Field(default_factory=GPTQSettings)
-    seed: int = 0
 
     @field_validator("weights", "activations")
     @classmethod

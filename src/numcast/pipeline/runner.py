@@ -188,7 +188,7 @@ def quantize_blockwise(
         order = _execution_order(block, [p.module for p in plans], quant_calls[0], xs_q[0], placement)
         plans.sort(key=lambda p: order.index(p.module))
         groups = [[p] for p in plans] if true_sequential else [plans]
-        qmods: dict[int, nn.Module] = {}  # id(quantized module) -> float twin
+        qmods: dict[int, tuple[str, nn.Module]] = {}  # id(quantized module) -> (name, float twin)
         for group in groups:
             accs = {}
             if method.needs_inputs:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from numcast.models.registry import LOADERS, load_workload
+from numcast.workloads import LOADERS, load_workload
 
 
 def test_unknown_model_lists_known_names():

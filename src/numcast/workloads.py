@@ -1,4 +1,4 @@
-"""Model workloads by short name: the model, its blocks, its calibration data and its evaluation protocol.
+"""Workloads by short name: the model, its blocks, its calibration data and its evaluation protocol.
 
 - ``minilm-l6``: all-MiniLM-L6-v2 encoder; calibration sample = a 48-word chunk of a calibration article;
   metrics: Lee-50 Pearson (primary), WordSim-353 Spearman, mean cosine to the float embeddings.

@@ -7,13 +7,11 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
-
-from numcast.models.registry import load_workload
 from numcast.pipeline.export import MODEL_FILE, load_quantized, read_metadata, save_quantized
 from numcast.pipeline.recipe import Recipe
 from numcast.pipeline.runner import quantize_blockwise
 from numcast.report.records import model_sizes, peak_rss_mb, plot_sqnr, write_report
+from numcast.workloads import load_workload
 
 
 def prepare_out_dir(out: Path, overwrite: bool) -> None:
@@ -31,7 +29,6 @@ def run_ptq(model_name: str, recipe: Recipe, out: Path, *, overwrite: bool = Fal
     if recipe.calibration < 1:
         raise ValueError("the calibration set is empty: pass --calibration N with N >= 1")
     prepare_out_dir(out, overwrite)
-    torch.manual_seed(recipe.seed)  # nothing numcast does draws from it; third-party layers might
     t_start = time.perf_counter()
     stage(f"loading {model_name}")
     w = load_workload(model_name)

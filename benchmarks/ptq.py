@@ -1,0 +1,103 @@
+"""The PTQ table: models × weight formats × methods, with the quality metric, packed size, wall time and
+peak memory of each run.
+
+    .venv/bin/python benchmarks/ptq.py [--models ...] [--formats ...] [--methods rtn gptq] [--calibration N]
+                                       [--json benchmarks/results/ptq.json] [--markdown]
+
+Every cell runs ``numcast quantize`` in its own process (so peak memory is that run's), writes its report
+under ``--work`` and is collected into one table and JSON. Later methods add their rows to this same table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODELS = ["fmnist-cnn", "minilm-l6", "mobilenet-v2", "efficientnet-lite0", "smollm2-135m"]
+FORMATS = ["mxfp4", "mxfp6_e2m3", "nvfp4", "int4_g128", "int3_g64", "mxint8"]
+METHODS = ["rtn", "gptq"]
+
+
+def run_cell(model: str, fmt: str, method: str, calibration: int, work: Path) -> dict:
+    out = work / f"{model}__{fmt}__{method}"
+    cmd = [sys.executable, "-m", "numcast.cli", "quantize", model, "--weights", fmt, "--method", method,
+           "--calibration", str(calibration), "--out", str(out), "--overwrite", "--no-progress", "--json"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return {"model": model, "format": fmt, "method": method, "error": proc.stdout[-500:] + proc.stderr[-500:]}
+    rec = json.loads((out / "report.json").read_text())
+    p = rec["primary_metric"]
+    return {
+        "model": model,
+        "format": fmt,
+        "method": method,
+        "calibration": calibration,
+        "metric": p,
+        "float": rec["metrics"]["float"][p],
+        "quantized": rec["metrics"]["quantized"][p],
+        "metrics": rec["metrics"],
+        "size_bytes": rec["size_bytes"],
+        "bits_per_param": rec["bits_per_param"],
+        "quantize_s": rec["wall_time_s"]["quantize"],
+        "total_s": time.perf_counter() - t0,
+        "peak_rss_mb": rec["peak_rss_mb"],
+        "notes": rec["notes"],
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ["model", "format", "method", "metric", "float", "quantized", "other metrics (quantized)", "packed MB",
+            "bits/param", "quantize s", "peak MiB"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['format']} | {r['method']} | error |" + " |" * (len(head) - 4))
+            continue
+        others = ", ".join(f"{k} {v:.4g}" for k, v in r["metrics"]["quantized"].items() if k != r["metric"])
+        cells = [r["model"], r["format"], r["method"], r["metric"], f"{r['float']:.4g}", f"{r['quantized']:.4g}",
+                 others, f"{r['size_bytes']['packed'] / 1e6:.2f}", f"{r['bits_per_param']:.3g}",
+                 f"{r['quantize_s']:.0f}", f"{r['peak_rss_mb']:.0f}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=MODELS)
+    p.add_argument("--formats", nargs="+", default=FORMATS)
+    p.add_argument("--methods", nargs="+", default=METHODS)
+    p.add_argument("--calibration", type=int, default=128)
+    p.add_argument("--work", default="benchmarks/results/ptq_runs")
+    p.add_argument("--json", default="benchmarks/results/ptq.json")
+    p.add_argument("--markdown", action="store_true")
+    p.add_argument("--render", metavar="JSON", help="only print the Markdown table of a saved run")
+    args = p.parse_args()
+    if args.render:
+        print(markdown(json.loads(Path(args.render).read_text())["rows"]))
+        return
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for model in args.models:
+        for fmt in args.formats:
+            for method in args.methods:
+                r = run_cell(model, fmt, method, args.calibration, work)
+                rows.append(r)
+                status = r.get("error", "").splitlines()[-1:] if "error" in r else f"{r['quantized']:.4g}"
+                print(f"{model:20s} {fmt:12s} {method:5s} -> {status}", flush=True)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"calibration": args.calibration, "rows": rows}, indent=2))
+    print(f"wrote {args.json}")
+    if args.markdown:
+        print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
