@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json-out", help="also write the records as JSON here")
     d.add_argument("--markdown", action="store_true", help="also print the error table as Markdown")
     d.add_argument("--model", default="minilm-l6", help="then quantize this model with GPTQ ('' to skip)")
-    d.add_argument("--weights", default="mxfp4", help="weight format of that quantization")
+    d.add_argument("--weights", default="nvfp4", help="weight format of that quantization")
     d.add_argument("--calibration", type=int, default=64, help="calibration samples of that quantization")
     d.add_argument("--out", default="out/demo", help="where that quantization writes its report")
     d.add_argument("--overwrite", action="store_true", help="replace --out even if numcast did not write it")
