@@ -100,7 +100,7 @@ def cmd_cast(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on the embedded default: every format; a real weight matrix cast to every block format
     (MobileNetV2 ImageNet classifier, [1000, 1280], shipped in a wheel); then a real model quantized with
-    GPTQ and measured (default: MiniLM-L6 to MXFP4, report in ``out/demo``, numcast's own output)."""
+    GPTQ and measured (default: MiniLM-L6 to NVFP4, report in ``out/demo``, numcast's own output)."""
     from numcast.models.assets import mobilenet_v2_state_dict
 
     print_table(formats_table(list_formats()), console)
@@ -211,7 +211,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
-    rows = [[k, (res["stored"] or {}).get(k), v] for k, v in res["measured"].items()]
+    rows = _metric_rows(res["stored"], res["measured"])
     print_table(make_table(f"{res['model']} reloaded from {args.dir}", ("metric", "at quantization", "reloaded"),
                            rows), console)  # fmt: skip
     if res["stored"] is not None:

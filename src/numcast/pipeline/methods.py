@@ -45,11 +45,17 @@ class HessianAccumulator:
         self.h: torch.Tensor | None = None
         self.n = 0
 
+    CHUNK = 1 << 24  # unfolded elements per step: a 3×3 conv on 112² maps unfolds 9× its input
+
     def add(self, module: nn.Module, x_quant: torch.Tensor, x_float: torch.Tensor | None = None) -> None:
-        rows = layer_inputs_2d(module, x_quant.detach()).double()
-        hb = rows.transpose(1, 2) @ rows
-        self.h = hb if self.h is None else self.h + hb
-        self.n += rows.shape[1]
+        x = x_quant.detach()
+        per_sample = max(1, x[0].numel() * (9 if x.dim() > 2 else 1))
+        step = x.shape[0] if isinstance(module, nn.Linear) else max(1, self.CHUNK // per_sample)
+        for i in range(0, x.shape[0], step):
+            rows = layer_inputs_2d(module, x[i : i + step]).double()
+            hb = rows.transpose(1, 2) @ rows
+            self.h = hb if self.h is None else self.h + hb
+            self.n += rows.shape[1]
 
     def result(self) -> torch.Tensor:
         if self.h is None or self.n == 0:
