@@ -42,7 +42,9 @@ def run_ptq(model_name: str, recipe: Recipe, out: Path, *, overwrite: bool = Fal
     batches = w.calibration(recipe.calibration)
     t_cal = time.perf_counter() - t0
     stage(f"quantizing with {recipe.method}")
-    res = quantize_blockwise(w.model, w.blocks(w.model), batches, recipe, progress=progress)
+    res = quantize_blockwise(
+        w.model, w.blocks(w.model), batches, recipe, progress=progress, first_block_input=w.first_block_input
+    )
     stage("measuring the quantized model")
     t0 = time.perf_counter()
     q_metrics = w.evaluate(w.model)

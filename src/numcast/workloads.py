@@ -40,6 +40,7 @@ class Workload:
     higher_is_better: bool
     description: str
     notes: Callable[[str], str | None] = field(default=lambda fmt: None)
+    first_block_input: str = "capture"  # "model": the calibration tensors feed the first block directly
 
 
 def _batches(items, size: int) -> list:
@@ -127,7 +128,7 @@ def _imagenet(name: str) -> Workload:
         return _batches(image_crops(photos, n, mean=mean, std=std, seed=1), CALIB_BATCH[name])
 
     return Workload(name, model, blocks, calibration, lambda m: agreement_and_kl(ref, logits_of(m, eval_images)),
-                    "top1_agreement", True, desc)  # fmt: skip
+                    "top1_agreement", True, desc, first_block_input="model")  # fmt: skip
 
 
 def _fmnist() -> Workload:

@@ -108,3 +108,25 @@ def test_conv_hessian_equals_explicit_patches():
     y = torch.cat([cols[gi] @ w[3 * gi : 3 * gi + 3].T for gi in range(2)], dim=1)
     ref = (conv(x) - conv.bias[None, :, None, None]).permute(0, 2, 3, 1).reshape(-1, 6)
     assert torch.allclose(y, ref.detach(), atol=1e-5)
+
+
+def test_first_block_fed_with_model_inputs_when_it_is_a_view():
+    """A stem that is a view over the model's modules is never called by the model's forward: its inputs are the
+    calibration tensors themselves (first_block_input="model"); capturing would find nothing."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1))
+
+    class View(nn.Module):
+        def __init__(self, a, b):
+            super().__init__()
+            self.a, self.b = a, b
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    blocks = [View(net[0], net[1]), net[2]]
+    data = [torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    with pytest.raises(RuntimeError, match="reached by 0 of 3"):
+        quantize_blockwise(net, blocks, data, Recipe(weights="int8_channel"), progress=False)
+    res = quantize_blockwise(net, blocks, data, Recipe(weights="int8_channel", method="gptq"), progress=False,
+                             first_block_input="model")  # fmt: skip
+    assert all(r.method == "gptq" for r in res.quantized) and len(res.quantized) == 2

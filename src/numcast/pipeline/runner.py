@@ -145,11 +145,14 @@ def quantize_blockwise(
     placement: Placement | None = None,
     true_sequential: bool = True,
     progress: bool = True,
+    first_block_input: str = "capture",
 ) -> QuantizationResult:
     """Quantize ``model`` in place, block by block (see module docstring).
 
     ``blocks`` are the model's sequential blocks (decoder layers, encoder layers, CNN stages) in execution
     order; ``calibration`` is a list of model inputs (tensors, tuples or dicts of keyword arguments).
+    ``first_block_input="model"`` says the calibration tensors are the first block's inputs themselves (a
+    CNN stem that is a view over the model's modules, which the model's own forward never calls).
     """
     placement = placement or Placement()
     batches = list(calibration)
@@ -165,12 +168,20 @@ def quantize_blockwise(
     in_blocks = {id(m) for b in blocks for m in b.modules()}
     entry = {r.name: r for r in report}
 
-    float_calls = capture_block_inputs(model, blocks[0], batches, placement)
+    if first_block_input not in ("capture", "model"):
+        raise ValueError(f"first_block_input must be 'capture' or 'model', got {first_block_input!r}")
+
+    def first_inputs() -> list[BlockCall]:
+        if first_block_input == "model":
+            return [BlockCall((b,), {}) for b in batches]
+        return capture_block_inputs(model, blocks[0], batches, placement)
+
+    float_calls = first_inputs()
     outside = [p for p in todo if id(p.module) not in in_blocks]
     for p in outside:
         set_module(model, p.name, make_quant_module(p, recipe))
         entry[p.name].method = "rtn (outside blocks)"
-    quant_calls = capture_block_inputs(model, blocks[0], batches, placement) if outside else float_calls
+    quant_calls = first_inputs() if outside else float_calls
     xs_q = [c.x for c in quant_calls]
     xs_f = [c.x for c in float_calls] if method.needs_float_inputs else []  # the float stream, when used
 
