@@ -77,10 +77,11 @@ def main() -> None:
     p.add_argument("--work", default="benchmarks/results/ptq_runs")
     p.add_argument("--json", default="benchmarks/results/ptq.json")
     p.add_argument("--markdown", action="store_true")
-    p.add_argument("--render", metavar="JSON", help="only print the Markdown table of a saved run")
+    p.add_argument("--render", metavar="JSON", help="only print the Markdown table of a saved run (--models filter)")
     args = p.parse_args()
     if args.render:
-        print(markdown(json.loads(Path(args.render).read_text())["rows"]))
+        rows = json.loads(Path(args.render).read_text())["rows"]
+        print(markdown([r for r in rows if r["model"] in args.models]))
         return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
