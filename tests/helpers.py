@@ -65,3 +65,11 @@ def adversarial_blocks(block: int, rng: np.random.Generator) -> np.ndarray:
     rows.append(spread)
     rows.append(np.full(block, 957.0))  # pitfall 9: saturates to 896 in MXFP8 E4M3
     return np.array(rows, dtype=np.float32)
+
+
+def standard_crops(names, size: int, mean, std):
+    """The standard full-image crop (resize 256, centre crop) of each named shipped photo, normalised."""
+    from numcast.models import data
+
+    photos = data.natural_photos()
+    return data.image_crops({k: photos[k] for k in names}, len(names), size=size, mean=mean, std=std)

@@ -6,9 +6,10 @@ import sys
 
 import pytest
 import torch
+from helpers import standard_crops
 from torch import nn
 
-from numcast.models import assets, data
+from numcast.models import assets
 from numcast.models.efficientnet_lite0 import (
     INPUT_SIZE,
     MEAN,
@@ -30,8 +31,7 @@ def model() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def crops() -> torch.Tensor:
-    photos = data.natural_photos()
-    return data.image_crops({k: photos[k] for k in PHOTOS}, len(PHOTOS), size=INPUT_SIZE, mean=MEAN, std=STD)
+    return standard_crops(PHOTOS, INPUT_SIZE, MEAN, STD)
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import standard_crops
 from torch import nn
 
-from numcast.models import assets, data
+from numcast.models import assets
 from numcast.models.mobilenet_v2 import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -26,10 +27,7 @@ def model() -> MobileNetV2:
 
 @pytest.fixture(scope="module")
 def crops() -> torch.Tensor:
-    photos = data.natural_photos()
-    return data.image_crops(
-        {k: photos[k] for k in PHOTOS}, len(PHOTOS), size=INPUT_SIZE, mean=IMAGENET_MEAN, std=IMAGENET_STD
-    )
+    return standard_crops(PHOTOS, INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD)
 
 
 @pytest.fixture(scope="module")
