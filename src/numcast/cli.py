@@ -248,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--overwrite", action="store_true", help="replace --out even if numcast did not write it")
     d.set_defaults(func=cmd_demo)
     q = sub.add_parser("quantize", help="quantize a model, measure it, write report + packed model")
-    q.add_argument("model", help="model name: minilm-l6, smollm2-135m, mobilenet-v2, efficientnet-lite0, fmnist-cnn")
+    q.add_argument("model", help="model name (minilm-l6, smollm2-135m, mobilenet-v2, efficientnet-lite0, fmnist-cnn) "
+                   "or the path of a local Hugging Face model folder or .gguf file")
     q.add_argument("--weights", help="weight format (see `numcast formats`)")
     q.add_argument("--activations", help="activation (layer input) format")
     q.add_argument("--activation-mode", dest="activation_mode", choices=("dynamic", "static"))

@@ -53,7 +53,7 @@ def run_ptq(model_name: str, recipe: Recipe, out: Path, *, overwrite: bool = Fal
     notes = [n for n in {w.notes(r.weight_format) for r in res.quantized} if n]
     layers = res.to_records()
     record = {
-        "model": model_name,
+        "model": w.name,
         "description": w.description,
         "recipe": recipe.model_dump(mode="json"),
         "metrics": {"float": float_metrics, "quantized": q_metrics},
@@ -74,7 +74,7 @@ def run_ptq(model_name: str, recipe: Recipe, out: Path, *, overwrite: bool = Fal
         "layers": layers,
     }
     stage("writing the report and the packed model")
-    save_quantized(w.model, out, model_name, recipe)
+    save_quantized(w.model, out, w.name, recipe)  # a path is stored resolved
     recipe.save(out / "recipe.yaml", overwrite=True)
     plot_sqnr(layers, out / "sqnr.png", f"{model_name} {recipe.weights} {recipe.method}: per-layer output SQNR")
     write_report(record, out)

