@@ -71,7 +71,8 @@ def test_quantize_writes_everything_and_evaluate_reloads_bit_exactly(tiny, tmp_p
     assert main(argv) == 0
     assert "top1_agreement" in capsys.readouterr().out
     rec = json.loads((out / "report.json").read_text())
-    for key in ("model", "recipe", "metrics", "size_bytes", "bits_per_param", "wall_time_s", "peak_rss_mb", "layers"):
+    for key in ("model", "recipe", "metrics", "size_bytes", "bits_per_param", "wall_time_s", "peak_rss_mb",
+                "peak_rss_mb_by_phase", "layers"):
         assert key in rec
     assert rec["metrics"]["float"]["top1_agreement"] == 1.0
     assert rec["size_bytes"]["packed"] < rec["size_bytes"]["float"]
@@ -130,3 +131,13 @@ def test_demo_quantizes_a_model_and_only_replaces_its_own_output(tiny, tmp_path,
     (mine / "notes.txt").write_text("user data")
     assert main(["demo", "--model", "tiny-cnn", "--calibration", "8", "--out", str(mine)]) == 2
     assert (mine / "notes.txt").read_text() == "user data"
+
+
+def test_report_peak_memory_by_phase(tiny, tmp_path):
+    from numcast.jobs import run_ptq
+    from numcast.pipeline.recipe import Recipe
+
+    rec = run_ptq("tiny-cnn", Recipe(weights="mxfp4", calibration=8), tmp_path / "q", progress=False)
+    phases = rec["peak_rss_mb_by_phase"]
+    assert list(phases) == ["load", "evaluate_float", "calibration", "quantize", "evaluate_quantized", "export"]
+    assert rec["peak_rss_mb"] == max(phases.values()) and all(v > 0 for v in phases.values())

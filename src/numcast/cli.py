@@ -194,7 +194,8 @@ def print_ptq(rec: dict, recipe, out: str) -> None:
     rows += [["size (bytes)", rec["size_bytes"]["float"], rec["size_bytes"]["packed"]],
              ["bits per quantized parameter", 32.0, rec["bits_per_param"]],
              ["wall time (s)", None, rec["wall_time_s"]["total"]],
-             ["peak memory (MiB)", None, rec["peak_rss_mb"]]]  # fmt: skip
+             ["peak memory (MiB)", None, rec["peak_rss_mb"]],
+             ["peak memory while quantizing (MiB)", None, rec["peak_rss_mb_by_phase"]["quantize"]]]  # fmt: skip
     print_table(make_table(f"{title}, {recipe.method}", ("metric", "float", "quantized"), rows), console)
     q = [r for r in rec["layers"] if r["action"] == "quantized"]
     console.print(f"{len(q)} layers quantized, {len(rec['layers']) - len(q)} kept in float (reasons in report.json)")

@@ -10,7 +10,7 @@ from pathlib import Path
 from numcast.pipeline.export import MODEL_FILE, load_quantized, read_metadata, save_quantized
 from numcast.pipeline.recipe import Recipe
 from numcast.pipeline.runner import quantize_blockwise
-from numcast.report.records import model_sizes, peak_rss_mb, plot_sqnr, write_report
+from numcast.report.records import PhasePeaks, model_sizes, plot_sqnr, write_report
 from numcast.workloads import load_workload
 
 
@@ -29,25 +29,31 @@ def run_ptq(model_name: str, recipe: Recipe, out: Path, *, overwrite: bool = Fal
     if recipe.calibration < 1:
         raise ValueError("the calibration set is empty: pass --calibration N with N >= 1")
     prepare_out_dir(out, overwrite)
+    mem = PhasePeaks()
     t_start = time.perf_counter()
     stage(f"loading {model_name}")
-    w = load_workload(model_name)
+    with mem.phase("load"):
+        w = load_workload(model_name)
     t_load = time.perf_counter() - t_start
     stage("measuring the float model")
     t0 = time.perf_counter()
-    float_metrics = w.evaluate(w.model)
+    with mem.phase("evaluate_float"):
+        float_metrics = w.evaluate(w.model)
     t_eval_f = time.perf_counter() - t0
     stage(f"preparing {recipe.calibration} calibration samples")
     t0 = time.perf_counter()
-    batches = w.calibration(recipe.calibration)
+    with mem.phase("calibration"):
+        batches = w.calibration(recipe.calibration)
     t_cal = time.perf_counter() - t0
     stage(f"quantizing with {recipe.method}")
-    res = quantize_blockwise(
-        w.model, w.blocks(w.model), batches, recipe, progress=progress, first_block_input=w.first_block_input
-    )
+    with mem.phase("quantize"):
+        res = quantize_blockwise(
+            w.model, w.blocks(w.model), batches, recipe, progress=progress, first_block_input=w.first_block_input
+        )
     stage("measuring the quantized model")
     t0 = time.perf_counter()
-    q_metrics = w.evaluate(w.model)
+    with mem.phase("evaluate_quantized"):
+        q_metrics = w.evaluate(w.model)
     t_eval_q = time.perf_counter() - t0
     sizes = model_sizes(w.model)
     notes = [n for n in {w.notes(r.weight_format) for r in res.quantized} if n]
@@ -69,14 +75,18 @@ def run_ptq(model_name: str, recipe: Recipe, out: Path, *, overwrite: bool = Fal
             "evaluate": t_eval_f + t_eval_q,
             "total": time.perf_counter() - t_start,
         },  # fmt: skip
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": None,  # filled after the export
+        "peak_rss_mb_by_phase": mem.peaks,
         "notes": notes,
         "layers": layers,
     }
     stage("writing the report and the packed model")
-    save_quantized(w.model, out, w.name, recipe)  # a path is stored resolved
-    recipe.save(out / "recipe.yaml", overwrite=True)
-    plot_sqnr(layers, out / "sqnr.png", f"{model_name} {recipe.weights} {recipe.method}: per-layer output SQNR")
+    with mem.phase("export"):
+        save_quantized(w.model, out, w.name, recipe)  # a path is stored resolved
+        recipe.save(out / "recipe.yaml", overwrite=True)
+        plot_sqnr(layers, out / "sqnr.png", f"{model_name} {recipe.weights} {recipe.method}: per-layer output SQNR")
+    record["peak_rss_mb"] = mem.total
+    record["peak_rss_exact_phases"] = mem.exact
     write_report(record, out)
     return record
 

@@ -45,8 +45,9 @@ def token_windows(tok, texts: list[str], n: int, seq_len: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
-    """exp(mean next-token NLL) of a causal LM over ``windows`` [n, seq_len] (first token not predicted)."""
+def perplexity(model, windows: torch.Tensor, batch_size: int = 1) -> float:
+    """exp(mean next-token NLL) of a causal LM over ``windows`` [n, seq_len] (first token not predicted).
+    One window at a time by default: a vocabulary of 49k makes one 512-token window's logits 100 MB."""
     nll, count = 0.0, 0
     for i in range(0, windows.shape[0], batch_size):
         x = windows[i : i + batch_size]

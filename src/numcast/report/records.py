@@ -3,7 +3,9 @@
 report.json: ``model``, ``description``, ``recipe``, ``metrics`` {``float``, ``quantized``} (each a dict of
 metric -> value), ``primary_metric``, ``higher_is_better``, ``size_bytes`` {``float``, ``packed``},
 ``bits_per_param`` (quantized layers' weights, scales included), ``wall_time_s`` {``load``, ``calibration``,
-``quantize``, ``evaluate``, ``total``}, ``peak_rss_mb``, ``notes`` (list), ``layers`` (one record per module
+``quantize``, ``evaluate``, ``total``}, ``peak_rss_mb`` (the run's peak, MiB), ``peak_rss_mb_by_phase``
+{``load``, ``evaluate_float``, ``calibration``, ``quantize``, ``evaluate_quantized``, ``export``} (see
+:class:`PhasePeaks`), ``notes`` (list), ``layers`` (one record per module
 holding parameters: name, type, action, weight_format, activation_format, method, sqnr_db, reason, params).
 """
 
@@ -12,14 +14,52 @@ from __future__ import annotations
 import json
 import math
 import resource
+from contextlib import contextmanager
 from pathlib import Path
 
 from torch import nn
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (MiB; Linux ru_maxrss is in KiB)."""
+    """Peak resident memory of this process so far (MiB): Linux VmHWM (which :class:`PhasePeaks` resets), else
+    ru_maxrss (KiB on Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak() -> bool:
+    try:  # Linux >= 4.0: '5' resets the high-water mark VmHWM to the current RSS (proc(5), clear_refs)
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class PhasePeaks:
+    """Peak resident memory (MiB) of each phase of a run, each phase on its own: the kernel's high-water mark is
+    reset when a phase starts. Where the reset is not permitted, a phase reports the process peak so far and
+    ``exact`` is False."""
+
+    def __init__(self) -> None:
+        self.peaks: dict[str, float] = {}
+        self.exact = True
+
+    @contextmanager
+    def phase(self, name: str):
+        self.exact &= _reset_peak()
+        try:
+            yield
+        finally:
+            self.peaks[name] = peak_rss_mb()
+
+    @property
+    def total(self) -> float:
+        return max(self.peaks.values(), default=peak_rss_mb())
 
 
 def model_sizes(model: nn.Module) -> dict[str, float]:
