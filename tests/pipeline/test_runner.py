@@ -130,3 +130,36 @@ def test_first_block_fed_with_model_inputs_when_it_is_a_view():
     res = quantize_blockwise(net, blocks, data, Recipe(weights="int8_channel", method="gptq"), progress=False,
                              first_block_input="model")  # fmt: skip
     assert all(r.method == "gptq" for r in res.quantized) and len(res.quantized) == 2
+
+
+class GatedBlock(nn.Module):
+    """gate and up read the same tensor (a Llama MLP), down reads their product."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x, scale=None):
+        return (x + scale * self.down(F.silu(self.gate(x)) * self.up(x)),)
+
+
+def test_layers_reading_one_input_are_solved_from_one_pass_with_the_same_result():
+    runs = {}
+    for share in (False, True):
+        model = TinyLM()
+        model.blocks = nn.ModuleList([GatedBlock(64) for _ in range(2)])
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for p in model.blocks.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        passes = [0]
+        model.blocks[0].register_forward_pre_hook(lambda *_, c=passes: c.__setitem__(0, c[0] + 1))
+        quantize_blockwise(model, list(model.blocks), batches(), Recipe(weights="mxfp4", method="gptq"),
+                           progress=False, share_inputs=share)  # fmt: skip
+        weights = {n: m.weight.clone() for n, m in model.named_modules() if hasattr(m, "qweight")}
+        runs[share] = (passes[0], weights)
+    (n_sep, w_sep), (n_shared, w_shared) = runs[False], runs[True]
+    assert n_shared == n_sep - len(batches())  # gate+up share a pass: one calibration pass fewer in block 0
+    assert len(w_sep) == 7 and w_sep.keys() == w_shared.keys()  # 2 blocks × 3 + the head
+    for k in w_sep:
+        assert_bitwise(w_shared[k], w_sep[k])

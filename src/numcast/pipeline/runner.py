@@ -122,18 +122,40 @@ def _run_block(block: nn.Module, call: BlockCall, x: torch.Tensor, placement: Pl
     return _first(block(*placement.compute(args), **placement.compute(kwargs)))
 
 
-def _execution_order(block: nn.Module, modules: list[nn.Module], call: BlockCall, x, placement) -> list[nn.Module]:
+def _execution_order(block: nn.Module, modules: list[nn.Module], call: BlockCall, x, placement):
+    """(modules in the order the block calls them, {id(module): id of the input tensor it read})."""
     seen: list[nn.Module] = []
-    hooks = [
-        m.register_forward_pre_hook(lambda mod, _a: seen.append(mod) if mod not in seen else None) for m in modules
-    ]
+    read: dict[int, int] = {}
+    alive: list = []  # keeps every input alive during the pass, so no two inputs can share an id
+
+    def hook(mod, args):
+        if mod not in seen:
+            seen.append(mod)
+            read[id(mod)] = id(args[0])
+            alive.append(args[0])
+
+    hooks = [m.register_forward_pre_hook(hook) for m in modules]
     try:
         with torch.no_grad():
             _run_block(block, call, x, placement)
     finally:
         for h in hooks:
             h.remove()
-    return seen + [m for m in modules if m not in seen]
+    return seen + [m for m in modules if m not in seen], read
+
+
+def _sequential_groups(plans: list, read: dict[int, int], share_inputs: bool) -> list[list]:
+    """One group per layer in execution order; with ``share_inputs``, consecutive layers that read the very same
+    input tensor (q/k/v, gate/up) form one group: quantizing one of them cannot change the others' input, so the
+    result is the same as one at a time, with one calibration pass instead of several."""
+    groups: list[list] = []
+    for p in plans:
+        key = read.get(id(p.module))
+        if share_inputs and groups and key is not None and read.get(id(groups[-1][-1].module)) == key:
+            groups[-1].append(p)
+        else:
+            groups.append([p])
+    return groups
 
 
 def quantize_blockwise(
@@ -146,6 +168,7 @@ def quantize_blockwise(
     true_sequential: bool = True,
     progress: bool = True,
     first_block_input: str = "capture",
+    share_inputs: bool = True,
 ) -> QuantizationResult:
     """Quantize ``model`` in place, block by block (see module docstring).
 
@@ -153,6 +176,9 @@ def quantize_blockwise(
     order; ``calibration`` is a list of model inputs (tensors, tuples or dicts of keyword arguments).
     ``first_block_input="model"`` says the calibration tensors are the first block's inputs themselves (a
     CNN stem that is a view over the model's modules, which the model's own forward never calls).
+    ``true_sequential`` solves each layer on inputs produced by the already quantized layers before it
+    (``share_inputs`` groups layers reading one tensor, see :func:`_sequential_groups`); otherwise all layers
+    of a block are solved from one pass.
     """
     placement = placement or Placement()
     batches = list(calibration)
@@ -196,9 +222,9 @@ def quantize_blockwise(
         ftwin = {id(p.module): fblock.get_submodule(names[id(p.module)]) for p in plans}
         block = placement.compute(block)
         fblock = placement.compute(fblock)
-        order = _execution_order(block, [p.module for p in plans], quant_calls[0], xs_q[0], placement)
+        order, read = _execution_order(block, [p.module for p in plans], quant_calls[0], xs_q[0], placement)
         plans.sort(key=lambda p: order.index(p.module))
-        groups = [[p] for p in plans] if true_sequential else [plans]
+        groups = _sequential_groups(plans, read, share_inputs) if true_sequential else [plans]
         qmods: dict[int, tuple[str, nn.Module]] = {}  # id(quantized module) -> (name, float twin)
         for group in groups:
             accs = {}
