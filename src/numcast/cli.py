@@ -161,6 +161,8 @@ def recipe_from_args(args: argparse.Namespace):
         if v is not None:
             gptq[k] = v
     data["gptq"] = gptq
+    if args.ed_scale_rule is not None:
+        data["error_diffusion"] = {**(data.get("error_diffusion") or {}), "scale_rule": args.ed_scale_rule}
     if "weights" not in data:
         raise ValueError("no weight format: pass --weights FMT or a --recipe with `weights`")
     return Recipe.model_validate(data)
@@ -255,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--activations", help="activation (layer input) format")
     q.add_argument("--activation-mode", dest="activation_mode", choices=("dynamic", "static"))
     q.add_argument("--activation-observer", dest="activation_observer", choices=("minmax", "percentile", "mse"))
-    q.add_argument("--method", choices=("rtn", "gptq"))
+    q.add_argument("--method", choices=("rtn", "gptq", "error-diffusion"))
     q.add_argument("--calibration", type=int, help="number of calibration samples")
     q.add_argument("--include", nargs="+", help="globs of module names to quantize (default: all)")
     q.add_argument("--exclude", nargs="+", help="globs of module names to keep in float")
@@ -264,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--gptq-damp", dest="gptq_damp", type=float)
     q.add_argument("--gptq-block-size", dest="gptq_block_size", type=int)
     q.add_argument("--act-order", dest="gptq_act_order", action="store_true", default=None)
+    q.add_argument("--ed-scale-rule", dest="ed_scale_rule", choices=("dynamic", "static"),
+                   help="error-diffusion block scales: from the updated targets (dynamic, default) or float weights")
     q.add_argument("--recipe", help="recipe file (.yaml/.json); flags given here override its fields")
     q.add_argument("--out", required=True, help="output directory")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from helpers import assert_bitwise
 from torch import nn
 
-from numcast.pipeline.methods import HessianAccumulator, layer_inputs_2d
+from numcast.pipeline.methods import GramAccumulator, HessianAccumulator, layer_inputs_2d
 from numcast.pipeline.quantize_model import quantize_model
 from numcast.pipeline.recipe import Recipe
 from numcast.pipeline.runner import quantize_blockwise
@@ -66,19 +66,50 @@ def test_rtn_through_the_runner_equals_quantize_model():
 
 
 @pytest.mark.parametrize("fmt", ["int4_g32", "mxfp4", "int3_channel"])
-def test_gptq_through_the_runner_beats_rtn_on_the_model_output(fmt):
+@pytest.mark.parametrize("solver", ["gptq", "error-diffusion"])
+def test_solvers_through_the_runner_beat_rtn_on_the_model_output(fmt, solver):
     data = batches()
     ids = torch.cat(batches(4, seed=5))
     with torch.no_grad():
         ref = TinyLM()(ids)
     errs = {}
-    for method in ("rtn", "gptq"):
+    for method in ("rtn", solver):
         model = TinyLM()
         recipe = Recipe(weights=fmt, method=method, exclude=["head"])
         quantize_blockwise(model, list(model.blocks), data, recipe, progress=False)
         with torch.no_grad():
             errs[method] = float((model(ids) - ref).square().mean())
-    assert errs["gptq"] < 0.9 * errs["rtn"], errs
+    assert errs[solver] < 0.9 * errs["rtn"], errs
+
+
+def test_error_diffusion_is_deterministic_and_independent_of_batch_splitting():
+    runs = []
+    for split in (2, 4, 24):  # the same 24 sequences in batches of 2, 4 or 24
+        seqs = torch.cat(batches(6))
+        model = TinyLM()
+        data = [seqs[i : i + split] for i in range(0, 24, split)]
+        quantize_blockwise(model, list(model.blocks), data, Recipe(weights="mxfp4", method="error-diffusion"),
+                           progress=False)  # fmt: skip
+        runs.append([m.weight.clone() for m in model.modules() if hasattr(m, "qweight")])
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other, strict=True):
+            assert_bitwise(a, b, "batch split")
+
+
+def test_gram_accumulator_of_a_grouped_conv_pairs_the_two_streams():
+    conv = nn.Conv2d(4, 6, 3, padding=1, groups=2)
+    g = torch.Generator().manual_seed(4)
+    xf = torch.randn(3, 4, 6, 6, generator=g)
+    xq = xf + 0.1 * torch.randn(3, 4, 6, 6, generator=g)
+    acc = GramAccumulator()
+    acc.add(conv, xq[:1], xf[:1])
+    acc.add(conv, xq[1:], xf[1:])
+    gm, hm = acc.result()
+    rq, rf = layer_inputs_2d(conv, xq).double(), layer_inputs_2d(conv, xf).double()
+    n = rq.shape[1]
+    assert torch.allclose(gm, rq.transpose(1, 2) @ rf / n) and torch.allclose(hm, rq.transpose(1, 2) @ rq / n)
+    with pytest.raises(RuntimeError, match="float stream"):
+        acc.add(conv, xq, None)
 
 
 def test_runner_refuses_empty_calibration():

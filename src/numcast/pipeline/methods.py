@@ -1,4 +1,4 @@
-"""Weight solvers as the block-wise runner sees them: what statistics a layer needs, then the solve.
+"""Weight solvers (RTN, GPTQ, Error Diffusion) as the block-wise runner sees them: statistics, then the solve.
 
 Each method turns a layer's calibration inputs into the statistics its algorithm needs (accumulated batch by
 batch, so memory does not grow with the number of tokens) and calls the tensor-level algorithm in
@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from numcast.algorithms.error_diffusion import error_diffusion
 from numcast.algorithms.gptq import gptq
 from numcast.algorithms.rtn import rtn
 from numcast.formats.qtensor import QTensor
@@ -38,20 +39,27 @@ def layer_inputs_2d(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return cols.reshape(n, g, ck // g, L).permute(1, 0, 3, 2).reshape(g, n * L, ck // g)
 
 
+def _row_steps(module: nn.Module, x: torch.Tensor, chunk: int) -> tuple[range, int]:
+    """(sample offsets, step) keeping one step's unfolded inputs near ``chunk`` elements (a 3×3 conv on 112²
+    maps unfolds 9× its input); a Linear takes the whole batch."""
+    per_sample = max(1, x[0].numel() * (9 if x.dim() > 2 else 1))
+    step = x.shape[0] if isinstance(module, nn.Linear) else max(1, chunk // per_sample)
+    return range(0, x.shape[0], step), step
+
+
 class HessianAccumulator:
     """H = 2/n Σ xᵀx over calibration tokens, per group (float64)."""
+
+    CHUNK = 1 << 24  # unfolded elements per step
 
     def __init__(self) -> None:
         self.h: torch.Tensor | None = None
         self.n = 0
 
-    CHUNK = 1 << 24  # unfolded elements per step: a 3×3 conv on 112² maps unfolds 9× its input
-
     def add(self, module: nn.Module, x_quant: torch.Tensor, x_float: torch.Tensor | None = None) -> None:
         x = x_quant.detach()
-        per_sample = max(1, x[0].numel() * (9 if x.dim() > 2 else 1))
-        step = x.shape[0] if isinstance(module, nn.Linear) else max(1, self.CHUNK // per_sample)
-        for i in range(0, x.shape[0], step):
+        starts, step = _row_steps(module, x, self.CHUNK)
+        for i in starts:
             rows = layer_inputs_2d(module, x[i : i + step]).double()
             hb = rows.transpose(1, 2) @ rows
             self.h = hb if self.h is None else self.h + hb
@@ -61,6 +69,38 @@ class HessianAccumulator:
         if self.h is None or self.n == 0:
             raise ValueError("no calibration inputs reached this layer")
         return 2.0 * self.h / self.n
+
+
+class GramAccumulator:
+    """Error Diffusion's statistics per group (float64): G = ÂᵀA and H = ÂᵀÂ over calibration tokens, Â the
+    layer's inputs in the quantized network and A in the float network (the same tokens, in lock step)."""
+
+    CHUNK = 1 << 23  # unfolded elements per step and stream
+
+    def __init__(self) -> None:
+        self.g: torch.Tensor | None = None
+        self.h: torch.Tensor | None = None
+        self.n = 0
+
+    def add(self, module: nn.Module, x_quant: torch.Tensor, x_float: torch.Tensor | None) -> None:
+        if x_float is None:
+            raise RuntimeError("Error Diffusion needs the float stream's inputs of every layer it solves")
+        xq, xf = x_quant.detach(), x_float.detach()
+        if xq.shape != xf.shape:
+            raise RuntimeError(f"float and quantized inputs differ in shape: {tuple(xf.shape)} vs {tuple(xq.shape)}")
+        starts, step = _row_steps(module, xq, self.CHUNK)
+        for i in starts:
+            rq = layer_inputs_2d(module, xq[i : i + step]).double()
+            rf = layer_inputs_2d(module, xf[i : i + step]).double()
+            gb, hb = rq.transpose(1, 2) @ rf, rq.transpose(1, 2) @ rq
+            self.g = gb if self.g is None else self.g + gb
+            self.h = hb if self.h is None else self.h + hb
+            self.n += rq.shape[1]
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.g is None or self.n == 0:
+            raise ValueError("no calibration inputs reached this layer")
+        return self.g / self.n, self.h / self.n
 
 
 class Method:
@@ -98,9 +138,28 @@ class GPTQ(Method):
         return res.qtensor
 
 
+class ErrorDiffusion(Method):
+    name = "error-diffusion"
+    needs_inputs = True
+    needs_float_inputs = True
+
+    def __init__(self, scale_rule: str = "dynamic") -> None:
+        self.scale_rule = scale_rule
+
+    def accumulator(self, module: nn.Module) -> GramAccumulator:
+        return GramAccumulator()
+
+    def solve(self, module: nn.Module, fmt: Format, acc: GramAccumulator) -> QTensor:
+        w = module.weight.detach().reshape(module.weight.shape[0], -1)
+        g, h = acc.result()
+        return error_diffusion(w, g, h, fmt, scale_rule=self.scale_rule).qtensor
+
+
 def method_for(recipe: Recipe) -> Method:
     if recipe.method == "rtn":
         return RTN()
     if recipe.method == "gptq":
         return GPTQ(recipe.gptq.damp, recipe.gptq.block_size, recipe.gptq.act_order)
+    if recipe.method == "error-diffusion":
+        return ErrorDiffusion(recipe.error_diffusion.scale_rule)
     raise ValueError(f"unknown method {recipe.method!r}")

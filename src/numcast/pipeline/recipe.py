@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from numcast.formats.registry import get_format
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "error-diffusion")
 
 
 def _check_format(v: str | None) -> str | None:
@@ -48,14 +48,22 @@ class GPTQSettings(BaseModel):
     act_order: bool = False
 
 
+class ErrorDiffusionSettings(BaseModel):
+    """``scale_rule``: when a block-scaled format's shared scales are fixed — ``dynamic`` (from the updated
+    targets when the block's first column is reached) or ``static`` (from the float weights)."""
+
+    model_config = ConfigDict(extra="forbid")
+    scale_rule: Literal["dynamic", "static"] = "dynamic"
+
+
 class Recipe(BaseModel):
     """What to quantize and how.
 
     - ``weights``: weight format of every quantized layer (e.g. ``mxfp4``, ``int4_g128``).
     - ``activations``: optional input format of quantized layers; ``activation_mode`` ``dynamic`` (scales from
       each tensor) or ``static`` (one per-tensor scale calibrated by ``activation_observer``).
-    - ``method``: weight solver; ``calibration``: number of calibration samples (needed by gptq and static
-      activations).
+    - ``method``: weight solver (``rtn``, ``gptq``, ``error-diffusion``); ``calibration``: number of calibration
+      samples (needed by every method but rtn, and by static activations).
     - ``include`` / ``exclude``: globs over module names (``*`` matches dots too); ``overrides`` per layer.
     - Embeddings and the LM head stay in float unless ``quantize_embeddings`` / ``quantize_lm_head``.
     """
@@ -65,7 +73,7 @@ class Recipe(BaseModel):
     activations: str | None = None
     activation_mode: Literal["dynamic", "static"] = "dynamic"
     activation_observer: Literal["minmax", "percentile", "mse"] = "minmax"
-    method: Literal["rtn", "gptq"] = "rtn"
+    method: Literal["rtn", "gptq", "error-diffusion"] = "rtn"
     calibration: int = Field(128, ge=0)
     include: list[str] = Field(default_factory=lambda: ["*"])
     exclude: list[str] = Field(default_factory=list)
@@ -73,6 +81,7 @@ class Recipe(BaseModel):
     quantize_embeddings: bool = False
     quantize_lm_head: bool = False
     gptq: GPTQSettings = Field(default_factory=GPTQSettings)
+    error_diffusion: ErrorDiffusionSettings = Field(default_factory=ErrorDiffusionSettings)
 
     @field_validator("weights", "activations")
     @classmethod
@@ -81,7 +90,7 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _calibration_needed(self) -> Recipe:
-        if (self.method == "gptq" or (self.activations and self.activation_mode == "static")) and self.calibration < 1:
+        if (self.method != "rtn" or (self.activations and self.activation_mode == "static")) and self.calibration < 1:
             raise ValueError(f"method {self.method!r} / static activations need calibration samples (calibration >= 1)")
         return self
 
