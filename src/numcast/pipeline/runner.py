@@ -253,32 +253,47 @@ def quantize_blockwise(
 
 
 def _accumulate(block, fblock, group, ftwin, quant_calls, float_calls, xs_q, xs_f, method, placement) -> dict:
+    """Feed the group's layer inputs of every calibration batch to the method's accumulators. Each pass stops
+    as soon as the group's last layer (in execution order) has read its input: the rest of the block cannot
+    change what the group sees."""
     accs = {id(p.module): method.accumulator(p.module) for p in group}
     got_f: dict[int, torch.Tensor] = {}
+    last = id(group[-1].module)
     hooks = []
     for p in group:
         mid = id(p.module)
 
         def on_q(mod, args, mid=mid):
             accs[mid].add(mod, args[0], got_f.pop(mid, None))
+            if mid == last:
+                raise _Stop
 
         hooks.append(p.module.register_forward_pre_hook(on_q))
         if method.needs_float_inputs:
 
             def on_f(_mod, args, mid=mid):
                 got_f[mid] = args[0]
+                if mid == last:
+                    raise _Stop
 
             hooks.append(ftwin[mid].register_forward_pre_hook(on_f))
     try:
         with torch.no_grad():
             for i, call in enumerate(quant_calls):
                 if method.needs_float_inputs:
-                    _run_block(fblock, float_calls[i], xs_f[i], placement)
-                _run_block(block, call, xs_q[i], placement)
+                    _run_until_stop(fblock, float_calls[i], xs_f[i], placement)
+                _run_until_stop(block, call, xs_q[i], placement)
     finally:
         for h in hooks:
             h.remove()
     return accs
+
+
+def _run_until_stop(block, call, x, placement) -> None:
+    try:
+        _run_block(block, call, x, placement)
+    except _Stop:
+        pass
 
 
 def _advance(block, fblock, quant_calls, xs_q, xs_f, qmods, placement, need_float, stats=None):
