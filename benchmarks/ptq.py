@@ -1,11 +1,16 @@
 """The PTQ table: models × weight formats × methods, with the quality metric, packed size, wall time and
 peak memory of each run.
 
-    .venv/bin/python benchmarks/ptq.py [--models ...] [--formats ...] [--methods rtn gptq] [--calibration N]
-                                       [--json benchmarks/results/ptq.json] [--markdown]
+    .venv/bin/python benchmarks/ptq.py [--models ...] [--formats ...] [--methods rtn gptq error-diffusion]
+                                       [--calibration N] [--json benchmarks/results/ptq.json] [--update]
+                                       [--markdown]
 
 Every cell runs ``numcast quantize`` in its own process (so peak memory is that run's), writes its report
-under ``--work`` and is collected into one table and JSON. Later methods add their rows to this same table.
+under ``--work`` and is collected into one table and JSON; ``--update`` replaces the cells it ran in an
+existing JSON and keeps the others (so the table can be filled model by model). Methods are ``rtn``,
+``gptq``, ``error-diffusion`` and ``error-diffusion-static`` (block scales from the float weights: the
+ablation of Error Diffusion's scale rule). The "gap closed" column is (method − RTN) / (float − RTN) for the
+same model and format.
 """
 
 from __future__ import annotations
@@ -20,12 +25,18 @@ from pathlib import Path
 
 MODELS = ["fmnist-cnn", "minilm-l6", "mobilenet-v2", "efficientnet-lite0", "smollm2-135m"]
 FORMATS = ["mxfp4", "mxfp6_e2m3", "nvfp4", "int4_g128", "int3_g64", "mxint8"]
-METHODS = ["rtn", "gptq"]
+METHODS = ["rtn", "gptq", "error-diffusion"]
+METHOD_ARGS = {
+    "rtn": ["--method", "rtn"],
+    "gptq": ["--method", "gptq"],
+    "error-diffusion": ["--method", "error-diffusion"],
+    "error-diffusion-static": ["--method", "error-diffusion", "--ed-scale-rule", "static"],
+}
 
 
 def run_cell(model: str, fmt: str, method: str, calibration: int, work: Path) -> dict:
     out = work / f"{model}__{fmt}__{method}"
-    cmd = [sys.executable, "-m", "numcast.cli", "quantize", model, "--weights", fmt, "--method", method,
+    cmd = [sys.executable, "-m", "numcast.cli", "quantize", model, "--weights", fmt, *METHOD_ARGS[method],
            "--calibration", str(calibration), "--out", str(out), "--overwrite", "--no-progress", "--json"]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     t0 = time.perf_counter()
@@ -48,22 +59,38 @@ def run_cell(model: str, fmt: str, method: str, calibration: int, work: Path) ->
         "quantize_s": rec["wall_time_s"]["quantize"],
         "total_s": time.perf_counter() - t0,
         "peak_rss_mb": rec["peak_rss_mb"],
+        "peak_rss_mb_by_phase": rec.get("peak_rss_mb_by_phase"),
         "notes": rec["notes"],
     }
 
 
+def _key(r: dict) -> tuple:
+    return r["model"], r["format"], r["method"]
+
+
+def gap_closed(r: dict, rows: list[dict]) -> float | None:
+    """(r − RTN) / (float − RTN) for r's model and format; None for RTN itself or without an RTN row."""
+    rtn = next((x for x in rows if _key(x) == (r["model"], r["format"], "rtn") and "error" not in x), None)
+    if rtn is None or r["method"] == "rtn" or rtn["float"] == rtn["quantized"]:
+        return None
+    return (r["quantized"] - rtn["quantized"]) / (rtn["float"] - rtn["quantized"])
+
+
 def markdown(rows: list[dict]) -> str:
-    head = ["model", "format", "method", "metric", "float", "quantized", "other metrics (quantized)", "packed MB",
-            "bits/param", "quantize s", "peak MiB"]  # fmt: skip
+    head = ["model", "format", "method", "metric", "float", "quantized", "gap closed", "other metrics (quantized)",
+            "packed MB", "bits/param", "quantize s", "peak MiB (quantize)"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['format']} | {r['method']} | error |" + " |" * (len(head) - 4))
             continue
         others = ", ".join(f"{k} {v:.4g}" for k, v in r["metrics"]["quantized"].items() if k != r["metric"])
+        gap = gap_closed(r, rows)
+        phases = r.get("peak_rss_mb_by_phase") or {}
+        peak = f"{r['peak_rss_mb']:.0f}" + (f" ({phases['quantize']:.0f})" if "quantize" in phases else "")
         cells = [r["model"], r["format"], r["method"], r["metric"], f"{r['float']:.4g}", f"{r['quantized']:.4g}",
-                 others, f"{r['size_bytes']['packed'] / 1e6:.2f}", f"{r['bits_per_param']:.3g}",
-                 f"{r['quantize_s']:.0f}", f"{r['peak_rss_mb']:.0f}"]  # fmt: skip
+                 "" if gap is None else f"{100 * gap:.0f} %", others, f"{r['size_bytes']['packed'] / 1e6:.2f}",
+                 f"{r['bits_per_param']:.3g}", f"{r['quantize_s']:.0f}", peak]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -76,12 +103,14 @@ def main() -> None:
     p.add_argument("--calibration", type=int, default=128)
     p.add_argument("--work", default="benchmarks/results/ptq_runs")
     p.add_argument("--json", default="benchmarks/results/ptq.json")
+    p.add_argument("--update", action="store_true", help="replace the cells run here in an existing --json")
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--render", metavar="JSON", help="only print the Markdown table of a saved run (--models filter)")
     args = p.parse_args()
     if args.render:
         rows = json.loads(Path(args.render).read_text())["rows"]
-        print(markdown([r for r in rows if r["model"] in args.models]))
+        keep = [r for r in rows if r["model"] in args.models and r["method"] in args.methods]
+        print(markdown([r for r in keep if r["format"] in args.formats]))
         return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -93,8 +122,14 @@ def main() -> None:
                 rows.append(r)
                 status = r.get("error", "").splitlines()[-1:] if "error" in r else f"{r['quantized']:.4g}"
                 print(f"{model:20s} {fmt:12s} {method:5s} -> {status}", flush=True)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"calibration": args.calibration, "rows": rows}, indent=2))
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.update and out.is_file():
+        ran = {_key(r) for r in rows}
+        old = [r for r in json.loads(out.read_text())["rows"] if _key(r) not in ran]
+        order = {m: i for i, m in enumerate(MODELS)}
+        rows = sorted(old + rows, key=lambda r: (order.get(r["model"], 99), r["model"]))
+    out.write_text(json.dumps({"rows": rows}, indent=2))
     print(f"wrote {args.json}")
     if args.markdown:
         print(markdown(rows))
