@@ -161,8 +161,12 @@ def recipe_from_args(args: argparse.Namespace):
         if v is not None:
             gptq[k] = v
     data["gptq"] = gptq
+    ed = dict(data.get("error_diffusion") or {})
     if args.ed_scale_rule is not None:
-        data["error_diffusion"] = {**(data.get("error_diffusion") or {}), "scale_rule": args.ed_scale_rule}
+        ed["scale_rule"] = args.ed_scale_rule
+    if args.ed_calibrate_float_layers is not None:
+        ed["calibrate_float_layers"] = args.ed_calibrate_float_layers
+    data["error_diffusion"] = ed
     if "weights" not in data:
         raise ValueError("no weight format: pass --weights FMT or a --recipe with `weights`")
     return Recipe.model_validate(data)
@@ -268,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-order", dest="gptq_act_order", action="store_true", default=None)
     q.add_argument("--ed-scale-rule", dest="ed_scale_rule", choices=("dynamic", "static"),
                    help="error-diffusion block scales: from the updated targets (dynamic, default) or float weights")
+    q.add_argument("--ed-calibrate-float-layers", dest="ed_calibrate_float_layers", action="store_true", default=None,
+                   help="error-diffusion: also re-fit layers kept in float inside the blocks (Q = identity)")
     q.add_argument("--recipe", help="recipe file (.yaml/.json); flags given here override its fields")
     q.add_argument("--out", required=True, help="output directory")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")

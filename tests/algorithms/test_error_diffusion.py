@@ -128,3 +128,15 @@ def test_bad_input_is_refused():
         error_diffusion(w, g, h, "mxfp4")
     with pytest.raises(ValueError, match="unknown scale rule"):
         error_diffusion(w, *grams(a, a_hat), "mxfp4", scale_rule="later")
+
+
+def test_identity_q_refits_float_weights():
+    """Q = identity (layer calibration): unchanged without upstream error, lower output error with it."""
+    w = weight(16, 64)
+    a, a_hat = streams(256, 64, noise=0.2)
+    same = error_diffusion(w, *grams(a, a), None)
+    assert same.qtensor is None
+    assert_bitwise(same.weight, w, "no upstream error: the weight itself")
+    refit = error_diffusion(w, *grams(a, a_hat), None).weight
+    best = torch.linalg.lstsq(a_hat.double(), a.double() @ w.double().T).solution.T  # the least-squares optimum
+    assert rel_error(a, a_hat, w, best) <= rel_error(a, a_hat, w, refit) < rel_error(a, a_hat, w, w)

@@ -194,3 +194,23 @@ def test_layers_reading_one_input_are_solved_from_one_pass_with_the_same_result(
     assert len(w_sep) == 7 and w_sep.keys() == w_shared.keys()  # 2 blocks × 3 + the head
     for k in w_sep:
         assert_bitwise(w_shared[k], w_sep[k])
+
+
+def test_error_diffusion_refits_layers_kept_in_float():
+    ids = torch.cat(batches(4, seed=5))
+    with torch.no_grad():
+        ref = TinyLM()(ids)
+    errs, kept = {}, {}
+    for refit in (False, True):
+        model = TinyLM()
+        before = model.blocks[1].up.weight.detach().clone()
+        recipe = Recipe(weights="int3_channel", method="error-diffusion", exclude=["head", "blocks.1.*"],
+                        error_diffusion={"calibrate_float_layers": refit})  # fmt: skip
+        res = quantize_blockwise(model, list(model.blocks), batches(), recipe, progress=False)
+        with torch.no_grad():
+            errs[refit] = float((model(ids) - ref).square().mean())
+        kept[refit] = torch.equal(model.blocks[1].up.weight, before)
+        entry = {r.name: r for r in res.layers}["blocks.1.up"]
+        assert entry.action == "skipped" and ("re-fit" in (entry.method or "")) == refit
+    assert kept[False] and not kept[True]
+    assert errs[True] < errs[False], errs

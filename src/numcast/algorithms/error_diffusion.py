@@ -51,7 +51,7 @@ LAZY_BATCH = 128  # columns per lazy update of the residual (a multiple of every
 
 @dataclass
 class EDResult:
-    qtensor: QTensor
+    qtensor: QTensor | None  # None for the float re-fit (fmt=None)
     weight: torch.Tensor  # the quantized weight [out, in] (float32), = qtensor.dequantize()
 
 
@@ -66,7 +66,7 @@ def error_diffusion(
     weight: torch.Tensor,
     g: torch.Tensor,
     h: torch.Tensor,
-    fmt: FormatLike,
+    fmt: FormatLike | None,
     *,
     scale_rule: str = "dynamic",
 ) -> EDResult:
@@ -74,8 +74,8 @@ def error_diffusion(
 
     ``g``/``h`` are [in, in], or [groups, in, in] for a grouped convolution whose output rows split into
     ``groups`` equal parts, each reading its own inputs (depthwise: one group per channel). Any common positive
-    factor of g and h (e.g. 1/m) cancels."""
-    fmt = get_format(fmt)
+    factor of g and h (e.g. 1/m) cancels. ``fmt=None`` is Q = identity: the float weight re-fitted to the
+    quantized network's inputs (the paper's calibration of layers kept in high precision; ``qtensor`` None)."""
     _check(weight, g, h)
     if g.dim() == 2:
         g, h = g[None], h[None]
@@ -95,19 +95,19 @@ def error_diffusion(
         p = r * inv_h[:, None, cols] + w[:, :, cols] * ratio[:, None, cols]
         return torch.where(live[:, None, cols], p, w[:, :, cols])  # dead features: the weight itself
 
-    cq = ColumnQuantizer(weight.detach().float(), fmt, scale_rule=scale_rule)
-    fb = cq.block or 1
+    cq = None if fmt is None else ColumnQuantizer(weight.detach().float(), get_format(fmt), scale_rule=scale_rule)
+    fb = (cq.block if cq else None) or 1
     batch = max(fb, LAZY_BATCH // fb * fb)
     r = torch.zeros_like(w)  # r[:, :, t] = <Â_t, U> over the columns chosen so far
     q = torch.zeros_like(w)
     for i1 in range(0, n_in, batch):
         i2 = min(i1 + batch, n_in)
         for t in range(i1, i2):
-            if cq.needs_scales(t):
+            if cq is not None and cq.needs_scales(t):
                 blk = slice(t, min(t + fb, n_in))
                 cq.fix_block(t, targets(r[:, :, blk], blk).reshape(out, -1).float())
             p = targets(r[:, :, t : t + 1], slice(t, t + 1))[:, :, 0]  # [groups, rows]
-            q[:, :, t] = cq.quantize(p.reshape(out), t).double().reshape(ng, rpg)
+            q[:, :, t] = p if cq is None else cq.quantize(p.reshape(out), t).double().reshape(ng, rpg)
             if t + 1 < i2:  # residuals of the rest of this batch, now
                 nxt = slice(t + 1, i2)
                 r[:, :, nxt] += w[:, :, t, None] * g[:, None, nxt, t] - q[:, :, t, None] * h[:, None, nxt, t]
@@ -115,7 +115,7 @@ def error_diffusion(
             cur, rest = slice(i1, i2), slice(i2, n_in)
             r[:, :, rest] += torch.bmm(w[:, :, cur], g[:, rest, cur].transpose(1, 2))
             r[:, :, rest] -= torch.bmm(q[:, :, cur], h[:, rest, cur].transpose(1, 2))
-    return EDResult(cq.qtensor(), q.reshape(out, n_in).float())
+    return EDResult(cq.qtensor() if cq else None, q.reshape(out, n_in).float())
 
 
 def error_diffusion_direct(

@@ -114,6 +114,13 @@ class Method:
     def solve(self, module: nn.Module, fmt: Format, acc) -> QTensor:
         raise NotImplementedError
 
+    def refits_float_layers(self, recipe: Recipe) -> bool:
+        """Whether layers kept in float inside the blocks are re-fitted (then :meth:`refit_float` is called)."""
+        return False
+
+    def refit_float(self, module: nn.Module, acc) -> None:
+        raise NotImplementedError
+
 
 class RTN(Method):
     name = "rtn"
@@ -153,6 +160,17 @@ class ErrorDiffusion(Method):
         w = module.weight.detach().reshape(module.weight.shape[0], -1)
         g, h = acc.result()
         return error_diffusion(w, g, h, fmt, scale_rule=self.scale_rule).qtensor
+
+    def refits_float_layers(self, recipe: Recipe) -> bool:
+        return recipe.error_diffusion.calibrate_float_layers
+
+    def refit_float(self, module: nn.Module, acc: GramAccumulator) -> None:
+        """Layer calibration: the same diffusion with Q = identity; the float weight is replaced in place."""
+        w = module.weight.detach().reshape(module.weight.shape[0], -1)
+        g, h = acc.result()
+        new = error_diffusion(w, g, h, None).weight
+        with torch.no_grad():
+            module.weight.copy_(new.reshape(module.weight.shape).to(module.weight.dtype))
 
 
 def method_for(recipe: Recipe) -> Method:

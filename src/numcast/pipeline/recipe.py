@@ -50,10 +50,13 @@ class GPTQSettings(BaseModel):
 
 class ErrorDiffusionSettings(BaseModel):
     """``scale_rule``: when a block-scaled format's shared scales are fixed — ``dynamic`` (from the updated
-    targets when the block's first column is reached) or ``static`` (from the float weights)."""
+    targets when the block's first column is reached) or ``static`` (from the float weights).
+    ``calibrate_float_layers``: also re-fit the float weights of linear/conv layers kept in float inside the
+    blocks (excluded by the recipe) so they absorb the error arriving from upstream (Q = identity)."""
 
     model_config = ConfigDict(extra="forbid")
     scale_rule: Literal["dynamic", "static"] = "dynamic"
+    calibrate_float_layers: bool = False
 
 
 class Recipe(BaseModel):

@@ -10,6 +10,8 @@
    and swap in the quantized module; then advance both streams through the block: X̂ ← block(X̂) with the
    quantized layers, X ← float block(X). Per-layer output SQNR is measured during that advance: each
    quantized layer's output against its float twin's output on the same input.
+   Methods that diffuse error may also re-fit the float weights of layers kept in float inside the blocks
+   (Error Diffusion's layer calibration, ``calibrate_float_layers``), in the same sequence.
 3. Layers outside the blocks (embeddings, LM head, pooler, ...) take RTN; static activation scales are
    calibrated on the finished model.
 
@@ -34,6 +36,7 @@ from numcast.formats.registry import get_format
 from numcast.nn.surgery import set_module
 from numcast.pipeline.methods import method_for
 from numcast.pipeline.quantize_model import (
+    LayerPlan,
     QuantizationResult,
     calibrate_activations,
     call_model,
@@ -192,6 +195,9 @@ def quantize_blockwise(
     todo, report = plan_layers(model, recipe)
     by_id = {id(p.module): p for p in todo}
     in_blocks = {id(m) for b in blocks for m in b.modules()}
+    refit = _float_layers_to_refit(model, recipe, report, in_blocks) if method.refits_float_layers(recipe) else []
+    by_id.update({id(p.module): p for p in refit})
+    refit_ids = {id(p.module) for p in refit}
     entry = {r.name: r for r in report}
 
     if first_block_input not in ("capture", "model"):
@@ -231,6 +237,10 @@ def quantize_blockwise(
             if method.needs_inputs:
                 accs = _accumulate(block, fblock, group, ftwin, quant_calls, float_calls, xs_q, xs_f, method, placement)
             for p in group:
+                if id(p.module) in refit_ids:  # kept in float: its float weights absorb the upstream error
+                    method.refit_float(p.module, accs[id(p.module)])
+                    entry[p.name].method = f"{method.name} (float weights re-fit)"
+                    continue
                 qt = method.solve(p.module, get_format(p.weight_format), accs.get(id(p.module)))
                 new = placement.compute(make_quant_module(p, recipe, qweight=qt))
                 set_module(model, p.name, new)  # the model's forward sees it ...
@@ -250,6 +260,16 @@ def quantize_blockwise(
         if r.action == "quantized" and r.method is None:
             r.method = method.name
     return QuantizationResult(model, report, wall_time_s=time.perf_counter() - t0)
+
+
+def _float_layers_to_refit(model, recipe, report, in_blocks) -> list[LayerPlan]:
+    """Linear/conv layers inside the blocks that the recipe keeps in float (excluded, skipped by override)."""
+    skipped = {r.name for r in report if r.action == "skipped"}
+    out = []
+    for name, m in model.named_modules():
+        if name in skipped and id(m) in in_blocks and isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            out.append(LayerPlan(name, m, type(m), "", None))
+    return out
 
 
 def _accumulate(block, fblock, group, ftwin, quant_calls, float_calls, xs_q, xs_f, method, placement) -> dict:
