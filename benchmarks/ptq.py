@@ -43,6 +43,11 @@ def run_cell(model: str, fmt: str, method: str, calibration: int, work: Path) ->
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"model": model, "format": fmt, "method": method, "error": proc.stdout[-500:] + proc.stderr[-500:]}
+    return {**row_of(model, fmt, method, calibration, out), "total_s": time.perf_counter() - t0}
+
+
+def row_of(model: str, fmt: str, method: str, calibration: int, out: Path) -> dict:
+    """The table row of one finished cell, from its report.json."""
     rec = json.loads((out / "report.json").read_text())
     p = rec["primary_metric"]
     return {
@@ -57,7 +62,6 @@ def run_cell(model: str, fmt: str, method: str, calibration: int, work: Path) ->
         "size_bytes": rec["size_bytes"],
         "bits_per_param": rec["bits_per_param"],
         "quantize_s": rec["wall_time_s"]["quantize"],
-        "total_s": time.perf_counter() - t0,
         "peak_rss_mb": rec["peak_rss_mb"],
         "peak_rss_mb_by_phase": rec.get("peak_rss_mb_by_phase"),
         "notes": rec["notes"],
@@ -104,6 +108,7 @@ def main() -> None:
     p.add_argument("--work", default="benchmarks/results/ptq_runs")
     p.add_argument("--json", default="benchmarks/results/ptq.json")
     p.add_argument("--update", action="store_true", help="replace the cells run here in an existing --json")
+    p.add_argument("--collect", action="store_true", help="do not run: collect the cells already under --work")
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--render", metavar="JSON", help="only print the Markdown table of a saved run (--models filter)")
     args = p.parse_args()
@@ -118,7 +123,13 @@ def main() -> None:
     for model in args.models:
         for fmt in args.formats:
             for method in args.methods:
-                r = run_cell(model, fmt, method, args.calibration, work)
+                if args.collect:
+                    cell = work / f"{model}__{fmt}__{method}"
+                    if not (cell / "report.json").is_file():
+                        continue
+                    r = row_of(model, fmt, method, args.calibration, cell)
+                else:
+                    r = run_cell(model, fmt, method, args.calibration, work)
                 rows.append(r)
                 status = r.get("error", "").splitlines()[-1:] if "error" in r else f"{r['quantized']:.4g}"
                 print(f"{model:20s} {fmt:12s} {method:5s} -> {status}", flush=True)
