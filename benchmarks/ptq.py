@@ -8,9 +8,10 @@ peak memory of each run.
 Every cell runs ``numcast quantize`` in its own process (so peak memory is that run's), writes its report
 under ``--work`` and is collected into one table and JSON; ``--update`` replaces the cells it ran in an
 existing JSON and keeps the others (so the table can be filled model by model). Methods are ``rtn``,
-``gptq``, ``error-diffusion`` and ``error-diffusion-static`` (block scales from the float weights: the
-ablation of Error Diffusion's scale rule). The "gap closed" column is (method − RTN) / (float − RTN) for the
-same model and format.
+``gptq``, ``error-diffusion``, ``error-diffusion-static`` (block scales from the float weights: the
+ablation of Error Diffusion's scale rule) and ``error-diffusion-refit`` (layers kept in float by
+``--exclude`` re-fitted with Q = identity: the ablation of Error Diffusion's layer calibration). The "gap
+closed" column is (method − RTN) / (float − RTN) for the same model and format.
 """
 
 from __future__ import annotations
@@ -31,13 +32,16 @@ METHOD_ARGS = {
     "gptq": ["--method", "gptq"],
     "error-diffusion": ["--method", "error-diffusion"],
     "error-diffusion-static": ["--method", "error-diffusion", "--ed-scale-rule", "static"],
+    "error-diffusion-refit": ["--method", "error-diffusion", "--ed-calibrate-float-layers"],
 }
 
 
-def run_cell(model: str, fmt: str, method: str, calibration: int, work: Path) -> dict:
+def run_cell(model: str, fmt: str, method: str, calibration: int, work: Path, exclude: list[str]) -> dict:
     out = work / f"{model}__{fmt}__{method}"
     cmd = [sys.executable, "-m", "numcast.cli", "quantize", model, "--weights", fmt, *METHOD_ARGS[method],
            "--calibration", str(calibration), "--out", str(out), "--overwrite", "--no-progress", "--json"]  # fmt: skip
+    if exclude:
+        cmd += ["--exclude", *exclude]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -107,6 +111,7 @@ def main() -> None:
     p.add_argument("--calibration", type=int, default=128)
     p.add_argument("--work", default="benchmarks/results/ptq_runs")
     p.add_argument("--json", default="benchmarks/results/ptq.json")
+    p.add_argument("--exclude", nargs="+", default=[], help="module globs every cell keeps in float")
     p.add_argument("--update", action="store_true", help="replace the cells run here in an existing --json")
     p.add_argument("--collect", action="store_true", help="do not run: collect the cells already under --work")
     p.add_argument("--markdown", action="store_true")
@@ -129,7 +134,7 @@ def main() -> None:
                         continue
                     r = row_of(model, fmt, method, args.calibration, cell)
                 else:
-                    r = run_cell(model, fmt, method, args.calibration, work)
+                    r = run_cell(model, fmt, method, args.calibration, work, args.exclude)
                 rows.append(r)
                 status = r.get("error", "").splitlines()[-1:] if "error" in r else f"{r['quantized']:.4g}"
                 print(f"{model:20s} {fmt:12s} {method:5s} -> {status}", flush=True)
