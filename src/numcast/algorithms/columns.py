@@ -14,6 +14,8 @@ the pass (there is no later point at which all columns are known). Unscaled form
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from numcast.formats.layout import Layout
@@ -44,6 +46,11 @@ class ColumnQuantizer:
             raise ValueError("column quantization needs per-output-channel scales (axis 0)")
         self.fmt, self.shape, self.scale_rule = fmt, tuple(weight.shape), scale_rule
         self.block = sc.block_size if sc.granularity == "block" else None
+        # one column of a block format is one element per row with the row's block scale: cast it with a
+        # per-row layout (same arithmetic, no padding of the column to a whole block)
+        self._col_fmt = fmt
+        if self.block:
+            self._col_fmt = replace(fmt, scaling=replace(sc, block_size=1))
         out, inp = self.shape
         self.n_blocks = -(-inp // self.block) if self.block else 1
         self.values = torch.zeros(self.shape, dtype=torch.float64)  # element units, filled per column
@@ -86,7 +93,7 @@ class ColumnQuantizer:
     def quantize(self, column: torch.Tensor, j: int) -> torch.Tensor:
         """The quantized column j ([out] float32), recorded for :meth:`qtensor`."""
         col = column.detach().float().reshape(-1, 1)
-        r = core(col, self.fmt, scales=self.scales_for(j))
+        r = core(col, self._col_fmt, scales=self.scales_for(j))
         vals = r.layout.from_rows(r.values).reshape(-1)
         self.values[:, j] = vals.double()
         return r.output(col.shape, torch.float32).reshape(-1)
