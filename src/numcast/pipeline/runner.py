@@ -235,7 +235,8 @@ def quantize_blockwise(
         for group in groups:
             accs = {}
             if method.needs_inputs:
-                accs = _accumulate(block, fblock, group, ftwin, quant_calls, float_calls, xs_q, xs_f, method, placement)
+                accs = _accumulate(block, fblock, group, ftwin, quant_calls, float_calls, xs_q, xs_f, method, placement,
+                                   shared=true_sequential and share_inputs)  # fmt: skip
             for p in group:
                 if id(p.module) in refit_ids:  # kept in float: its float weights absorb the upstream error
                     method.refit_float(p.module, accs[id(p.module)])
@@ -272,11 +273,17 @@ def _float_layers_to_refit(model, recipe, report, in_blocks) -> list[LayerPlan]:
     return out
 
 
-def _accumulate(block, fblock, group, ftwin, quant_calls, float_calls, xs_q, xs_f, method, placement) -> dict:
+def _accumulate(block, fblock, group, ftwin, quant_calls, float_calls, xs_q, xs_f, method, placement,
+                shared: bool = False) -> dict:  # fmt: skip
     """Feed the group's layer inputs of every calibration batch to the method's accumulators. Each pass stops
     as soon as the group's last layer (in execution order) has read its input: the rest of the block cannot
-    change what the group sees."""
-    accs = {id(p.module): method.accumulator(p.module) for p in group}
+    change what the group sees. ``shared``: the group's layers read one tensor; Linear layers then share one
+    accumulator (the same statistics, computed once)."""
+    one = shared and all(isinstance(p.module, nn.Linear) for p in group)
+    accs = {id(p.module): method.accumulator(p.module) for p in (group[:1] if one else group)}
+    if one:
+        accs.update({id(p.module): accs[id(group[0].module)] for p in group})
+    feeds = {id(group[0].module)} if one else {id(p.module) for p in group}  # layers whose input is recorded
     got_f: dict[int, torch.Tensor] = {}
     last = id(group[-1].module)
     hooks = []
@@ -284,7 +291,8 @@ def _accumulate(block, fblock, group, ftwin, quant_calls, float_calls, xs_q, xs_
         mid = id(p.module)
 
         def on_q(mod, args, mid=mid):
-            accs[mid].add(mod, args[0], got_f.pop(mid, None))
+            if mid in feeds:
+                accs[mid].add(mod, args[0], got_f.pop(mid, None))
             if mid == last:
                 raise _Stop
 
@@ -292,7 +300,8 @@ def _accumulate(block, fblock, group, ftwin, quant_calls, float_calls, xs_q, xs_
         if method.needs_float_inputs:
 
             def on_f(_mod, args, mid=mid):
-                got_f[mid] = args[0]
+                if mid in feeds:
+                    got_f[mid] = args[0]
                 if mid == last:
                     raise _Stop
 
