@@ -116,6 +116,17 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list, plac
     return calls
 
 
+def _without_x(calls: list[BlockCall]) -> list[BlockCall]:
+    """The calls with their stream tensor dropped (the runner keeps the streams apart; ``with_x`` puts it back)."""
+    out = []
+    for c in calls:
+        if c.args:
+            out.append(BlockCall((None,) + tuple(c.args[1:]), c.kwargs))
+        else:
+            out.append(BlockCall((), {**c.kwargs, "hidden_states": None}))
+    return out
+
+
 def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -213,9 +224,12 @@ def quantize_blockwise(
     for p in outside:
         set_module(model, p.name, make_quant_module(p, recipe))
         entry[p.name].method = "rtn (outside blocks)"
-    quant_calls = first_inputs() if outside else float_calls
+    outside_done = bool(outside)
+    del todo, outside  # from here on a layer's float original lives only until its block is done
+    quant_calls = first_inputs() if outside_done else float_calls
     xs_q = [c.x for c in quant_calls]
     xs_f = [c.x for c in float_calls] if method.needs_float_inputs else []  # the float stream, when used
+    quant_calls, float_calls = _without_x(quant_calls), _without_x(float_calls)  # the streams hold x now
 
     bar = tqdm(blocks, desc=f"{method.name} blocks", disable=not progress, leave=False)
     for block in bar:
@@ -229,7 +243,7 @@ def quantize_blockwise(
         block = placement.compute(block)
         fblock = placement.compute(fblock)
         order, read = _execution_order(block, [p.module for p in plans], quant_calls[0], xs_q[0], placement)
-        plans.sort(key=lambda p: order.index(p.module))
+        plans.sort(key=lambda p, o=order: o.index(p.module))
         groups = _sequential_groups(plans, read, share_inputs) if true_sequential else [plans]
         qmods: dict[int, tuple[str, nn.Module]] = {}  # id(quantized module) -> (name, float twin)
         for group in groups:
@@ -254,7 +268,9 @@ def quantize_blockwise(
         for k, (sig, noise) in stats.items():
             entry[qmods[k][0]].sqnr_db = 10 * math.log10(sig / noise) if noise > 0 and sig > 0 else math.inf
         placement.offload(block)
-        del fblock
+        for p in plans:  # the float originals are not needed any more: let them go (memory ~ one model)
+            by_id.pop(id(p.module), None)
+        del fblock, ftwin, plans, groups, group, order, read, qmods, accs
     if recipe.activations is not None and recipe.activation_mode == "static":
         calibrate_activations(model, batches)
     for r in report:
