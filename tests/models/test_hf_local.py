@@ -60,7 +60,7 @@ def test_tiny_folder_quantizes_and_reloads_through_the_cli(tmp_path, capsys, kin
                  "--out", str(out), "--no-progress"]) == 0  # fmt: skip
     rec = json.loads((out / "report.json").read_text())
     assert rec["model"] == str(folder.resolve())
-    assert rec["primary_metric"] == ("lee50_pearson" if kind == "encoder" else "perplexity")
+    assert rec["primary_metric"] == ("embedding_cosine" if kind == "encoder" else "perplexity")
     quantized = [r for r in rec["layers"] if r["action"] == "quantized"]
     inside = [r for r in quantized if ".layer." in r["name"] or ".layers." in r["name"]]
     assert len(inside) == 2 * (6 if kind == "encoder" else 7) and all(r["method"] == "gptq" for r in inside)
