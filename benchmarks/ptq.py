@@ -8,8 +8,10 @@ peak memory of each run.
 Every cell runs ``numcast quantize`` in its own process (so peak memory is that run's), writes its report
 under ``--work`` and is collected into one table and JSON; ``--update`` replaces the cells it ran in an
 existing JSON and keeps the others (so the table can be filled model by model). Methods are ``rtn``,
-``gptq``, ``error-diffusion``, ``error-diffusion-static`` (block scales from the float weights: the
-ablation of Error Diffusion's scale rule) and ``error-diffusion-refit`` (layers kept in float by
+``gptq``, ``error-diffusion`` (defaults: static block scales, strongest inputs first) and its ablations
+``error-diffusion-dynamic`` (block scales from the updated targets), ``error-diffusion-natural`` (GPFQ's
+natural column order, dynamic scales), ``error-diffusion-weak`` (weakest inputs first) and
+``error-diffusion-refit`` (layers kept in float by
 ``--exclude`` re-fitted with Q = identity: the ablation of Error Diffusion's layer calibration). The "gap
 closed" column is (method − RTN) / (float − RTN) for the same model and format.
 """
@@ -31,7 +33,9 @@ METHOD_ARGS = {
     "rtn": ["--method", "rtn"],
     "gptq": ["--method", "gptq"],
     "error-diffusion": ["--method", "error-diffusion"],
-    "error-diffusion-static": ["--method", "error-diffusion", "--ed-scale-rule", "static"],
+    "error-diffusion-dynamic": ["--method", "error-diffusion", "--ed-scale-rule", "dynamic"],
+    "error-diffusion-natural": ["--method", "error-diffusion", "--ed-scale-rule", "dynamic", "--ed-order", "natural"],
+    "error-diffusion-weak": ["--method", "error-diffusion", "--ed-order", "weak-first"],
     "error-diffusion-refit": ["--method", "error-diffusion", "--ed-calibrate-float-layers"],
 }
 

@@ -164,6 +164,8 @@ def recipe_from_args(args: argparse.Namespace):
     ed = dict(data.get("error_diffusion") or {})
     if args.ed_scale_rule is not None:
         ed["scale_rule"] = args.ed_scale_rule
+    if args.ed_order is not None:
+        ed["order"] = args.ed_order
     if args.ed_calibrate_float_layers is not None:
         ed["calibrate_float_layers"] = args.ed_calibrate_float_layers
     data["error_diffusion"] = ed
@@ -270,8 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--gptq-damp", dest="gptq_damp", type=float)
     q.add_argument("--gptq-block-size", dest="gptq_block_size", type=int)
     q.add_argument("--act-order", dest="gptq_act_order", action="store_true", default=None)
-    q.add_argument("--ed-scale-rule", dest="ed_scale_rule", choices=("dynamic", "static"),
-                   help="error-diffusion block scales: from the updated targets (dynamic, default) or float weights")
+    q.add_argument("--ed-scale-rule", dest="ed_scale_rule", choices=("static", "dynamic"),
+                   help="error-diffusion block scales: from the float weights (static, default) or updated targets")
+    q.add_argument("--ed-order", dest="ed_order", choices=("strong-first", "weak-first", "natural", "auto"),
+                   help="error-diffusion column order (default strong-first: largest input norm first)")
     q.add_argument("--ed-calibrate-float-layers", dest="ed_calibrate_float_layers", action="store_true", default=None,
                    help="error-diffusion: also re-fit layers kept in float inside the blocks (Q = identity)")
     q.add_argument("--recipe", help="recipe file (.yaml/.json); flags given here override its fields")

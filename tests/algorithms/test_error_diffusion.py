@@ -7,12 +7,13 @@ import pytest
 import torch
 from helpers import assert_bitwise
 
-from numcast.algorithms.error_diffusion import error_diffusion, error_diffusion_direct
+from numcast.algorithms.error_diffusion import error_diffusion, error_diffusion_direct, visiting_order
 from numcast.algorithms.rtn import rtn
 
 FORMATS = ["mxfp4", "mxfp6_e2m3", "nvfp4", "int4_g128", "int3_g64", "mxint8", "int4_channel", "fp8_e4m3",
            "uint4_g128_zp", "bfp4_b16", "fp8_e4m3_tensor"]  # fmt: skip
 RULES = ["dynamic", "static"]
+ORDERS = ["strong-first", "weak-first", "natural", "auto"]
 
 
 def streams(m: int, n: int, seed: int = 0, noise: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,9 +43,11 @@ def test_gram_form_equals_the_direct_gpfq_loop(name, rule):
     a, a_hat = streams(300, 200)
     w = weight(24, 200)
     g, h = grams(a, a_hat)
-    gram = error_diffusion(w, g, h, name, scale_rule=rule)
-    direct = error_diffusion_direct(w, a, a_hat, name, scale_rule=rule)
-    assert_bitwise(gram.weight, direct.weight, name)
+    for order in ORDERS if name in ("mxfp4", "int4_channel") else ["strong-first"]:
+        gram = error_diffusion(w, g, h, name, scale_rule=rule, order=order)
+        direct = error_diffusion_direct(w, a, a_hat, name, scale_rule=rule, order=order)
+        assert gram.order == direct.order
+        assert_bitwise(gram.weight, direct.weight, f"{name} {order}")
     assert_bitwise(gram.qtensor.dequantize(), gram.weight, f"{name}: qtensor")  # decoded from codes: on the grid
 
 
@@ -55,7 +58,9 @@ def test_orthogonal_inputs_without_upstream_error_give_rtn(name, rule):
     a = torch.diag(torch.rand(n, generator=torch.Generator().manual_seed(3)) + 0.5)  # orthogonal features
     w = weight(16, n)
     g, h = grams(a, a)
-    assert_bitwise(error_diffusion(w, g, h, name, scale_rule=rule).weight, rtn(w, name).dequantize(), name)
+    for order in ORDERS:
+        got = error_diffusion(w, g, h, name, scale_rule=rule, order=order).weight
+        assert_bitwise(got, rtn(w, name).dequantize(), f"{name} {order}")
 
 
 @pytest.mark.parametrize("name", FORMATS)
@@ -86,24 +91,61 @@ def gpfq_per_neuron(w: torch.Tensor, a: torch.Tensor, a_hat: torch.Tensor, qmin:
     return out.float()
 
 
-def test_integer_per_channel_equals_an_independent_gpfq():
+@pytest.mark.parametrize("order", ["natural", "strong-first"])
+def test_integer_per_channel_equals_an_independent_gpfq(order):
+    """GPFQ as published (natural order) and on columns permuted by decreasing ||Â_t||², by hand."""
     a, a_hat = streams(200, 48, seed=4)
+    a = a * torch.linspace(0.2, 3.0, 48)  # features of different strength
+    a_hat = a_hat * torch.linspace(0.2, 3.0, 48)
     w = weight(6, 48, seed=5)
-    ref = gpfq_per_neuron(w, a, a_hat, -8, 7)
-    got = error_diffusion(w, *grams(a, a_hat), "int4_channel").weight
+    perm = torch.arange(48) if order == "natural" else torch.argsort(a_hat.double().square().sum(0), descending=True)
+    ref = gpfq_per_neuron(w[:, perm], a[:, perm], a_hat[:, perm], -8, 7)[:, torch.argsort(perm)]
+    got = error_diffusion(w, *grams(a, a_hat), "int4_channel", order=order).weight
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
     assert (got != rtn(w, "int4_channel").dequantize()).any()  # GPFQ moved weights off their nearest level
 
 
+def test_visiting_orders():
+    h = torch.diag(torch.tensor([1.0, 5.0, 3.0, 0.0, 4.0, 2.0, 6.0, 0.5]))
+    assert visiting_order(h, "strong-first").tolist() == [6, 1, 4, 2, 5, 0, 7, 3]
+    assert visiting_order(h, "weak-first").tolist() == [3, 7, 0, 5, 2, 4, 1, 6]
+    assert visiting_order(h, "natural").tolist() == list(range(8))
+    # blocks of 4 kept whole (the dynamic scale rule): block 1 (sum 12.5) before block 0 (sum 9)
+    assert visiting_order(h, "strong-first", whole_blocks=4).tolist() == [6, 4, 5, 7, 1, 2, 0, 3]
+    with pytest.raises(ValueError, match="unknown column order"):
+        visiting_order(h, "random")
+
+
+def test_auto_keeps_the_order_with_the_lower_objective():
+    a, a_hat = streams(256, 64, noise=0.1)
+    a, a_hat = a * torch.logspace(-1, 1, 64), a_hat * torch.logspace(-1, 1, 64)
+    w = weight(16, 64)
+    g, h = grams(a, a_hat)
+    errs = {o: rel_error(a, a_hat, w, error_diffusion(w, g, h, "mxfp4", order=o).weight)
+            for o in ("strong-first", "weak-first")}  # fmt: skip
+    auto = error_diffusion(w, g, h, "mxfp4", order="auto")
+    assert auto.order == min(errs, key=errs.get)
+    assert rel_error(a, a_hat, w, auto.weight) == min(errs.values())
+
+
 @pytest.mark.parametrize("name", ["int4_channel", "mxfp4", "int3_g64"])
 def test_groups_are_independent_layers(name):
-    """A grouped layer (rows split into 4 groups, each with its own inputs) == the 4 layers one by one."""
+    """A grouped layer (rows split into 4 groups, each with its own inputs) == the 4 layers one by one, when
+    they visit their columns in the same order (groups share one order, from their summed norms)."""
     w = weight(32, 64)
     stats = [grams(*streams(128, 64, seed=10 + k)) for k in range(4)]
     g, h = torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats])
-    whole = error_diffusion(w, g, h, name).weight
-    parts = torch.cat([error_diffusion(w[8 * k : 8 * k + 8], *stats[k], name).weight for k in range(4)])
-    assert_bitwise(whole, parts, name)
+    for order in ("natural", "strong-first"):
+        perm = visiting_order(h, order)
+        whole = error_diffusion(w, g, h, name, order=order).weight
+        parts = []
+        for k in range(4):  # each part with the group order imposed: permute, natural order, unpermute
+            gk, hk = (m[perm][:, perm] for m in stats[k])
+            pk = error_diffusion(w[8 * k : 8 * k + 8, perm], gk, hk, name, order="natural").weight
+            parts.append(pk[:, torch.argsort(perm)])
+        if name != "int4_channel" and order != "natural":
+            continue  # block formats: permuting columns moves them across blocks; only natural order compares
+        assert_bitwise(whole, torch.cat(parts), f"{name} {order}")
 
 
 @pytest.mark.parametrize("name", ["int4_channel", "mxfp4"])
@@ -111,10 +153,10 @@ def test_dead_features_keep_their_rounded_weight(name):
     a, a_hat = streams(256, 64)
     a_hat[:, [3, 40]] = 0.0  # dead in the quantized path
     w = weight(8, 64)
-    q = error_diffusion(w, *grams(a, a_hat), name, scale_rule="static").weight
+    q = error_diffusion(w, *grams(a, a_hat), name).weight
     assert torch.isfinite(q).all()
     assert_bitwise(q[:, [3, 40]], rtn(w, name).dequantize()[:, [3, 40]], name)
-    assert_bitwise(error_diffusion_direct(w, a, a_hat, name, scale_rule="static").weight, q, f"{name}: direct")
+    assert_bitwise(error_diffusion_direct(w, a, a_hat, name).weight, q, f"{name}: direct")
 
 
 def test_bad_input_is_refused():
@@ -128,6 +170,8 @@ def test_bad_input_is_refused():
         error_diffusion(w, g, h, "mxfp4")
     with pytest.raises(ValueError, match="unknown scale rule"):
         error_diffusion(w, *grams(a, a_hat), "mxfp4", scale_rule="later")
+    with pytest.raises(ValueError, match="unknown column order"):
+        error_diffusion(w, *grams(a, a_hat), "mxfp4", order="random")
 
 
 def test_identity_q_refits_float_weights():

@@ -150,8 +150,8 @@ class ErrorDiffusion(Method):
     needs_inputs = True
     needs_float_inputs = True
 
-    def __init__(self, scale_rule: str = "dynamic") -> None:
-        self.scale_rule = scale_rule
+    def __init__(self, scale_rule: str = "static", order: str = "strong-first") -> None:
+        self.scale_rule, self.order = scale_rule, order
 
     def accumulator(self, module: nn.Module) -> GramAccumulator:
         return GramAccumulator()
@@ -159,7 +159,7 @@ class ErrorDiffusion(Method):
     def solve(self, module: nn.Module, fmt: Format, acc: GramAccumulator) -> QTensor:
         w = module.weight.detach().reshape(module.weight.shape[0], -1)
         g, h = acc.result()
-        return error_diffusion(w, g, h, fmt, scale_rule=self.scale_rule).qtensor
+        return error_diffusion(w, g, h, fmt, scale_rule=self.scale_rule, order=self.order).qtensor
 
     def refits_float_layers(self, recipe: Recipe) -> bool:
         return recipe.error_diffusion.calibrate_float_layers
@@ -168,7 +168,7 @@ class ErrorDiffusion(Method):
         """Layer calibration: the same diffusion with Q = identity; the float weight is replaced in place."""
         w = module.weight.detach().reshape(module.weight.shape[0], -1)
         g, h = acc.result()
-        new = error_diffusion(w, g, h, None).weight
+        new = error_diffusion(w, g, h, None, order=self.order).weight
         with torch.no_grad():
             module.weight.copy_(new.reshape(module.weight.shape).to(module.weight.dtype))
 
@@ -179,5 +179,5 @@ def method_for(recipe: Recipe) -> Method:
     if recipe.method == "gptq":
         return GPTQ(recipe.gptq.damp, recipe.gptq.block_size, recipe.gptq.act_order)
     if recipe.method == "error-diffusion":
-        return ErrorDiffusion(recipe.error_diffusion.scale_rule)
+        return ErrorDiffusion(recipe.error_diffusion.scale_rule, recipe.error_diffusion.order)
     raise ValueError(f"unknown method {recipe.method!r}")

@@ -49,13 +49,17 @@ class GPTQSettings(BaseModel):
 
 
 class ErrorDiffusionSettings(BaseModel):
-    """``scale_rule``: when a block-scaled format's shared scales are fixed — ``dynamic`` (from the updated
-    targets when the block's first column is reached) or ``static`` (from the float weights).
+    """``scale_rule``: when a block-scaled format's shared scales are fixed — ``static`` (from the float
+    weights) or ``dynamic`` (from the updated targets when the block's first column is reached).
+    ``order``: the column visiting order — ``strong-first`` (default), ``weak-first``, ``natural``, or ``auto``
+    (per layer, the better of strong- and weak-first by the layer objective) (see
+    :mod:`numcast.algorithms.error_diffusion`).
     ``calibrate_float_layers``: also re-fit the float weights of linear/conv layers kept in float inside the
     blocks (excluded by the recipe) so they absorb the error arriving from upstream (Q = identity)."""
 
     model_config = ConfigDict(extra="forbid")
-    scale_rule: Literal["dynamic", "static"] = "dynamic"
+    scale_rule: Literal["static", "dynamic"] = "static"
+    order: Literal["strong-first", "weak-first", "natural", "auto"] = "strong-first"
     calibrate_float_layers: bool = False
 
 
