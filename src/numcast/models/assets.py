@@ -6,6 +6,7 @@ Nothing is downloaded at run time: a missing package raises an error carrying th
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import torch
@@ -39,3 +40,8 @@ def mobilenet_v2_weights_path() -> Path:
 def mobilenet_v2_state_dict() -> dict[str, torch.Tensor]:
     """The float32 state dict (torchvision parameter names: ``features.N...``, ``classifier.1``)."""
     return torch.load(mobilenet_v2_weights_path(), map_location="cpu", weights_only=True)
+
+
+def cache_root() -> Path:
+    """numcast's cache of derived model files: ``$NUMCAST_CACHE`` or ``~/.cache/numcast``."""
+    return Path(os.environ.get("NUMCAST_CACHE", "~/.cache/numcast")).expanduser()

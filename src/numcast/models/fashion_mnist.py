@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from numcast.models.assets import MissingAssetError
+from numcast.models.assets import MissingAssetError, cache_root
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_ENV = "NUMCAST_FASHION_MNIST_DIR"  # overrides FASHION_MNIST_DIR when set (read at every call)
@@ -314,8 +314,8 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 def fmnist_cnn_cache_path(cache_dir: Path | str | None = None) -> Path:
     """``cache_dir / fmnist-cnn-v1.safetensors``, ``cache_dir`` defaulting to ``$NUMCAST_CACHE`` or
     ``~/.cache/numcast``."""
-    d = Path(cache_dir) if cache_dir is not None else Path(os.environ.get("NUMCAST_CACHE", "~/.cache/numcast"))
-    return d.expanduser() / FMNIST_CNN_CACHE_NAME
+    d = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
+    return d / FMNIST_CNN_CACHE_NAME
 
 
 def _save_atomic(model: FmnistCNN, path: Path, metadata: dict[str, str]) -> None:

@@ -21,11 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from numcast.models.assets import cache_root
+
 KINDS = ("causal-lm", "encoder")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("NUMCAST_CACHE", "~/.cache/numcast")).expanduser()
 
 
 def is_model_path(name: str) -> bool:
