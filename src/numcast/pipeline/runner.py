@@ -351,8 +351,8 @@ def _advance(block, fblock, quant_calls, xs_q, xs_f, qmods, placement, need_floa
                 def on_out(mod, args, out, twin=twin):
                     ref = twin(args[0])
                     s = stats[id(mod)]
-                    s[0] += float(ref.double().square().sum())
-                    s[1] += float((out.double() - ref.double()).square().sum())
+                    s[0] += float(ref.square().sum(dtype=torch.float64))  # squares in the stream's dtype,
+                    s[1] += float((out - ref).square().sum(dtype=torch.float64))  # sums in float64
 
                 hooks.append(m.register_forward_hook(on_out))
     try:
