@@ -12,10 +12,13 @@ from numcast.report.records import PhasePeaks, model_sizes, plot_sqnr
 
 
 def test_phase_peaks_are_per_phase():
+    import mmap
+
     mem = PhasePeaks()
-    with mem.phase("big"):
-        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        del x
+    with mem.phase("big"):  # 64 MiB of fresh anonymous pages, touched (an allocator could reuse resident memory)
+        m = mmap.mmap(-1, 64 * 2**20)
+        m.write(b"\x01" * len(m))
+        m.close()
     with mem.phase("small"):
         y = torch.ones(1024)
         del y
