@@ -67,6 +67,9 @@ def adversarial_blocks(block: int, rng: np.random.Generator) -> np.ndarray:
     return np.array(rows, dtype=np.float32)
 
 
+STANDARD_PHOTOS = ("camera", "chelsea", "coffee", "motorcycle")  # shipped photos with a clear ImageNet class
+
+
 def standard_crops(names, size: int, mean, std):
     """The standard full-image crop (resize 256, centre crop) of each named shipped photo, normalised."""
     from numcast.models import data

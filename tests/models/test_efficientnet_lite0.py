@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from helpers import standard_crops
+from helpers import STANDARD_PHOTOS, standard_crops
 from torch import nn
 
 from numcast.models import assets
@@ -21,8 +21,6 @@ from numcast.models.efficientnet_lite0 import (
     load_efficientnet_lite0,
 )
 
-PHOTOS = ("camera", "chelsea", "coffee", "motorcycle")
-
 
 @pytest.fixture(scope="module")
 def model() -> nn.Module:
@@ -31,7 +29,7 @@ def model() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def crops() -> torch.Tensor:
-    return standard_crops(PHOTOS, INPUT_SIZE, MEAN, STD)
+    return standard_crops(STANDARD_PHOTOS, INPUT_SIZE, MEAN, STD)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +48,7 @@ def test_loaded_model(model):
 
 
 def test_predictions_on_real_photos(logits):
-    pred = dict(zip(PHOTOS, logits.topk(5).indices.tolist(), strict=True))
+    pred = dict(zip(STANDARD_PHOTOS, logits.topk(5).indices.tolist(), strict=True))
     assert pred["chelsea"][0] in range(281, 286)  # a cat class (282 tiger cat)
     assert pred["coffee"][0] == 967 and {968, 504} <= set(pred["coffee"])  # espresso; cup, coffee mug
     assert pred["camera"][0] == 872  # tripod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import standard_crops
+from helpers import STANDARD_PHOTOS, standard_crops
 from torch import nn
 
 from numcast.models import assets
@@ -17,8 +17,6 @@ from numcast.models.mobilenet_v2 import (
     mobilenet_v2_blocks,
 )
 
-PHOTOS = ("camera", "chelsea", "coffee", "motorcycle")
-
 
 @pytest.fixture(scope="module")
 def model() -> MobileNetV2:
@@ -27,7 +25,7 @@ def model() -> MobileNetV2:
 
 @pytest.fixture(scope="module")
 def crops() -> torch.Tensor:
-    return standard_crops(PHOTOS, INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD)
+    return standard_crops(STANDARD_PHOTOS, INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD)
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +57,13 @@ def test_state_dict_names_match_the_torchvision_checkpoint(model):
 
 def test_predictions_on_real_photos(logits):
     top5 = logits.topk(5).indices.tolist()
-    pred = dict(zip(PHOTOS, top5, strict=True))
+    pred = dict(zip(STANDARD_PHOTOS, top5, strict=True))
     assert pred["chelsea"][0] in range(281, 286)  # a cat class (285 Egyptian cat)
     assert pred["coffee"][0] == 967  # espresso
     assert {968, 504} & set(pred["coffee"])  # cup / coffee mug also ranked
     assert pred["camera"][0] == 872  # tripod (the cameraman photo)
     assert pred["motorcycle"][0] == 665  # moped
-    assert logits.softmax(-1)[PHOTOS.index("coffee"), 967] > 0.9
+    assert logits.softmax(-1)[STANDARD_PHOTOS.index("coffee"), 967] > 0.9
 
 
 def test_blocks_in_order_equal_the_model(model, crops, logits):

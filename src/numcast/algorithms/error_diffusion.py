@@ -37,9 +37,10 @@ after them absorb their rounding error (the idea of GPTQ's act-order): SmolLM2-1
 post-LayerNorm BERT with a few outlier features, is the exception: embedding cosine to float 0.79
 strong-first, 0.97 ``weak-first`` (numbers in README). ``order="auto"`` runs both and keeps, per layer, the one
 with the lower objective ||ÂŴᵀ − AWᵀ||² = Σ_rows (ŵᵀHŵ − 2ŵᵀGw) + const (twice the solve's cost); on MiniLM
-it picks strong-first too — the calibration objective does not see what MiniLM's single-word evaluation
-inputs need. Orders by norm visit a block's columns apart, so block scales are ``static`` by default; with the
-``dynamic`` rule blocks are kept whole (ordered by their summed norms, columns inside a block too).
+it picks strong-first too (cosine 0.788, README limits) — the calibration objective does not see what
+MiniLM's single-word evaluation inputs need. Orders by norm visit a block's columns apart, so block scales
+are ``static`` by default; with the ``dynamic`` rule blocks are kept whole (ordered by their summed norms,
+columns inside a block too).
 
 Dead input features (H[t, t] = 0: zero on every calibration row of the quantized path) carry no information
 about their weight; they get Q(w_t), the round-to-nearest value [numcast's choice; GPTQ's reference zeroes
