@@ -104,7 +104,12 @@ class ActQuantizer(nn.Module):
             return cast(x, self.fmt)
         if not self.calibrated:
             raise RuntimeError("static activation quantizer used before calibration (run the calibration pass)")
-        return self._apply_static(x, float(self.amax))
+        y = self._apply_static(x.detach(), float(self.amax))
+        if not x.requires_grad:
+            return y
+        a, lo = float(self.amax), -float(self.amax) if self.fmt.element.signed else 0.0
+        inside = (x.detach() >= lo) & (x.detach() <= a)  # clipped straight-through gradient (training through it)
+        return x * inside + (y - x * inside).detach()
 
     def extra_repr(self) -> str:
         return f"{self.fmt.label}, mode={self.mode}" + (f", observer={self.observer}" if self.mode == "static" else "")

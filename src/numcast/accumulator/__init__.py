@@ -1,0 +1,1 @@
+"""Accumulator-aware quantization support: closed-form accumulator bounds and an integer-exact simulator."""
