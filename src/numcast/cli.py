@@ -169,6 +169,12 @@ def recipe_from_args(args: argparse.Namespace):
     if args.ed_calibrate_float_layers is not None:
         ed["calibrate_float_layers"] = args.ed_calibrate_float_layers
     data["error_diffusion"] = ed
+    acc = dict(data.get("accumulator") or {})
+    for k in ("bits", "rule", "rounding", "input_sign"):
+        v = getattr(args, f"accumulator_{k}")
+        if v is not None:
+            acc[k] = v
+    data["accumulator"] = acc
     if "weights" not in data:
         raise ValueError("no weight format: pass --weights FMT or a --recipe with `weights`")
     return Recipe.model_validate(data)
@@ -263,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--activations", help="activation (layer input) format")
     q.add_argument("--activation-mode", dest="activation_mode", choices=("dynamic", "static"))
     q.add_argument("--activation-observer", dest="activation_observer", choices=("minmax", "percentile", "mse"))
-    q.add_argument("--method", choices=("rtn", "gptq", "error-diffusion"))
+    q.add_argument("--method", choices=("rtn", "gptq", "error-diffusion", "ep-init"))
     q.add_argument("--calibration", type=int, help="number of calibration samples")
     q.add_argument("--include", nargs="+", help="globs of module names to quantize (default: all)")
     q.add_argument("--exclude", nargs="+", help="globs of module names to keep in float")
@@ -278,6 +284,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="error-diffusion column order (default strong-first: largest input norm first)")
     q.add_argument("--ed-calibrate-float-layers", dest="ed_calibrate_float_layers", action="store_true", default=None,
                    help="error-diffusion: also re-fit layers kept in float inside the blocks (Q = identity)")
+    q.add_argument("--accumulator-bits", dest="accumulator_bits", type=int,
+                   help="accumulator width P no layer may overflow (A2Q/A2Q+ L1 budget on the integer weights; "
+                        "needs integer weights per channel and integer --activations)")
+    q.add_argument("--accumulator-rule", dest="accumulator_rule", choices=("a2q+", "a2q"),
+                   help="the L1 budget of --accumulator-bits (default a2q+: zero-centred, twice A2Q's for uint inputs)")
+    q.add_argument("--accumulator-rounding", dest="accumulator_rounding", choices=("budget", "toward_zero"),
+                   help="rounding under the budget: to nearest where the budget allows (default) or toward zero")
+    q.add_argument("--input-sign", dest="accumulator_input_sign", choices=("auto", "format"),
+                   help="accumulator-aware: unsigned inputs where the calibration inputs are never negative (auto, "
+                        "default) or the --activations format as given")
     q.add_argument("--recipe", help="recipe file (.yaml/.json); flags given here override its fields")
     q.add_argument("--out", required=True, help="output directory")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")

@@ -50,6 +50,7 @@ def run_ptq(model_name: str, recipe: Recipe, out: Path, *, overwrite: bool = Fal
         res = quantize_blockwise(
             w.model, w.blocks(w.model), batches, recipe, progress=progress, first_block_input=w.first_block_input
         )
+    recipe = res.recipe or recipe  # as resolved (accumulator-aware recipes: per-layer input signs)
     stage("measuring the quantized model")
     t0 = time.perf_counter()
     with mem.phase("evaluate_quantized"):

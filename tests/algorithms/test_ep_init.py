@@ -10,11 +10,13 @@ from scipy.optimize import minimize
 from numcast.accumulator.bounds import min_accumulator_bits
 from numcast.algorithms.ep_init import (
     a2q_integer_weights,
-    constrain_codes,
     ep_init,
+    fit_budget,
     initial_scale,
     l1_budget,
+    project_budget,
     project_l1_ball,
+    round_within_budget,
 )
 
 
@@ -96,19 +98,59 @@ def test_round_to_nearest_breaks_the_guarantee():
     assert float(q_rtn.abs().sum()) > T
 
 
-def test_constrain_codes_leaves_rows_within_budget_alone_and_fixes_the_rest():
+@pytest.mark.parametrize("rounding", ["budget", "toward_zero"])
+@pytest.mark.parametrize("rule", ["a2q", "a2q+"])
+def test_fit_budget_leaves_codes_within_budget_alone_and_fixes_the_rest(rule, rounding):
     gen = torch.Generator().manual_seed(3)
     q = torch.randint(-7, 8, (40, 64), generator=gen).double()
     q[:20] = torch.randint(-2, 3, (20, 64), generator=gen).double()  # rows within the budget
-    T = l1_budget("a2q", 12, 4, False)  # 127.9375
-    out = constrain_codes(q, 4, T, zero_center=False)
-    inside = q.abs().sum(1) <= T
+    T = l1_budget(rule, 12, 4, False)
+    out = fit_budget(q, 4, T, rule, rounding)
+    half = torch.maximum(q.clamp(min=0).sum(1), (-q).clamp(min=0).sum(1))
+    inside = q.abs().sum(1) <= T if rule == "a2q" else half <= T / 2
     assert bool(inside.any()) and bool((~inside).any())
     assert torch.equal(out[inside], q[inside])
-    assert bool((out.abs().sum(1) <= T).all())
-    plus = constrain_codes(q, 4, l1_budget("a2q+", 12, 4, False), zero_center=True)
-    half = torch.maximum(plus.clamp(min=0).sum(1), (-plus).clamp(min=0).sum(1))
-    assert bool((half <= l1_budget("a2q+", 12, 4, False) / 2).all())
+    assert int(min_accumulator_bits(out.long(), 4, False, rule).max()) <= 12
+    assert int(min_accumulator_bits(out.long(), 4, False, "exact").max()) <= 12
+
+
+def brute_force_best_rounding(y: list[float], budget: float) -> float:
+    """The least squared error over integer vectors within the L1 budget, each entry trunc or away from zero."""
+    import itertools
+    import math
+
+    best = math.inf
+    for ups in itertools.product((0, 1), repeat=len(y)):
+        q = [math.trunc(v) + (math.copysign(1, v) if u else 0) for v, u in zip(y, ups, strict=True)]
+        if sum(abs(x) for x in q) <= budget:
+            best = min(best, sum((a - b) ** 2 for a, b in zip(q, y, strict=True)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_budget_rounding_is_optimal_among_trunc_or_away_choices(seed):
+    """Rounding up (away from zero) the largest fractional parts ≥ 0.5 first is the best use of the budget."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(1, 9, generator=g, dtype=torch.float64) * 3
+    budget = float(y.abs().sum()) * 0.9
+    v = project_budget(y, budget, split=False)
+    q = round_within_budget(v, budget, 8, split=False)
+    assert float(q.abs().sum()) <= budget
+    err = float((q - v).square().sum())
+    assert err == pytest.approx(brute_force_best_rounding(v[0].tolist(), budget), abs=1e-9)
+    assert float((torch.trunc(v) - v).square().sum()) >= err  # never worse than toward zero
+
+
+def test_budget_rounding_is_round_to_nearest_when_that_fits():
+    y = torch.tensor([[0.6, -1.7, 2.2, 0.4]], dtype=torch.float64)
+    assert round_within_budget(y, 100.0, 4, split=False).tolist() == [[1.0, -2.0, 2.0, 0.0]]
+    assert round_within_budget(y, 4.0, 4, split=False).tolist() == [[0.0, -2.0, 2.0, 0.0]]  # 0.7 beats 0.6
+
+
+def test_split_projection_bounds_each_half():
+    y = torch.tensor([[3.0, 1.0, -0.5, -0.25]], dtype=torch.float64)
+    p = project_budget(y, 4.0, split=True)  # positives to L1 2 (θ = 1), negatives inside
+    assert p.tolist() == [[2.0, 0.0, -0.5, -0.25]]
 
 
 def test_initial_scale_is_absmax_over_qmax():
@@ -123,7 +165,8 @@ def test_initial_scale_is_absmax_over_qmax():
         lambda: project_l1_ball(torch.ones(2, 3), -1.0),
         lambda: project_l1_ball(torch.tensor([[float("nan"), 1.0]]), 1.0),
         lambda: l1_budget("a2q++", 16, 4, False),
-        lambda: constrain_codes(torch.full((1, 3), 0.5), 4, 10.0, False),
+        lambda: fit_budget(torch.ones(1, 3), 4, 10.0, "a2q", "nearest"),
+        lambda: fit_budget(torch.tensor([[float("nan")]]), 4, 10.0, "a2q"),
         lambda: ep_init(torch.tensor([[float("inf")]]), 4, 10.0),
     ],
 )

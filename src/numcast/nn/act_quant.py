@@ -48,6 +48,7 @@ class ActQuantizer(nn.Module):
         self.fmt, self.mode, self.observer = fmt, mode, observer
         self.register_buffer("amax", torch.zeros(()), persistent=True)
         self.calibrating = False
+        self.bypass = False  # pass inputs through unchanged (the block-wise runner, until this layer's block is done)
         self._seen: list[torch.Tensor] = []
 
     @property
@@ -93,6 +94,8 @@ class ActQuantizer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bypass:
+            return x
         if self.calibrating:
             if self.mode == "static":
                 sample = x.detach().abs().reshape(-1).float()

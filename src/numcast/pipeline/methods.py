@@ -1,4 +1,4 @@
-"""Weight solvers (RTN, GPTQ, Error Diffusion) as the block-wise runner sees them: statistics, then the solve.
+"""Weight solvers (RTN, GPTQ, Error Diffusion, EP-init) as the block-wise runner sees them: statistics, then the solve.
 
 Each method turns a layer's calibration inputs into the statistics its algorithm needs (accumulated batch by
 batch, so memory does not grow with the number of tokens) and calls the tensor-level algorithm in
@@ -173,6 +173,17 @@ class ErrorDiffusion(Method):
             module.weight.copy_(new.reshape(module.weight.shape).to(module.weight.dtype))
 
 
+class EPInit(Method):
+    """A2Q+'s EP-init as a PTQ method: no calibration statistics, the layer's float weights and its accumulator
+    budget are enough, so :meth:`solve` returns None and :func:`numcast.pipeline.accumulator.layer_qweight`
+    does the work (it needs the layer's input format, which the runner knows)."""
+
+    name = "ep-init"
+
+    def solve(self, module: nn.Module, fmt: Format, acc) -> None:
+        return None
+
+
 def method_for(recipe: Recipe) -> Method:
     if recipe.method == "rtn":
         return RTN()
@@ -180,4 +191,6 @@ def method_for(recipe: Recipe) -> Method:
         return GPTQ(recipe.gptq.damp, recipe.gptq.block_size, recipe.gptq.act_order)
     if recipe.method == "error-diffusion":
         return ErrorDiffusion(recipe.error_diffusion.scale_rule, recipe.error_diffusion.order)
+    if recipe.method == "ep-init":
+        return EPInit()
     raise ValueError(f"unknown method {recipe.method!r}")

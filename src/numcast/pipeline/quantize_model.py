@@ -27,6 +27,7 @@ class LayerReport:
     params: int = 0
     method: str | None = None
     sqnr_db: float | None = None  # output SQNR on calibration data (quantized-stream inputs), when measured
+    accumulator_bits: int | None = None  # exact accumulator bits the integer weights need (accumulator-aware recipes)
 
 
 @dataclass
@@ -34,6 +35,7 @@ class QuantizationResult:
     model: nn.Module
     layers: list[LayerReport] = field(default_factory=list)
     wall_time_s: float = 0.0
+    recipe: Recipe | None = None  # the recipe as resolved (per-layer input signs of accumulator-aware recipes)
 
     @property
     def quantized(self) -> list[LayerReport]:
@@ -118,13 +120,14 @@ def quantize_model(
     *,
     inplace: bool = False,
 ) -> QuantizationResult:
-    """Quantize ``model`` by ``recipe`` with round-to-nearest weights (``method="rtn"``).
+    """Quantize ``model`` by ``recipe`` with round-to-nearest weights (``method="rtn"``; ``"ep-init"`` and any
+    ``recipe.accumulator`` constraint also apply here, see :mod:`numcast.pipeline.accumulator`).
 
     ``calibration`` (an iterable of model inputs: tensors, tuples or dicts of keyword arguments) is needed
     for static activation scales; it is checked before any work. GPTQ needs the layer-wise calibration
     runner (:mod:`numcast.pipeline.runner`) and is refused here with that reason.
     """
-    if recipe.method != "rtn":
+    if recipe.method not in ("rtn", "ep-init"):
         raise ValueError(f"method {recipe.method!r} runs in the layer-wise calibration pipeline, not in quantize_model")
     static = recipe.activations is not None and recipe.activation_mode == "static"
     batches = None
@@ -135,11 +138,44 @@ def quantize_model(
     if not inplace:
         model = copy.deepcopy(model)
     todo, report = plan_layers(model, recipe)
+    recipe = prepare_accumulator(model, todo, report, recipe, batches or [])
+    entry = {r.name: r for r in report}
     for plan in todo:
-        set_module(model, plan.name, make_quant_module(plan, recipe))
+        qt = finish_qweight(plan, recipe, None, entry[plan.name])
+        set_module(model, plan.name, make_quant_module(plan, recipe, qweight=qt))
     if static:
         calibrate_activations(model, batches)
-    return QuantizationResult(model, report)
+    return QuantizationResult(model, report, recipe=recipe)
+
+
+def prepare_accumulator(model: nn.Module, todo: list[LayerPlan], report: list[LayerReport], recipe: Recipe,
+                        batches: list) -> Recipe:  # fmt: skip
+    """For an accumulator-aware recipe: check every layer's weight format (before any work) and resolve the
+    layers' input signs (:func:`numcast.pipeline.accumulator.resolve_input_signs`); returns the recipe to use."""
+    if recipe.accumulator.bits is None:
+        return recipe
+    from numcast.pipeline.accumulator import check_weight_format, resolve_input_signs
+
+    for p in todo:
+        check_weight_format(p.name, p.weight_format)
+    recipe = resolve_input_signs(model, todo, recipe, batches)
+    entry = {r.name: r for r in report}
+    for p in todo:
+        entry[p.name].activation_format = p.activation_format
+    return recipe
+
+
+def finish_qweight(plan: LayerPlan, recipe: Recipe, solved, entry: LayerReport | None = None):
+    """The layer's QTensor: ``solved`` (None: the module default, RTN), or under an accumulator-aware recipe the
+    constrained weights (:func:`numcast.pipeline.accumulator.layer_qweight`), whose needs go in ``entry``."""
+    if recipe.accumulator.bits is None:
+        return solved
+    from numcast.pipeline.accumulator import accumulator_needs, layer_qweight
+
+    qt = layer_qweight(plan, recipe, solved)
+    if entry is not None:
+        entry.accumulator_bits = accumulator_needs(qt, plan.activation_format)
+    return qt
 
 
 def call_model(model: nn.Module, batch) -> object:
@@ -152,10 +188,16 @@ def call_model(model: nn.Module, batch) -> object:
 
 
 @torch.no_grad()
-def calibrate_activations(model: nn.Module, batches: list) -> None:
-    """Calibrate every static activation quantizer of ``model`` on ``batches`` (one pass)."""
+def calibrate_activations(model: nn.Module, batches: list, only_uncalibrated: bool = False) -> None:
+    """Calibrate every static activation quantizer of ``model`` (or only those not calibrated yet) on
+    ``batches`` (one pass)."""
     quants = [m for m in model.modules() if isinstance(m, ActQuantizer) and m.mode == "static"]
+    if only_uncalibrated:
+        quants = [q for q in quants if not q.calibrated]
+    if not quants:
+        return
     for q in quants:
+        q.bypass = False
         q.start_calibration()
     for b in batches:
         call_model(model, b)

@@ -17,13 +17,25 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from numcast.formats.registry import get_format
 
-METHODS = ("rtn", "gptq", "error-diffusion")
+METHODS = ("rtn", "gptq", "error-diffusion", "ep-init")
 
 
 def _check_format(v: str | None) -> str | None:
     if v is not None:
         get_format(v)  # raises ValueError naming the closest formats
     return v
+
+
+def _integer_input_format(name: str) -> str:
+    fmt = get_format(name)
+    el = fmt.element
+    if el.kind != "int" or el.frac_bits:
+        raise ValueError(f"accumulator-aware quantization needs integer layer inputs (intN / uintN), got {name!r}")
+    if fmt.scaling.granularity == "none":
+        return f"{fmt.name}_tensor"
+    if fmt.scaling.granularity != "tensor" or fmt.scaling.zero_point:
+        raise ValueError(f"accumulator-aware quantization needs one symmetric input scale per tensor, got {name!r}")
+    return name
 
 
 class LayerOverride(BaseModel):
@@ -48,6 +60,24 @@ class GPTQSettings(BaseModel):
     act_order: bool = False
 
 
+class AccumulatorSettings(BaseModel):
+    """Accumulator-aware quantization (A2Q / A2Q+, papers.md §3; :mod:`numcast.pipeline.accumulator`).
+
+    ``bits``: the accumulator width P every quantized layer must never overflow (None: no constraint; the
+    ``ep-init`` method needs it). ``rule``: the per-channel budget, ``a2q+`` (Σq⁺ and Σ|q⁻| each within half
+    of (2^P − 2)/(2^N − 1): about twice A2Q's for unsigned inputs) or ``a2q`` (‖q‖₁ ≤ (2^(P−1) − 1)·2^(1_s − N)).
+    ``rounding``: ``budget`` (round to nearest where the budget allows) or ``toward_zero`` (the papers').
+    ``input_sign``: ``auto`` gives a layer whose calibration inputs are never negative the unsigned twin of the
+    activation format (``int8_tensor`` → ``uint8_tensor``: post-ReLU inputs, one more bit of range), recorded
+    as a per-layer override in the saved recipe; ``format`` keeps the format as given."""
+
+    model_config = ConfigDict(extra="forbid")
+    bits: int | None = Field(None, ge=2, le=62)
+    rule: Literal["a2q", "a2q+"] = "a2q+"
+    rounding: Literal["budget", "toward_zero"] = "budget"
+    input_sign: Literal["auto", "format"] = "auto"
+
+
 class ErrorDiffusionSettings(BaseModel):
     """``scale_rule``: when a block-scaled format's shared scales are fixed — ``static`` (from the float
     weights) or ``dynamic`` (from the updated targets when the block's first column is reached).
@@ -69,8 +99,9 @@ class Recipe(BaseModel):
     - ``weights``: weight format of every quantized layer (e.g. ``mxfp4``, ``int4_g128``).
     - ``activations``: optional input format of quantized layers; ``activation_mode`` ``dynamic`` (scales from
       each tensor) or ``static`` (one per-tensor scale calibrated by ``activation_observer``).
-    - ``method``: weight solver (``rtn``, ``gptq``, ``error-diffusion``); ``calibration``: number of calibration
-      samples (needed by every method but rtn, and by static activations).
+    - ``method``: weight solver (``rtn``, ``gptq``, ``error-diffusion``, ``ep-init``); ``calibration``: number of
+      calibration samples (needed by every method but rtn, and by static activations).
+    - ``accumulator``: an accumulator width every layer must respect (any method; ``ep-init`` needs it).
     - ``include`` / ``exclude``: globs over module names (``*`` matches dots too); ``overrides`` per layer.
     - Embeddings and the LM head stay in float unless ``quantize_embeddings`` / ``quantize_lm_head``.
     """
@@ -80,7 +111,7 @@ class Recipe(BaseModel):
     activations: str | None = None
     activation_mode: Literal["dynamic", "static"] = "dynamic"
     activation_observer: Literal["minmax", "percentile", "mse"] = "minmax"
-    method: Literal["rtn", "gptq", "error-diffusion"] = "rtn"
+    method: Literal["rtn", "gptq", "error-diffusion", "ep-init"] = "rtn"
     calibration: int = Field(128, ge=0)
     include: list[str] = Field(default_factory=lambda: ["*"])
     exclude: list[str] = Field(default_factory=list)
@@ -89,11 +120,29 @@ class Recipe(BaseModel):
     quantize_lm_head: bool = False
     gptq: GPTQSettings = Field(default_factory=GPTQSettings)
     error_diffusion: ErrorDiffusionSettings = Field(default_factory=ErrorDiffusionSettings)
+    accumulator: AccumulatorSettings = Field(default_factory=AccumulatorSettings)
 
     @field_validator("weights", "activations")
     @classmethod
     def _known_format(cls, v: str | None) -> str | None:
         return _check_format(v)
+
+    @model_validator(mode="after")
+    def _accumulator_inputs(self) -> Recipe:
+        """Accumulator-aware recipes need integer inputs with one static scale per tensor: a plain ``int8`` /
+        ``uint4`` becomes ``int8_tensor`` / ``uint4_tensor`` with static scales; anything else is refused."""
+        if self.method == "ep-init" and self.accumulator.bits is None:
+            raise ValueError("method 'ep-init' needs an accumulator width (accumulator.bits / --accumulator-bits P)")
+        if self.accumulator.bits is None:
+            return self
+        if self.activations is None:
+            raise ValueError("accumulator-aware quantization needs integer layer inputs: set activations (e.g. int8)")
+        self.activations = _integer_input_format(self.activations)
+        for o in self.overrides:
+            if o.activations is not None:
+                o.activations = _integer_input_format(o.activations)
+        self.activation_mode = "static"
+        return self
 
     @model_validator(mode="after")
     def _calibration_needed(self) -> Recipe:

@@ -12,8 +12,10 @@
    quantized layer's output against its float twin's output on the same input.
    Methods that diffuse error may also re-fit the float weights of layers kept in float inside the blocks
    (Error Diffusion's layer calibration, ``calibrate_float_layers``), in the same sequence.
-3. Layers outside the blocks (embeddings, LM head, pooler, ...) take RTN; static activation scales are
-   calibrated on the finished model.
+3. Layers outside the blocks (embeddings, LM head, pooler, ...) take RTN. Static activation scales are
+   calibrated block by block on the quantized stream once the block's weights are solved (until then the
+   block's input quantizers pass inputs through), so later blocks see quantized activations; those of layers
+   outside the blocks on the finished model.
 
 Only the block being solved is on the compute device (``Placement``); finished blocks, the float copy and
 the streams stay on the CPU, so peak memory is about the model plus one block's activations of the two
@@ -33,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from numcast.formats.registry import get_format
+from numcast.nn.act_quant import ActQuantizer
 from numcast.nn.surgery import set_module
 from numcast.pipeline.methods import method_for
 from numcast.pipeline.quantize_model import (
@@ -40,8 +43,10 @@ from numcast.pipeline.quantize_model import (
     QuantizationResult,
     calibrate_activations,
     call_model,
+    finish_qweight,
     make_quant_module,
     plan_layers,
+    prepare_accumulator,
 )
 from numcast.pipeline.recipe import Recipe
 
@@ -204,6 +209,7 @@ def quantize_blockwise(
     method = method_for(recipe)
     model.eval()
     todo, report = plan_layers(model, recipe)
+    recipe = prepare_accumulator(model, todo, report, recipe, batches)
     by_id = {id(p.module): p for p in todo}
     in_blocks = {id(m) for b in blocks for m in b.modules()}
     refit = _float_layers_to_refit(model, recipe, report, in_blocks) if method.refits_float_layers(recipe) else []
@@ -222,7 +228,10 @@ def quantize_blockwise(
     float_calls = first_inputs()
     outside = [p for p in todo if id(p.module) not in in_blocks]
     for p in outside:
-        set_module(model, p.name, make_quant_module(p, recipe))
+        new = make_quant_module(p, recipe, qweight=finish_qweight(p, recipe, None, entry[p.name]))
+        if isinstance(new.input_quant, ActQuantizer) and new.input_quant.mode == "static":
+            new.input_quant.bypass = True  # calibrated on the finished model
+        set_module(model, p.name, new)
         entry[p.name].method = "rtn (outside blocks)"
     outside_done = bool(outside)
     del todo, outside  # from here on a layer's float original lives only until its block is done
@@ -257,11 +266,15 @@ def quantize_blockwise(
                     entry[p.name].method = f"{method.name} (float weights re-fit)"
                     continue
                 qt = method.solve(p.module, get_format(p.weight_format), accs.get(id(p.module)))
+                qt = finish_qweight(p, recipe, qt, entry[p.name])
                 new = placement.compute(make_quant_module(p, recipe, qweight=qt))
+                if isinstance(new.input_quant, ActQuantizer) and new.input_quant.mode == "static":
+                    new.input_quant.bypass = True  # calibrated once the block is done (below)
                 set_module(model, p.name, new)  # the model's forward sees it ...
                 set_module(block, names[id(p.module)], new)  # ... and so does a block that is a view of it
                 qmods[id(new)] = (p.name, ftwin[id(p.module)])
                 entry[p.name].method = method.name
+        _calibrate_block_inputs(block, quant_calls, xs_q, placement)
         stats = {k: [0.0, 0.0] for k in qmods}
         need_f = method.needs_float_inputs
         xs_q, xs_f = _advance(block, fblock, quant_calls, xs_q, xs_f, qmods, placement, need_f, stats)
@@ -272,11 +285,11 @@ def quantize_blockwise(
             by_id.pop(id(p.module), None)
         del fblock, ftwin, plans, groups, group, order, read, qmods, accs
     if recipe.activations is not None and recipe.activation_mode == "static":
-        calibrate_activations(model, batches)
+        calibrate_activations(model, batches, only_uncalibrated=True)  # layers outside the blocks
     for r in report:
         if r.action == "quantized" and r.method is None:
             r.method = method.name
-    return QuantizationResult(model, report, wall_time_s=time.perf_counter() - t0)
+    return QuantizationResult(model, report, wall_time_s=time.perf_counter() - t0, recipe=recipe)
 
 
 def _float_layers_to_refit(model, recipe, report, in_blocks) -> list[LayerPlan]:
@@ -332,6 +345,22 @@ def _accumulate(block, fblock, group, ftwin, quant_calls, float_calls, xs_q, xs_
         for h in hooks:
             h.remove()
     return accs
+
+
+@torch.no_grad()
+def _calibrate_block_inputs(block, quant_calls, xs_q, placement) -> None:
+    """Calibrate the block's static input quantizers on the quantized stream (one pass), so the next blocks and
+    their solves see quantized activations."""
+    quants = [m for m in block.modules() if isinstance(m, ActQuantizer) and m.mode == "static" and m.bypass]
+    if not quants:
+        return
+    for q in quants:
+        q.bypass = False
+        q.start_calibration()
+    for c, x in zip(quant_calls, xs_q, strict=True):
+        _run_block(block, c, x, placement)
+    for q in quants:
+        q.finish_calibration()
 
 
 def _run_until_stop(block, call, x, placement) -> None:
