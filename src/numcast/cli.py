@@ -235,6 +235,35 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_accumulator(args: argparse.Namespace) -> int:
+    from numcast.jobs import run_accumulator
+
+    with console.status("starting") as status:
+        rec = run_accumulator(args.target, args.input_bits, args.accumulator_bits, weights=args.weights,
+                              samples=args.samples, mode=args.mode, out=Path(args.out) if args.out else None,
+                              overwrite=args.overwrite, stage=lambda t: status.update(t))  # fmt: skip
+    if args.json:
+        print(json.dumps(rec, indent=2))
+        return 0
+    P = rec["accumulator_bits"]
+    cols = ("layer", "K", "input", "exact", "A2Q+ rule", "A2Q rule", "data type", f"real overflows @P={P}",
+            "dot products wrong", f"channels overflowing (worst case) @P={P}")  # fmt: skip
+    rows = [[r["name"], r["K"], r["input"], r["exact_bits"], r["a2q_plus_bits"], r["a2q_bits"], r["datatype_bits"],
+             r["overflows_real"], f"{r['dot_products_overflowing']}/{r['dot_products']}",
+             f"{r['channels_overflowing_adversarial']}/{r['channels']}"] for r in rec["layers"]]  # fmt: skip
+    print_table(make_table(f"{rec['source']}: accumulator bits needed per layer (max over channels)", cols, rows),
+                console)  # fmt: skip
+    bad = [r["name"] for r in rec["layers"] if r["channels_overflowing_adversarial"]]
+    if bad:
+        console.print(f"[red]{len(bad)} of {len(rec['layers'])} layers can overflow a {P}-bit accumulator[/red]")
+    else:
+        console.print(f"no layer can overflow a {P}-bit accumulator (worst-case inputs simulated)")
+    for s in rec["skipped"]:
+        console.print(f"[yellow]not analysed:[/yellow] {s['name']}: {s['reason']}")
+    console.print("wrote " + ", ".join(rec["files"]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="numcast", description="Quantize tensors and networks to modern number formats.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -300,6 +329,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-progress", action="store_true")
     q.add_argument("--json", action="store_true", help="print the report (without layers) as JSON")
     q.set_defaults(func=cmd_quantize)
+    a = sub.add_parser("accumulator", help="accumulator bits each layer needs; overflows of a P-bit accumulator")
+    a.add_argument("target", help="a directory written by `numcast quantize`, or a model name/path (RTN --weights)")
+    a.add_argument("--input-bits", dest="input_bits", type=int, required=True,
+                   help="input bits of layers without an integer input quantizer of their own")
+    a.add_argument("--accumulator-bits", dest="accumulator_bits", type=int, required=True, help="accumulator width P")
+    a.add_argument("--weights", default="int8_channel", help="weight format (RTN) when TARGET is a model name")
+    a.add_argument("--samples", type=int, default=32, help="calibration samples whose real inputs are simulated")
+    a.add_argument("--mode", choices=("wrap", "saturate"), default="wrap", help="accumulator overflow behaviour")
+    a.add_argument("--out", help="where accumulator.json/.png go (default: TARGET dir or out/accumulator-MODEL)")
+    a.add_argument("--overwrite", action="store_true", help="replace existing accumulator.json/.png")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=cmd_accumulator)
     e = sub.add_parser("evaluate", help="reload a packed model bit-exactly and re-measure it")
     e.add_argument("dir", help="directory written by `numcast quantize`")
     e.add_argument("--json", action="store_true")

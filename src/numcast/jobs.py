@@ -108,3 +108,55 @@ def run_evaluate(out: Path, stage=lambda text: None) -> dict:
     report = path.parent / "report.json"
     stored = json.loads(report.read_text())["metrics"]["quantized"] if report.is_file() else None
     return {"model": model_name, "stored": stored, "measured": measured, "primary_metric": w.primary}
+
+
+def run_accumulator(target: str, input_bits: int, accumulator_bits: int, *, weights: str = "int8_channel",
+                    samples: int = 32, mode: str = "wrap", out: Path | None = None, overwrite: bool = False,
+                    stage=lambda text: None) -> dict:  # fmt: skip
+    """The accumulator analysis (:mod:`numcast.accumulator.analyze`) of ``target``: a directory (or packed file)
+    written by ``numcast quantize``, or a model name / path quantized here with RTN ``weights``. Writes
+    ``accumulator.json`` and ``accumulator.png`` into ``out`` (default: the quantize directory, or
+    ``out/accumulator-<model>``); existing files of those names are replaced only with ``overwrite``."""
+    from numcast.accumulator.analyze import analyze_model, plot_accumulator, rows_to_records
+    from numcast.pipeline.quantize_model import quantize_model
+
+    if samples < 1:
+        raise ValueError("the analysis needs calibration samples: pass --samples N with N >= 1")
+    path = Path(target)
+    packed = path / MODEL_FILE if path.is_dir() else path
+    if packed.is_file() and packed.suffix == ".safetensors":
+        model_name, recipe = read_metadata(packed)
+        stage(f"loading {model_name}")
+        w = load_workload(model_name)
+        load_quantized(w.model, packed)
+        source = f"{packed} ({recipe.weights} weights, {recipe.method})"
+        out = out or packed.parent
+    else:
+        stage(f"loading {target}")
+        w = load_workload(target)
+        stage(f"quantizing the weights to {weights} (RTN)")
+        quantize_model(w.model, Recipe(weights=weights), inplace=True)
+        source = f"{w.name} ({weights} weights, RTN)"
+        out = out or Path("out") / f"accumulator-{w.name}"
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "accumulator.json", out / "accumulator.png"]
+    if not overwrite and any(f.exists() for f in files):
+        raise FileExistsError(f"{out} already has accumulator.json / accumulator.png; pass --overwrite to replace them")
+    stage(f"preparing {samples} calibration samples")
+    batches = w.calibration(samples)
+    stage("simulating the accumulators")
+    rows, skipped = analyze_model(w.model, batches, input_bits, accumulator_bits, mode=mode)
+    record = {
+        "model": w.name,
+        "source": source,
+        "accumulator_bits": accumulator_bits,
+        "input_bits": input_bits,
+        "mode": mode,
+        "samples": samples,
+        "layers": rows_to_records(rows),
+        "skipped": [{"name": n, "reason": r} for n, r in skipped],
+    }
+    files[0].write_text(json.dumps(record, indent=2))
+    plot_accumulator(rows, accumulator_bits, files[1], f"{w.name}: accumulator bits per layer ({source})")
+    record["files"] = [str(f) for f in files if f.exists()]
+    return record

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+from numcast.accumulator.analyze import integer_codes
 from numcast.accumulator.bounds import min_accumulator_bits
 from numcast.accumulator.simulate import accumulate, adversarial_inputs
 from numcast.nn.act_quant import ActQuantizer
-from numcast.pipeline.accumulator import integer_codes
 from numcast.pipeline.export import load_quantized, save_quantized
 from numcast.pipeline.quantize_model import quantize_model
 from numcast.pipeline.recipe import Recipe

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from numcast.accumulator.analyze import integer_codes
 from numcast.accumulator.bounds import min_accumulator_bits
 from numcast.algorithms.ep_init import fit_budget, l1_budget
 from numcast.algorithms.rtn import rtn
@@ -68,13 +69,6 @@ def _from_codes(q: torch.Tensor, scales: torch.Tensor, fmt_name: str) -> QTensor
     per_row = s if s.numel() == q.shape[0] else s.expand(q.shape[0])
     r = core((q * per_row[:, None]).float(), fmt, rounding="nearest_even", scales=Scales(s))  # q·s/s is exactly q
     return QTensor.from_core(r, fmt, tuple(q.shape), torch.float32)
-
-
-def integer_codes(qt: QTensor) -> torch.Tensor:
-    """The integer weights ``[out, K]`` (float64) of a per-channel/per-tensor integer QTensor."""
-    s = qt.scales().reshape(-1)
-    per_row = s if s.numel() == qt.shape[0] else s.expand(qt.shape[0])
-    return (qt.dequantize().double() / per_row[:, None]).round()
 
 
 def layer_qweight(plan, recipe: Recipe, solved: QTensor | None = None) -> QTensor:

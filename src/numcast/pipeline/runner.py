@@ -271,7 +271,10 @@ def quantize_blockwise(
                 if isinstance(new.input_quant, ActQuantizer) and new.input_quant.mode == "static":
                     new.input_quant.bypass = True  # calibrated once the block is done (below)
                 set_module(model, p.name, new)  # the model's forward sees it ...
-                set_module(block, names[id(p.module)], new)  # ... and so does a block that is a view of it
+                if names[id(p.module)]:
+                    set_module(block, names[id(p.module)], new)  # ... and so does a block that is a view of it
+                else:
+                    block = new  # the block is this layer itself
                 qmods[id(new)] = (p.name, ftwin[id(p.module)])
                 entry[p.name].method = method.name
         _calibrate_block_inputs(block, quant_calls, xs_q, placement)

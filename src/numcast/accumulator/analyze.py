@@ -1,0 +1,203 @@
+"""Per-layer accumulator analysis of a quantized model: the bits each layer needs (exact, A2Q rule, A2Q+ rule,
+data-type bound) and the overflow events a P-bit accumulator would see, on real calibration inputs and on
+adversarial ones (``numcast accumulator``).
+
+A layer is analysed when its weights are integers with one scale per output channel or per tensor (its dot
+products are then integer sums). Its integer inputs come from its own input quantizer when that is an integer
+per-tensor format (N and sign from the format, x_int = x / scale); otherwise from ``input_bits``: a per-tensor
+symmetric scale amax/qmax measured on the same calibration inputs, unsigned when those inputs are never
+negative. Real inputs are simulated in ``mode`` (wrap by default), in sequential order, on at most
+``max_rows`` input rows per layer (an even stride over the rows; dot products = rows × output channels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from numcast.accumulator.bounds import datatype_bound_bits, min_accumulator_bits
+from numcast.accumulator.simulate import accumulate, adversarial_inputs, conv_input_rows
+from numcast.formats.ops import core
+from numcast.formats.qtensor import QTensor
+
+
+def integer_codes(qt: QTensor) -> torch.Tensor:
+    """The integer weights ``[out, K]`` (float64) of a per-channel/per-tensor integer QTensor."""
+    s = qt.scales().reshape(-1)
+    per_row = s if s.numel() == qt.shape[0] else s.expand(qt.shape[0])
+    return (qt.dequantize().double() / per_row[:, None]).round()
+
+
+def integer_weight_reason(qt: QTensor) -> str | None:
+    """None if the layer's weights are integer sums (integer element, one scale per channel or tensor)."""
+    fmt = qt.format
+    el, sc = fmt.element, fmt.scaling
+    if el.kind != "int" or el.frac_bits or sc.zero_point or sc.granularity not in ("channel", "tensor"):
+        return f"{fmt.label} weights are not integers with one scale per output channel or tensor"
+    return None
+
+
+@dataclass
+class LayerAccumulator:
+    """One row of the analysis (bits are the max over the layer's output channels)."""
+
+    name: str
+    K: int
+    weight_bits: int
+    input: str  # "uint8" / "int4"
+    input_from: str  # "layer quantizer" or "--input-bits"
+    exact_bits: int
+    a2q_bits: int
+    a2q_plus_bits: int
+    datatype_bits: int
+    dot_products: int  # simulated on real inputs
+    overflows_real: int  # overflow events on real inputs at P
+    dot_products_overflowing: int  # real dot products whose final value is wrong (wrap) or clipped
+    channels_overflowing_adversarial: int  # output channels whose worst-case input overflows at P
+    channels: int
+
+
+def _layer_input_spec(module: nn.Module, input_bits: int, observed_min: float) -> tuple[int, bool, str]:
+    q = getattr(module, "input_quant", None)
+    if q is not None and q.mode == "static" and q.fmt.element.kind == "int" and not q.fmt.element.frac_bits:
+        return q.fmt.element.bits, q.fmt.element.signed, "layer quantizer"
+    return input_bits, observed_min < 0, "--input-bits"
+
+
+def _to_int(x: torch.Tensor, module: nn.Module, bits: int, signed: bool, amax: float) -> torch.Tensor:
+    """Integer input codes: the layer's own static integer quantizer when it has one, else a symmetric
+    per-tensor scale amax/qmax of ``bits`` (round half to even)."""
+    q = getattr(module, "input_quant", None)
+    if q is not None and q.mode == "static" and q.fmt.element.kind == "int" and not q.fmt.element.frac_bits:
+        scale = core(torch.tensor([[float(q.amax)]]), q.fmt).scales.effective()  # as the quantizer derives it
+        return torch.round(q(x).double() / float(scale))
+    qmax = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
+    lo = -(1 << (bits - 1)) if signed else 0
+    scale = amax / qmax if amax > 0 else 1.0
+    return torch.round(x.double() / scale).clamp(lo, qmax)
+
+
+@torch.no_grad()
+def analyze_model(model: nn.Module, batches: list, input_bits: int, accumulator_bits: int, *, mode: str = "wrap",
+                  max_rows: int = 4096, call=None) -> tuple[list[LayerAccumulator], list[tuple[str, str]]]:  # fmt: skip
+    """(rows for analysed layers, (name, reason) for quantized layers that were not) — see module docstring.
+
+    ``call(model, batch)`` runs one batch (default: ``model(batch)``)."""
+    from numcast.pipeline.quantize_model import call_model
+
+    call = call or call_model
+    layers, skipped = {}, []
+    for name, m in model.named_modules():
+        qt = getattr(m, "qweight", None)
+        if not isinstance(qt, QTensor) or isinstance(m, nn.Embedding) or not hasattr(m, "input_quant"):
+            continue
+        why = integer_weight_reason(qt)
+        if why:
+            skipped.append((name, why))
+        else:
+            layers[name] = m
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    lows = {n: float("inf") for n in layers}
+    amax = {n: 0.0 for n in layers}
+    handles = []
+    for n, m in layers.items():
+
+        def hook(mod, args, n=n):
+            x = args[0].detach()
+            lows[n] = min(lows[n], float(x.min()))
+            amax[n] = max(amax[n], float(x.abs().max()))
+            seen[n].append(x.cpu())
+
+        handles.append(m.register_forward_pre_hook(hook))
+    try:
+        for b in batches:
+            call(model, b)
+    finally:
+        for h in handles:
+            h.remove()
+    rows = []
+    for n, m in layers.items():
+        bits, signed, source = _layer_input_spec(m, input_bits, lows[n])
+        q = integer_codes(m.qweight).long()
+        out, K = q.shape
+        groups = getattr(m, "groups", 1)
+        real_events = dot = wrong = 0
+        per_group_out = out // groups
+        x_int = _to_int(torch.cat(seen.pop(n)), m, bits, signed, amax[n])
+        grows = conv_input_rows(x_int, _geometry(m))  # [groups, rows, K]
+        for gi in range(groups):
+            r = grows[gi]
+            if r.shape[0] > max_rows:
+                r = r[:: -(-r.shape[0] // max_rows)]
+            qg = q[gi * per_group_out : (gi + 1) * per_group_out]
+            res = accumulate(r, qg, accumulator_bits, mode)
+            real_events += int(res.overflows.sum())
+            dot += res.y.numel()
+            wrong += int((res.y != res.exact).sum())
+        adv = torch.zeros(out, dtype=torch.int64)
+        for s in (1, -1):
+            adv += accumulate(adversarial_inputs(q, bits, signed, s), q, accumulator_bits, mode, paired=True).overflows
+        rows.append(
+            LayerAccumulator(
+                name=n,
+                K=K,
+                weight_bits=m.qweight.format.element.bits,
+                input=f"{'int' if signed else 'uint'}{bits}",
+                input_from=source,
+                exact_bits=int(min_accumulator_bits(q, bits, signed, "exact").max()),
+                a2q_bits=int(min_accumulator_bits(q, bits, signed, "a2q").max()),
+                a2q_plus_bits=int(min_accumulator_bits(q, bits, signed, "a2q+").max()),
+                datatype_bits=datatype_bound_bits(K, bits, signed, m.qweight.format.element.bits),
+                dot_products=dot,
+                overflows_real=real_events,
+                dot_products_overflowing=wrong,
+                channels_overflowing_adversarial=int((adv > 0).sum()),
+                channels=out,
+            )  # fmt: skip
+        )
+    return rows, skipped
+
+
+def _geometry(m: nn.Module) -> nn.Module:
+    """A float module with ``m``'s geometry, for :func:`numcast.accumulator.simulate.conv_input_rows`."""
+    if not hasattr(m, "kernel_size"):
+        return nn.Linear(1, 1)
+    cls = nn.Conv2d if len(m.kernel_size) == 2 else nn.Conv1d
+    conv = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups, bias=False)
+    if getattr(m, "static_padding", None) is not None:
+        conv.static_padding = m.static_padding
+    return conv
+
+
+def rows_to_records(rows: list[LayerAccumulator]) -> list[dict]:
+    return [asdict(r) for r in rows]
+
+
+def plot_accumulator(rows: list[LayerAccumulator], P: int, out_path: Path, title: str) -> Path | None:
+    """Grouped bars per layer: exact, A2Q+ rule, A2Q rule and data-type bits, with the accumulator width P."""
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(rows)), 4))
+    idx = torch.arange(len(rows)).double()
+    series = [("exact", "exact_bits", "#3b6ea5"), ("A2Q+ rule", "a2q_plus_bits", "#6aa84f"),
+              ("A2Q rule", "a2q_bits", "#e69138"), ("data type", "datatype_bits", "#999999")]  # fmt: skip
+    for i, (label, key, color) in enumerate(series):
+        ax.bar((idx + (i - 1.5) * 0.2).tolist(), [getattr(r, key) for r in rows], 0.2, label=label, color=color)
+    ax.axhline(P, color="red", linestyle="--", linewidth=1, label=f"P = {P}")
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([r.name for r in rows], rotation=90, fontsize=6)
+    ax.set_ylabel("accumulator bits needed")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+    return out_path
