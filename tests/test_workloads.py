@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from test_cli_quantize import tiny  # noqa: F401  (fixture)
 
 from numcast.workloads import LOADERS, load_workload
 
@@ -12,3 +14,9 @@ def test_unknown_model_lists_known_names():
         load_workload("mobilenet-v3")
     assert "mobilenet-v2" in str(err.value)
     assert set(LOADERS) == {"minilm-l6", "smollm2-135m", "mobilenet-v2", "efficientnet-lite0", "fmnist-cnn"}
+
+
+def test_loading_a_workload_leaves_the_global_rng_alone(tiny):  # noqa: F811
+    state = torch.random.get_rng_state()
+    load_workload("tiny-cnn")  # its model's constructor draws initial weights
+    assert torch.equal(state, torch.random.get_rng_state())

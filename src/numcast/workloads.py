@@ -197,18 +197,18 @@ LOADERS: dict[str, Callable[[], Workload]] = {
 def load_workload(name: str) -> Workload:
     """The workload for a short model name, or for a path to a local Hugging Face model folder or ``.gguf``
     file (``KeyError``-free: unknown names raise ``ValueError`` listing the known ones; a missing model package
-    raises ``MissingAssetError`` with its install command)."""
+    raises ``MissingAssetError`` with its install command). The caller's global RNG state is left unchanged."""
     from numcast.models.hf_local import is_model_path
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     key = name.strip().lower()
     if key not in LOADERS and is_model_path(name):
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # module constructors draw from the global RNG
             return _local(name)
     if key not in LOADERS:
         close = difflib.get_close_matches(key, list(LOADERS), n=3, cutoff=0.4)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ValueError(f"unknown model {name!r}{hint}; known models: {', '.join(LOADERS)}, or a path to a "
                          "local Hugging Face model folder (with config.json) or a .gguf file")
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):  # module constructors draw from the global RNG
         return LOADERS[key]()

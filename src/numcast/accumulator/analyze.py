@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 
 from numcast.accumulator.bounds import datatype_bound_bits, min_accumulator_bits
 from numcast.accumulator.simulate import accumulate, adversarial_inputs, conv_input_rows
@@ -164,9 +165,10 @@ def analyze_model(model: nn.Module, batches: list, input_bits: int, accumulator_
 def _geometry(m: nn.Module) -> nn.Module:
     """A float module with ``m``'s geometry, for :func:`numcast.accumulator.simulate.conv_input_rows`."""
     if not hasattr(m, "kernel_size"):
-        return nn.Linear(1, 1)
+        return skip_init(nn.Linear, 1, 1)  # skip_init: the global RNG stays untouched
     cls = nn.Conv2d if len(m.kernel_size) == 2 else nn.Conv1d
-    conv = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups, bias=False)
+    conv = skip_init(cls, m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+                     bias=False)  # fmt: skip
     if getattr(m, "static_padding", None) is not None:
         conv.static_padding = m.static_padding
     return conv

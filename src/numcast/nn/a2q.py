@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 
 from numcast.algorithms.ep_init import A2Q_RULES, A2QRule, a2q_integer_weights, ep_init, l1_budget
 from numcast.formats.ops import core
@@ -31,6 +32,7 @@ from numcast.formats.spec import IntElement
 from numcast.nn.act_quant import ActQuantizer
 from numcast.nn.modules import QuantConv2d, QuantLinear
 
+_CONV_GEOMETRY = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
 REGULARIZER_WEIGHT = 1e-3  # A2Q §4 / A2Q+ §4 (Brevitas' reg_weight)
 
 
@@ -155,7 +157,7 @@ class A2QLinear(_A2QLayer):
         return F.linear(self.input_quant(x), self.weight_quant(), self.bias)
 
     def to_quant(self) -> QuantLinear:
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        lin = skip_init(nn.Linear, self.in_features, self.out_features, bias=self.bias is not None)
         if self.bias is not None:
             lin.bias.data = self.bias.detach().clone()
         fmt = f"int{self.weight_quant.weight_bits}_channel"
@@ -170,18 +172,16 @@ class A2QConv2d(_A2QLayer):
         super().__init__()
         if conv.padding_mode != "zeros":
             raise ValueError(f"Conv2d with padding_mode={conv.padding_mode!r} is not supported")
-        self.conv = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                              conv.dilation, conv.groups, bias=False)  # fmt: skip
-        self.conv.weight.requires_grad_(False)  # geometry only: the weight comes from the quantizer
+        self.geometry = {k: getattr(conv, k) for k in _CONV_GEOMETRY}
         self._setup(conv, weight_bits, input_format, accumulator_bits, rule, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.conv
-        return F.conv2d(self.input_quant(x), self.weight_quant(), self.bias, c.stride, c.padding, c.dilation, c.groups)
+        g = self.geometry
+        return F.conv2d(self.input_quant(x), self.weight_quant(), self.bias, g["stride"], g["padding"], g["dilation"],
+                        g["groups"])  # fmt: skip
 
     def to_quant(self) -> QuantConv2d:
-        c = nn.Conv2d(self.conv.in_channels, self.conv.out_channels, self.conv.kernel_size, self.conv.stride,
-                      self.conv.padding, self.conv.dilation, self.conv.groups, bias=self.bias is not None)  # fmt: skip
+        c = skip_init(nn.Conv2d, **self.geometry, bias=self.bias is not None)  # no init: the global RNG stays
         if self.bias is not None:
             c.bias.data = self.bias.detach().clone()
         fmt = f"int{self.weight_quant.weight_bits}_channel"

@@ -1,0 +1,1 @@
+"""Quantization-aware training (numcast's own small loops)."""

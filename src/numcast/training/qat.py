@@ -1,0 +1,170 @@
+"""Accumulator-aware quantization-aware training (A2Q / A2Q+, papers.md §3): float checkpoint → A2Q layers with
+EP-init → activation calibration → QAT with the norm regulariser. A plain PyTorch loop with a progress bar.
+
+- :func:`prepare_a2q`: a copy of a float model whose ``nn.Conv2d`` / ``nn.Linear`` layers become
+  :class:`~numcast.nn.a2q.A2QConv2d` / :class:`~numcast.nn.a2q.A2QLinear`: M-bit weights under the budget of a
+  P-bit accumulator, inputs quantized to N-bit integers with one static scale per tensor (the first layer's
+  input — the image — with ``first_input_bits``), unsigned where the calibration inputs are never negative.
+  EP-init (A2Q+ §3.3) sets each layer's direction and norm, then the input scales are calibrated (``observer``).
+- :func:`train_qat`: Adam (the Brevitas A2Q example's optimizer; no weight decay on the norms and scales),
+  cosine learning rate over the run, cross-entropy + ``reg_weight``·Σ ReLU(g − s·T), batches drawn with a
+  local generator (the global RNG is never touched). Batch-norm layers stay in float and keep training.
+- :func:`export_a2q`: the trained model with inference modules (``int{M}_channel`` QTensors, exact codes).
+
+Deterministic on the CPU for a given thread count: same inputs and seed → bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from numcast.algorithms.ep_init import A2QRule
+from numcast.nn.a2q import REGULARIZER_WEIGHT, A2QConv2d, A2QLinear, a2q_penalty
+from numcast.nn.act_quant import ActQuantizer
+from numcast.nn.surgery import set_module
+
+
+@dataclass
+class QATConfig:
+    """QAT settings. ``epochs`` × ``steps_per_epoch`` steps (``steps_per_epoch=None``: one pass over the data)."""
+
+    epochs: int = 1
+    steps_per_epoch: int | None = None
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    reg_weight: float = REGULARIZER_WEIGHT
+    seed: int = 0
+    threads: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class QATResult:
+    model: nn.Module
+    losses: list[float] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)
+
+
+def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+
+
+@torch.no_grad()
+def _input_lows(model: nn.Module, names: list[str], images: torch.Tensor, batch_size: int) -> dict[str, float]:
+    lows = {n: math.inf for n in names}
+    mods = dict(model.named_modules())
+    handles = []
+    for n in names:
+
+        def hook(_m, args, n=n):
+            lows[n] = min(lows[n], float(args[0].min()))
+
+        handles.append(mods[n].register_forward_pre_hook(hook))
+    try:
+        for i in range(0, images.shape[0], batch_size):
+            model(images[i : i + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+    return lows
+
+
+def prepare_a2q(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    *,
+    weight_bits: int = 4,
+    input_bits: int = 4,
+    accumulator_bits: int = 14,
+    rule: A2QRule = "a2q+",
+    first_input_bits: int = 8,
+    observer: str = "mse",
+    ep_init: bool = True,
+    batch_size: int = 256,
+) -> nn.Module:
+    """The A2Q/A2Q+ model (see module docstring); ``model`` is not modified. ``calibration``: model inputs."""
+    model = copy.deepcopy(model).eval()
+    layers = _layers(model)
+    if not layers:
+        raise ValueError("the model has no nn.Conv2d / nn.Linear layer to constrain")
+    lows = _input_lows(model, [n for n, _ in layers], calibration, batch_size)
+    for i, (name, m) in enumerate(layers):
+        bits = first_input_bits if i == 0 else input_bits
+        fmt = f"{'u' if lows[name] >= 0 else ''}int{bits}_tensor"
+        axis = 1 if isinstance(m, nn.Conv2d) else -1
+        act = ActQuantizer(fmt, mode="static", observer=observer, axis=axis)
+        cls = A2QConv2d if isinstance(m, nn.Conv2d) else A2QLinear
+        new = cls(m, weight_bits, act, accumulator_bits, rule)
+        if ep_init:
+            new.weight_quant.ep_init_()
+        set_module(model, name, new)
+    quants = [m for m in model.modules() if isinstance(m, ActQuantizer)]
+    for q in quants:
+        q.start_calibration()
+    with torch.no_grad():
+        for i in range(0, calibration.shape[0], batch_size):
+            model(calibration[i : i + batch_size])
+    for q in quants:
+        q.finish_calibration()
+    return model
+
+
+def train_qat(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: QATConfig) -> QATResult:
+    """Train ``model`` (in place) on ``images`` ``[N, ...]`` / ``labels`` ``[N]``; returns it in eval mode."""
+    n = images.shape[0]
+    if n == 0 or labels.shape[0] != n:
+        raise ValueError(f"need as many (>0) images as labels, got {n} and {labels.shape[0]}")
+    steps = cfg.steps_per_epoch or math.ceil(n / cfg.batch_size)
+    total = cfg.epochs * steps
+    scales = [p for name, p in model.named_parameters() if name.endswith(("log2_g", "log2_s")) or "bias" in name]
+    ids = {id(p) for p in scales}
+    rest = [p for p in model.parameters() if id(p) not in ids and p.requires_grad]
+    groups = [{"params": rest, "weight_decay": cfg.weight_decay}, {"params": scales, "weight_decay": 0.0}]
+    opt = torch.optim.Adam(groups, lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    prev = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    res = QATResult(model)
+    try:
+        model.train()
+        for epoch in range(cfg.epochs):
+            perm = torch.randperm(n, generator=gen)
+            t0 = time.perf_counter()
+            bar = tqdm(range(steps), desc=f"QAT epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress)
+            for i in bar:
+                idx = perm[(i * cfg.batch_size) % n :][: cfg.batch_size]
+                loss = F.cross_entropy(model(images[idx]), labels[idx])
+                total_loss = loss + cfg.reg_weight * a2q_penalty(model)
+                opt.zero_grad(set_to_none=True)
+                total_loss.backward()
+                opt.step()
+                sched.step()
+                res.losses.append(float(loss.detach()))
+                if i % 20 == 0:
+                    bar.set_postfix(loss=f"{res.losses[-1]:.3f}")
+            bar.close()
+            res.epoch_seconds.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(prev)
+    model.eval()
+    return res
+
+
+def export_a2q(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every A2Q layer replaced by its inference module (exact integer codes)."""
+    model = copy.deepcopy(model).eval()
+    for name, m in list(model.named_modules()):
+        if isinstance(m, (A2QConv2d, A2QLinear)):
+            set_module(model, name, m.to_quant())
+    return model
