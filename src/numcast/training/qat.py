@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -118,8 +119,10 @@ def prepare_a2q(
     return model
 
 
-def train_qat(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: QATConfig) -> QATResult:
-    """Train ``model`` (in place) on ``images`` ``[N, ...]`` / ``labels`` ``[N]``; returns it in eval mode."""
+def train_qat(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: QATConfig,
+              penalty: Callable[[nn.Module], torch.Tensor] = a2q_penalty) -> QATResult:  # fmt: skip
+    """Train ``model`` (in place) on ``images`` ``[N, ...]`` / ``labels`` ``[N]``; returns it in eval mode.
+    ``penalty(model)``: the regulariser, evaluated after each forward (default: numcast's A2Q layers')."""
     n = images.shape[0]
     if n == 0 or labels.shape[0] != n:
         raise ValueError(f"need as many (>0) images as labels, got {n} and {labels.shape[0]}")
@@ -145,7 +148,7 @@ def train_qat(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg:
             for i in bar:
                 idx = perm[(i * cfg.batch_size) % n :][: cfg.batch_size]
                 loss = F.cross_entropy(model(images[idx]), labels[idx])
-                total_loss = loss + cfg.reg_weight * a2q_penalty(model)
+                total_loss = loss + cfg.reg_weight * penalty(model)
                 opt.zero_grad(set_to_none=True)
                 total_loss.backward()
                 opt.step()
