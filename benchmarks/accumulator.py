@@ -204,8 +204,8 @@ def markdown(rows: list[dict]) -> str:
     fl = next((r["top1"] for r in rows if r["library"] == "float"), None)
     keys = sorted({(r["rule"], r["P"]) for r in rows if r["P"] is not None}, key=lambda k: (k[0], -k[1]))
     libs = ["numcast-ptq", "numcast", "brevitas"]
-    head = ("| rule | P | EP-init, before QAT (numcast) | numcast QAT | Brevitas QAT | numcast s/epoch | Brevitas s/epoch "
-            "| max bits needed (numcast / Brevitas) |")  # fmt: skip
+    head = ("| rule | P | EP-init, before QAT (numcast) | numcast QAT | Brevitas QAT | numcast s/epoch "
+            "| Brevitas s/epoch | max bits needed (numcast / Brevitas) |")  # fmt: skip
     lines = [f"float top-1: {100 * fl:.2f} %" if fl is not None else "", "", head, "|" + "---|" * 8]
     by = {(r["library"], r["rule"], r["P"]): r for r in rows}
     for rule, P in keys:
