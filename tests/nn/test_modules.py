@@ -90,6 +90,22 @@ def test_static_activation_observers():
     assert 0 < amax["mse"] < 40.0  # clipping the outlier lowers the MSE of the rest
 
 
+@pytest.mark.parametrize("fmt,lo", [("int8_tensor", -2.0), ("uint4_tensor", 0.0)])
+def test_static_activation_gradient_is_straight_through_inside_the_range(fmt, lo):
+    a = ActQuantizer(fmt, mode="static")
+    a.start_calibration()
+    a(torch.tensor([-2.0, 2.0]))
+    a.finish_calibration()
+    x = torch.tensor([-3.0, -1.0, -0.5, 0.5, 1.9, 2.5], requires_grad=True)
+    y = a(x)
+    assert torch.equal(y.detach(), a(x.detach()))  # same values with and without a graph
+    y.sum().backward()
+    want = ((x.detach() >= lo) & (x.detach() <= 2.0)).float()
+    assert torch.equal(x.grad, want)
+    a.bypass = True
+    assert a(x) is x
+
+
 def test_activation_quantizer_refuses_bad_settings():
     with pytest.raises(ValueError, match="per-tensor"):
         ActQuantizer("mxfp8_e4m3", mode="static")
