@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from torch import nn
 from numcast.accumulator.bounds import min_accumulator_bits
 from numcast.models.fashion_mnist import accuracy, load_fashion_mnist, load_fmnist_cnn
 from numcast.nn.a2q import A2QConv2d, A2QLinear
+from numcast.nn.observe import observe_inputs
 from numcast.training.qat import QATConfig, prepare_a2q, train_qat
 
 PS = [20, 18, 16, 15, 14, 13, 12]
@@ -78,11 +78,11 @@ def brevitas_model(float_model, calib, P, rule):
 
     wq = Int8AccumulatorAwareZeroCenterWeightQuant if rule == "a2q+" else Int8AccumulatorAwareWeightQuant
     model = copy.deepcopy(float_model).eval()
-    lows = _input_lows(model, calib)
+    stats = observe_inputs(dict(_layers(model)), lambda: model(calib[:256]))
     with torch.random.fork_rng(devices=[]):  # Brevitas layers draw initial weights; then the float ones load
         for i, (name, m) in enumerate(_layers(model)):
             bits = FIRST_INPUT_BITS if i == 0 else 4
-            aq = Uint8ActPerTensorFloat if lows[name] >= 0 else Int8ActPerTensorFloat
+            aq = Uint8ActPerTensorFloat if stats[name].nonnegative else Int8ActPerTensorFloat
             kw = dict(weight_quant=wq, weight_bit_width=4, weight_accumulator_bit_width=P, input_quant=aq,
                       input_bit_width=bits)  # fmt: skip
             if isinstance(m, nn.Conv2d):
@@ -144,21 +144,6 @@ def brevitas_needs(model, calib) -> int:
                 q = (out[0] / out[1]).round().reshape(m.weight.shape[0], -1).long()
                 need = max(need, int(min_accumulator_bits(q, int(bits), signed, "exact").max()))
     return need
-
-
-@torch.no_grad()
-def _input_lows(model, calib) -> dict[str, float]:
-    lows, handles = {}, []
-    for n, m in _layers(model):
-
-        def hook(_m, args, n=n):
-            lows[n] = min(lows.get(n, math.inf), float(args[0].min()))
-
-        handles.append(m.register_forward_pre_hook(hook))
-    model(calib[:256])
-    for h in handles:
-        h.remove()
-    return lows
 
 
 # ------------------------------------------------------------------------------------------------ driver

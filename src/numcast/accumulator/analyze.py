@@ -23,6 +23,7 @@ from numcast.accumulator.bounds import datatype_bound_bits, min_accumulator_bits
 from numcast.accumulator.simulate import accumulate, adversarial_inputs, conv_input_rows
 from numcast.formats.ops import core
 from numcast.formats.qtensor import QTensor
+from numcast.nn.observe import observe_inputs
 
 
 def integer_codes(qt: QTensor) -> torch.Tensor:
@@ -100,34 +101,17 @@ def analyze_model(model: nn.Module, batches: list, input_bits: int, accumulator_
             skipped.append((name, why))
         else:
             layers[name] = m
-    seen: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
-    lows = {n: float("inf") for n in layers}
-    amax = {n: 0.0 for n in layers}
-    handles = []
-    for n, m in layers.items():
-
-        def hook(mod, args, n=n):
-            x = args[0].detach()
-            lows[n] = min(lows[n], float(x.min()))
-            amax[n] = max(amax[n], float(x.abs().max()))
-            seen[n].append(x.cpu())
-
-        handles.append(m.register_forward_pre_hook(hook))
-    try:
-        for b in batches:
-            call(model, b)
-    finally:
-        for h in handles:
-            h.remove()
+    stats = observe_inputs(layers, lambda: [call(model, b) for b in batches], keep=True)
     rows = []
     for n, m in layers.items():
-        bits, signed, source = _layer_input_spec(m, input_bits, lows[n])
+        bits, signed, source = _layer_input_spec(m, input_bits, stats[n].low)
         q = integer_codes(m.qweight).long()
         out, K = q.shape
         groups = getattr(m, "groups", 1)
         real_events = dot = wrong = 0
         per_group_out = out // groups
-        x_int = _to_int(torch.cat(seen.pop(n)), m, bits, signed, amax[n])
+        x_int = _to_int(torch.cat(stats[n].seen), m, bits, signed, stats[n].amax)
+        stats[n].seen.clear()
         grows = conv_input_rows(x_int, _geometry(m))  # [groups, rows, K]
         for gi in range(groups):
             r = grows[gi]

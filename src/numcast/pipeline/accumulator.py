@@ -28,6 +28,7 @@ from numcast.formats.ops import core
 from numcast.formats.qtensor import QTensor
 from numcast.formats.registry import get_format
 from numcast.formats.scale import Scales
+from numcast.nn.observe import observe_inputs
 from numcast.pipeline.recipe import LayerOverride, Recipe
 
 
@@ -100,24 +101,11 @@ def resolve_input_signs(model: nn.Module, plans: list, recipe: Recipe, batches: 
 
     if recipe.accumulator.input_sign != "auto":
         return recipe
-    lows: dict[str, float] = {}
-    handles = []
-    for p in plans:
-
-        def hook(_m, args, name=p.name):
-            lows[name] = min(lows.get(name, float("inf")), float(args[0].detach().min()))
-
-        handles.append(p.module.register_forward_pre_hook(hook))
-    try:
-        for b in batches:
-            call_model(model, b)
-    finally:
-        for h in handles:
-            h.remove()
+    stats = observe_inputs({p.name: p.module for p in plans}, lambda: [call_model(model, b) for b in batches])
     extra = []
     for p in plans:
         fmt = get_format(p.activation_format)
-        if fmt.element.signed and lows.get(p.name, -1.0) >= 0:
+        if fmt.element.signed and stats[p.name].nonnegative:
             p.activation_format = "u" + p.activation_format
             get_format(p.activation_format)  # the unsigned twin exists for every intN_tensor
             extra.append(LayerOverride(pattern=p.name, activations=p.activation_format))

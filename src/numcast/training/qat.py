@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from numcast.algorithms.ep_init import A2QRule
 from numcast.nn.a2q import REGULARIZER_WEIGHT, A2QConv2d, A2QLinear, a2q_penalty
 from numcast.nn.act_quant import ActQuantizer
+from numcast.nn.observe import observe_inputs
 from numcast.nn.surgery import set_module
 
 
@@ -59,26 +60,6 @@ def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
 
 
-@torch.no_grad()
-def _input_lows(model: nn.Module, names: list[str], images: torch.Tensor, batch_size: int) -> dict[str, float]:
-    lows = {n: math.inf for n in names}
-    mods = dict(model.named_modules())
-    handles = []
-    for n in names:
-
-        def hook(_m, args, n=n):
-            lows[n] = min(lows[n], float(args[0].min()))
-
-        handles.append(mods[n].register_forward_pre_hook(hook))
-    try:
-        for i in range(0, images.shape[0], batch_size):
-            model(images[i : i + batch_size])
-    finally:
-        for h in handles:
-            h.remove()
-    return lows
-
-
 def prepare_a2q(
     model: nn.Module,
     calibration: torch.Tensor,
@@ -97,10 +78,11 @@ def prepare_a2q(
     layers = _layers(model)
     if not layers:
         raise ValueError("the model has no nn.Conv2d / nn.Linear layer to constrain")
-    lows = _input_lows(model, [n for n, _ in layers], calibration, batch_size)
+    stats = observe_inputs(dict(layers), lambda: [model(calibration[i : i + batch_size])
+                                                  for i in range(0, calibration.shape[0], batch_size)])  # fmt: skip
     for i, (name, m) in enumerate(layers):
         bits = first_input_bits if i == 0 else input_bits
-        fmt = f"{'u' if lows[name] >= 0 else ''}int{bits}_tensor"
+        fmt = f"{'u' if stats[name].nonnegative else ''}int{bits}_tensor"
         axis = 1 if isinstance(m, nn.Conv2d) else -1
         act = ActQuantizer(fmt, mode="static", observer=observer, axis=axis)
         cls = A2QConv2d if isinstance(m, nn.Conv2d) else A2QLinear
