@@ -169,6 +169,12 @@ def recipe_from_args(args: argparse.Namespace):
     if args.ed_calibrate_float_layers is not None:
         ed["calibrate_float_layers"] = args.ed_calibrate_float_layers
     data["error_diffusion"] = ed
+    ar = dict(data.get("attention_round") or {})
+    for k in ("iterations", "variant", "time_budget_s"):
+        v = getattr(args, f"ar_{k}")
+        if v is not None:
+            ar[k] = v
+    data["attention_round"] = ar
     acc = dict(data.get("accumulator") or {})
     for k in ("bits", "rule", "rounding", "input_sign"):
         v = getattr(args, f"accumulator_{k}")
@@ -298,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--activations", help="activation (layer input) format")
     q.add_argument("--activation-mode", dest="activation_mode", choices=("dynamic", "static"))
     q.add_argument("--activation-observer", dest="activation_observer", choices=("minmax", "percentile", "mse"))
-    q.add_argument("--method", choices=("rtn", "gptq", "error-diffusion", "ep-init"))
+    q.add_argument("--method", choices=("rtn", "gptq", "error-diffusion", "ep-init", "attention-round"))
     q.add_argument("--calibration", type=int, help="number of calibration samples")
     q.add_argument("--include", nargs="+", help="globs of module names to quantize (default: all)")
     q.add_argument("--exclude", nargs="+", help="globs of module names to keep in float")
@@ -313,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="error-diffusion column order (default strong-first: largest input norm first)")
     q.add_argument("--ed-calibrate-float-layers", dest="ed_calibrate_float_layers", action="store_true", default=None,
                    help="error-diffusion: also re-fit layers kept in float inside the blocks (Q = identity)")
+    q.add_argument("--ar-iterations", dest="ar_iterations", type=int, help="attention-round: steps per layer (500)")
+    q.add_argument("--ar-variant", dest="ar_variant", choices=("soft", "sampled"),
+                   help="attention-round: expectation (soft, default) or sampled levels in the forward")
+    q.add_argument("--ar-time-budget", dest="ar_time_budget_s", type=float,
+                   help="attention-round: at most this many seconds per layer")
     q.add_argument("--accumulator-bits", dest="accumulator_bits", type=int,
                    help="accumulator width P no layer may overflow (A2Q/A2Q+ L1 budget on the integer weights; "
                         "needs integer weights per channel and integer --activations)")

@@ -66,7 +66,7 @@ def test_rtn_through_the_runner_equals_quantize_model():
 
 
 @pytest.mark.parametrize("fmt", ["int4_g32", "mxfp4", "int3_channel"])
-@pytest.mark.parametrize("solver", ["gptq", "error-diffusion"])
+@pytest.mark.parametrize("solver", ["gptq", "error-diffusion", "attention-round"])
 def test_solvers_through_the_runner_beat_rtn_on_the_model_output(fmt, solver):
     data = batches()
     ids = torch.cat(batches(4, seed=5))
@@ -75,7 +75,7 @@ def test_solvers_through_the_runner_beat_rtn_on_the_model_output(fmt, solver):
     errs = {}
     for method in ("rtn", solver):
         model = TinyLM()
-        recipe = Recipe(weights=fmt, method=method, exclude=["head"])
+        recipe = Recipe(weights=fmt, method=method, exclude=["head"], attention_round={"iterations": 200})
         quantize_blockwise(model, list(model.blocks), data, recipe, progress=False)
         with torch.no_grad():
             errs[method] = float((model(ids) - ref).square().mean())

@@ -149,15 +149,19 @@ def attention_round(
 
 
 def layer_output_loss(weight: torch.Tensor, h: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Loss of a layer's output error through its input Gram matrix ``h`` ``[K, K]`` (e.g. XᵀX/n):
-    tr((W − Ŵ) H (W − Ŵ)ᵀ) / tr(W H Wᵀ), the relative output error on the calibration inputs."""
+    """Loss of a layer's output error through its input Gram matrix ``h`` (e.g. XᵀX/n): ``[K, K]``, or
+    ``[groups, K, K]`` for a grouped convolution (output channels split evenly over the groups):
+    Σ_groups tr((W − Ŵ) H (W − Ŵ)ᵀ) / Σ_groups tr(W H Wᵀ), the relative output error on the calibration inputs."""
     w = weight.detach().float()
-    hf = h.float()
-    norm = float(torch.einsum("ok,kl,ol->", w, hf, w))
+    hf = h.float() if h.dim() == 3 else h.float()[None]
+    g = hf.shape[0]
+    if w.shape[0] % g or hf.shape[-1] != w.shape[1]:
+        raise ValueError(f"Gram matrices {tuple(hf.shape)} do not fit a weight {tuple(w.shape)}")
+
+    def quad(e: torch.Tensor) -> torch.Tensor:
+        e = e.reshape(g, -1, e.shape[-1])
+        return torch.einsum("gok,gkl,gol->", e, hf, e)
+
+    norm = float(quad(w))
     scale = 1.0 / norm if norm > 0 else 1.0
-
-    def fn(w_hat: torch.Tensor) -> torch.Tensor:
-        e = w - w_hat
-        return torch.einsum("ok,kl,ol->", e, hf, e) * scale
-
-    return fn
+    return lambda w_hat: quad(w - w_hat) * scale

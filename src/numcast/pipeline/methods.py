@@ -1,4 +1,5 @@
-"""Weight solvers (RTN, GPTQ, Error Diffusion, EP-init) as the block-wise runner sees them: statistics, then the solve.
+"""Weight solvers (RTN, GPTQ, Error Diffusion, EP-init, Attention Round) as the block-wise runner sees them:
+statistics, then the solve.
 
 Each method turns a layer's calibration inputs into the statistics its algorithm needs (accumulated batch by
 batch, so memory does not grow with the number of tokens) and calls the tensor-level algorithm in
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from numcast.algorithms.attention_round import attention_round, layer_output_loss
 from numcast.algorithms.error_diffusion import error_diffusion
 from numcast.algorithms.gptq import gptq
 from numcast.algorithms.rtn import rtn
@@ -173,6 +175,24 @@ class ErrorDiffusion(Method):
             module.weight.copy_(new.reshape(module.weight.shape).to(module.weight.dtype))
 
 
+class AttentionRound(Method):
+    """Attention Round per layer, on the layer's output error through its input Gram matrix (the Hessian
+    accumulator's H, per conv group). Our reading of the paper's block-output reconstruction at layer level."""
+
+    name = "attention-round"
+    needs_inputs = True
+
+    def __init__(self, settings) -> None:
+        self.settings = settings
+
+    def accumulator(self, module: nn.Module) -> HessianAccumulator:
+        return HessianAccumulator()
+
+    def solve(self, module: nn.Module, fmt: Format, acc: HessianAccumulator) -> QTensor:
+        w = module.weight.detach().reshape(module.weight.shape[0], -1)
+        return attention_round(w, fmt, layer_output_loss(w, acc.result()), **self.settings.model_dump()).qtensor
+
+
 class EPInit(Method):
     """A2Q+'s EP-init as a PTQ method: no calibration statistics, the layer's float weights and its accumulator
     budget are enough, so :meth:`solve` returns None and :func:`numcast.pipeline.accumulator.layer_qweight`
@@ -193,4 +213,6 @@ def method_for(recipe: Recipe) -> Method:
         return ErrorDiffusion(recipe.error_diffusion.scale_rule, recipe.error_diffusion.order)
     if recipe.method == "ep-init":
         return EPInit()
+    if recipe.method == "attention-round":
+        return AttentionRound(recipe.attention_round)
     raise ValueError(f"unknown method {recipe.method!r}")

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from numcast.formats.registry import get_format
 
-METHODS = ("rtn", "gptq", "error-diffusion", "ep-init")
+METHODS = ("rtn", "gptq", "error-diffusion", "ep-init", "attention-round")
 
 
 def _check_format(v: str | None) -> str | None:
@@ -78,6 +78,22 @@ class AccumulatorSettings(BaseModel):
     input_sign: Literal["auto", "format"] = "auto"
 
 
+class AttentionRoundSettings(BaseModel):
+    """Attention Round (:mod:`numcast.algorithms.attention_round`): Adam ``iterations`` at ``lr`` on the
+    offsets while σ anneals from ``sigma_start`` to ``sigma_end`` grid steps; ``k_nearest`` levels per weight;
+    ``variant`` soft (expectation) or sampled; ``seed`` for the sampled variant; ``time_budget_s`` per layer."""
+
+    model_config = ConfigDict(extra="forbid")
+    iterations: int = Field(500, ge=0)
+    lr: float = Field(5e-2, gt=0)
+    sigma_start: float = Field(0.5, gt=0)
+    sigma_end: float = Field(0.01, gt=0)
+    k_nearest: int | None = Field(8, ge=1)
+    variant: Literal["soft", "sampled"] = "soft"
+    seed: int = 0
+    time_budget_s: float | None = Field(None, gt=0)
+
+
 class ErrorDiffusionSettings(BaseModel):
     """``scale_rule``: when a block-scaled format's shared scales are fixed — ``static`` (from the float
     weights) or ``dynamic`` (from the updated targets when the block's first column is reached).
@@ -99,7 +115,8 @@ class Recipe(BaseModel):
     - ``weights``: weight format of every quantized layer (e.g. ``mxfp4``, ``int4_g128``).
     - ``activations``: optional input format of quantized layers; ``activation_mode`` ``dynamic`` (scales from
       each tensor) or ``static`` (one per-tensor scale calibrated by ``activation_observer``).
-    - ``method``: weight solver (``rtn``, ``gptq``, ``error-diffusion``, ``ep-init``); ``calibration``: number of
+    - ``method``: weight solver (``rtn``, ``gptq``, ``error-diffusion``, ``ep-init``,
+      ``attention-round``); ``calibration``: number of
       calibration samples (needed by every method but rtn, and by static activations).
     - ``accumulator``: an accumulator width every layer must respect (any method; ``ep-init`` needs it).
     - ``include`` / ``exclude``: globs over module names (``*`` matches dots too); ``overrides`` per layer.
@@ -111,7 +128,7 @@ class Recipe(BaseModel):
     activations: str | None = None
     activation_mode: Literal["dynamic", "static"] = "dynamic"
     activation_observer: Literal["minmax", "percentile", "mse"] = "minmax"
-    method: Literal["rtn", "gptq", "error-diffusion", "ep-init"] = "rtn"
+    method: Literal["rtn", "gptq", "error-diffusion", "ep-init", "attention-round"] = "rtn"
     calibration: int = Field(128, ge=0)
     include: list[str] = Field(default_factory=lambda: ["*"])
     exclude: list[str] = Field(default_factory=list)
@@ -121,6 +138,7 @@ class Recipe(BaseModel):
     gptq: GPTQSettings = Field(default_factory=GPTQSettings)
     error_diffusion: ErrorDiffusionSettings = Field(default_factory=ErrorDiffusionSettings)
     accumulator: AccumulatorSettings = Field(default_factory=AccumulatorSettings)
+    attention_round: AttentionRoundSettings = Field(default_factory=AttentionRoundSettings)
 
     @field_validator("weights", "activations")
     @classmethod
