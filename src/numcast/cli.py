@@ -175,6 +175,14 @@ def recipe_from_args(args: argparse.Namespace):
         if v is not None:
             ar[k] = v
     data["attention_round"] = ar
+    mp = dict(data.get("mixed_precision") or {})
+    if args.mixed_precision is not None:
+        mp["strategy"] = args.mixed_precision
+    if args.candidates is not None:
+        mp["candidates"] = [c.strip() for c in args.candidates.split(",") if c.strip()]
+    if args.budget is not None:
+        mp["budget"] = args.budget
+    data["mixed_precision"] = mp
     acc = dict(data.get("accumulator") or {})
     for k in ("bits", "rule", "rounding", "input_sign"):
         v = getattr(args, f"accumulator_{k}")
@@ -319,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="error-diffusion column order (default strong-first: largest input norm first)")
     q.add_argument("--ed-calibrate-float-layers", dest="ed_calibrate_float_layers", action="store_true", default=None,
                    help="error-diffusion: also re-fit layers kept in float inside the blocks (Q = identity)")
+    q.add_argument("--mixed-precision", dest="mixed_precision", choices=("lcl", "sensitivity"),
+                   help="per-layer weight formats from --candidates under --budget (lossy coding length or SQNR)")
+    q.add_argument("--candidates", help="comma-separated candidate weight formats, e.g. int2_g64,int3_g64,int4_g128")
+    q.add_argument("--budget", help="size budget: average bits per parameter (4.5bits) or bytes (250kB)")
     q.add_argument("--ar-iterations", dest="ar_iterations", type=int, help="attention-round: steps per layer (500)")
     q.add_argument("--ar-variant", dest="ar_variant", choices=("soft", "sampled"),
                    help="attention-round: expectation (soft, default) or sampled levels in the forward")

@@ -10,11 +10,13 @@ TPAMI 2007, Eq. 4).
   channels as vectors of the reduction axis), scaled to unit mean square so that ε is a relative distortion,
   normalised per weight (bits of information per parameter). Layers with more structure per parameter get
   more bits.
-- :func:`allocate`: candidate formats per layer, cheapest first; every layer starts at the cheapest, then
-  upgrades go one candidate step at a time to the layer with the highest priority among those whose next step
-  still fits the size budget. Never above the budget; what is left is smaller than every possible next step
-  (tested). With ``priority`` = coding length per parameter this is the LCL allocation; with the negative
-  output SQNR at the cheapest format it is the sensitivity baseline.
+- :func:`allocate`: candidate formats per layer, cheapest first; every layer starts at the cheapest, then in
+  rounds every layer, in priority order, moves one candidate up if that still fits the size budget — no
+  layer moves up twice before every other layer had its chance to move up once (a plain
+  highest-priority-first greedy starved the others at 2 bits: Fashion-MNIST at 3.5 bits fell below uniform
+  3-bit). Never above the budget; what is left is smaller than every possible next step (tested). With
+  ``priority`` = coding length per parameter this is the LCL allocation; with the negative output SQNR at
+  the cheapest format it is the sensitivity baseline.
 """
 
 from __future__ import annotations
@@ -75,12 +77,13 @@ def allocate(layers: list[LayerChoice], budget_bits: float) -> dict[str, int]:
     if used > budget_bits:
         raise ValueError(f"the budget ({budget_bits:.0f} bits) is below the cheapest assignment ({used:.0f} bits)")
     order = sorted(layers, key=lambda lay: (-lay.priority, lay.name))
-    while True:
+    upgraded = True
+    while upgraded:  # rounds: every layer one step, in priority order, while the budget allows
+        upgraded = False
         for lay in order:
             i = choice[lay.name]
             if i + 1 < len(lay.costs) and used + lay.costs[i + 1] - lay.costs[i] <= budget_bits:
                 used += lay.costs[i + 1] - lay.costs[i]
                 choice[lay.name] = i + 1
-                break
-        else:
-            return choice
+                upgraded = True
+    return choice

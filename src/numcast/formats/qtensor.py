@@ -88,20 +88,12 @@ class QTensor:
     # ---- storage -----------------------------------------------------------------------------
     def _parts(self) -> list[tuple[str, int, int]]:
         """(name, bits, count) of each stored part."""
-        fmt, n = self.format, math.prod(self.shape)
-        parts = [("codes", fmt.element.bits, n)]
-        if fmt.scaling.scaled:
-            ns = math.prod(self.layout.scale_shape)
-            parts.append(("scales", fmt.scaling.scale_format.bits, ns))
-            if fmt.scaling.zero_point:
-                parts.append(("zero_point", fmt.element.bits, ns))
-        return parts
+        return storage_parts(tuple(self.shape), self.format)
 
     @property
     def nbytes(self) -> int:
         """True storage size in bytes including scales (the length of :meth:`pack`)."""
-        size = sum(packed_nbytes(c, b) for _, b, c in self._parts())
-        return size + (4 if self.format.scaling.tensor_scale else 0)
+        return storage_nbytes(tuple(self.shape), self.format)
 
     @property
     def bits_per_value(self) -> float:
@@ -179,3 +171,22 @@ class QTensor:
             return QTensor.unpack(packed.numpy().tobytes(), fmt, shape, dtype)
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from exc
+
+
+def storage_parts(shape: tuple[int, ...], fmt: Format) -> list[tuple[str, int, int]]:
+    """(name, bits, count) of each stored part of a ``shape`` tensor in ``fmt``."""
+    n = math.prod(shape)
+    parts = [("codes", fmt.element.bits, n)]
+    if fmt.scaling.scaled:
+        ns = math.prod(Layout.of(shape, fmt.scaling).scale_shape)
+        parts.append(("scales", fmt.scaling.scale_format.bits, ns))
+        if fmt.scaling.zero_point:
+            parts.append(("zero_point", fmt.element.bits, ns))
+    return parts
+
+
+def storage_nbytes(shape: tuple[int, ...], fmt: Format) -> int:
+    """Packed bytes of a ``shape`` tensor in ``fmt`` (codes, scales, zero points, tensor scale): what
+    :attr:`QTensor.nbytes` reports, without quantizing anything."""
+    size = sum(packed_nbytes(c, b) for _, b, c in storage_parts(shape, fmt))
+    return size + (4 if fmt.scaling.tensor_scale else 0)

@@ -130,15 +130,13 @@ def quantize_model(
     if recipe.method not in ("rtn", "ep-init"):
         raise ValueError(f"method {recipe.method!r} runs in the layer-wise calibration pipeline, not in quantize_model")
     static = recipe.activations is not None and recipe.activation_mode == "static"
-    batches = None
-    if static:
-        batches = list(calibration) if calibration is not None else []
-        if not batches:
-            raise ValueError("static activation scales need calibration data (got none)")
+    batches = list(calibration) if calibration is not None else []
+    if static and not batches:
+        raise ValueError("static activation scales need calibration data (got none)")
     if not inplace:
         model = copy.deepcopy(model)
     todo, report = plan_layers(model, recipe)
-    recipe = prepare_accumulator(model, todo, report, recipe, batches or [])
+    recipe = prepare_plans(model, todo, report, recipe, batches)
     entry = {r.name: r for r in report}
     for plan in todo:
         qt = finish_qweight(plan, recipe, None, entry[plan.name])
@@ -148,10 +146,17 @@ def quantize_model(
     return QuantizationResult(model, report, recipe=recipe)
 
 
-def prepare_accumulator(model: nn.Module, todo: list[LayerPlan], report: list[LayerReport], recipe: Recipe,
-                        batches: list) -> Recipe:  # fmt: skip
-    """For an accumulator-aware recipe: check every layer's weight format (before any work) and resolve the
-    layers' input signs (:func:`numcast.pipeline.accumulator.resolve_input_signs`); returns the recipe to use."""
+def prepare_plans(model: nn.Module, todo: list[LayerPlan], report: list[LayerReport], recipe: Recipe,
+                  batches: list) -> Recipe:  # fmt: skip
+    """Decisions taken before any layer is quantized, on the float model; returns the recipe to use (with the
+    decisions as per-layer overrides). Mixed precision picks each layer's weight format
+    (:func:`numcast.pipeline.mixed_precision.resolve_mixed_precision`); an accumulator-aware recipe then has
+    every layer's weight format checked and the layers' input signs resolved
+    (:func:`numcast.pipeline.accumulator.resolve_input_signs`)."""
+    if recipe.mixed_precision.strategy is not None:
+        from numcast.pipeline.mixed_precision import resolve_mixed_precision
+
+        recipe = resolve_mixed_precision(model, todo, report, recipe, batches)
     if recipe.accumulator.bits is None:
         return recipe
     from numcast.pipeline.accumulator import check_weight_format, resolve_input_signs

@@ -94,6 +94,32 @@ class AttentionRoundSettings(BaseModel):
     time_budget_s: float | None = Field(None, gt=0)
 
 
+class MixedPrecisionSettings(BaseModel):
+    """Per-layer weight formats under a size budget (:mod:`numcast.pipeline.mixed_precision`): ``strategy``
+    ``lcl`` (lossy coding length) or ``sensitivity`` (output SQNR at the cheapest candidate); ``candidates``
+    the formats to choose from; ``budget`` average bits per parameter (``"4.5bits"``) or bytes (``"250kB"``);
+    ``eps`` the relative distortion of the coding length."""
+
+    model_config = ConfigDict(extra="forbid")
+    strategy: Literal["lcl", "sensitivity"] | None = None
+    candidates: list[str] = Field(default_factory=list)
+    budget: str | None = None
+    eps: float = Field(0.5, gt=0)
+
+    @field_validator("candidates")
+    @classmethod
+    def _known_formats(cls, v: list[str]) -> list[str]:
+        for name in v:
+            _check_format(name)
+        return v
+
+    @model_validator(mode="after")
+    def _complete(self) -> MixedPrecisionSettings:
+        if self.strategy is not None and (len(self.candidates) < 2 or not self.budget):
+            raise ValueError("mixed precision needs at least two candidate formats and a budget (e.g. 4.5bits)")
+        return self
+
+
 class ErrorDiffusionSettings(BaseModel):
     """``scale_rule``: when a block-scaled format's shared scales are fixed — ``static`` (from the float
     weights) or ``dynamic`` (from the updated targets when the block's first column is reached).
@@ -119,6 +145,7 @@ class Recipe(BaseModel):
       ``attention-round``); ``calibration``: number of
       calibration samples (needed by every method but rtn, and by static activations).
     - ``accumulator``: an accumulator width every layer must respect (any method; ``ep-init`` needs it).
+    - ``mixed_precision``: per-layer weight formats chosen from candidates under a size budget.
     - ``include`` / ``exclude``: globs over module names (``*`` matches dots too); ``overrides`` per layer.
     - Embeddings and the LM head stay in float unless ``quantize_embeddings`` / ``quantize_lm_head``.
     """
@@ -139,6 +166,7 @@ class Recipe(BaseModel):
     error_diffusion: ErrorDiffusionSettings = Field(default_factory=ErrorDiffusionSettings)
     accumulator: AccumulatorSettings = Field(default_factory=AccumulatorSettings)
     attention_round: AttentionRoundSettings = Field(default_factory=AttentionRoundSettings)
+    mixed_precision: MixedPrecisionSettings = Field(default_factory=MixedPrecisionSettings)
 
     @field_validator("weights", "activations")
     @classmethod

@@ -46,7 +46,7 @@ from numcast.pipeline.quantize_model import (
     finish_qweight,
     make_quant_module,
     plan_layers,
-    prepare_accumulator,
+    prepare_plans,
 )
 from numcast.pipeline.recipe import Recipe
 
@@ -209,7 +209,7 @@ def quantize_blockwise(
     method = method_for(recipe)
     model.eval()
     todo, report = plan_layers(model, recipe)
-    recipe = prepare_accumulator(model, todo, report, recipe, batches)
+    recipe = prepare_plans(model, todo, report, recipe, batches)
     by_id = {id(p.module): p for p in todo}
     in_blocks = {id(m) for b in blocks for m in b.modules()}
     refit = _float_layers_to_refit(model, recipe, report, in_blocks) if method.refits_float_layers(recipe) else []
