@@ -12,7 +12,8 @@ existing JSON and keeps the others (so the table can be filled model by model). 
 ``error-diffusion-dynamic`` (block scales from the updated targets), ``error-diffusion-natural`` (GPFQ's
 natural column order, dynamic scales), ``error-diffusion-weak`` (weakest inputs first) and
 ``error-diffusion-refit`` (layers kept in float by
-``--exclude`` re-fitted with Q = identity: the ablation of Error Diffusion's layer calibration). The "gap
+``--exclude`` re-fitted with Q = identity: the ablation of Error Diffusion's layer calibration), and
+``attention-round`` / ``attention-round-sampled`` (the soft and the sampled variant). The "gap
 closed" column is (method − RTN) / (float − RTN) for the same model and format.
 """
 
@@ -37,6 +38,8 @@ METHOD_ARGS = {
     "error-diffusion-natural": ["--method", "error-diffusion", "--ed-scale-rule", "dynamic", "--ed-order", "natural"],
     "error-diffusion-weak": ["--method", "error-diffusion", "--ed-order", "weak-first"],
     "error-diffusion-refit": ["--method", "error-diffusion", "--ed-calibrate-float-layers"],
+    "attention-round": ["--method", "attention-round"],
+    "attention-round-sampled": ["--method", "attention-round", "--ar-variant", "sampled"],
 }
 
 
