@@ -35,7 +35,7 @@ class QuantizationResult:
     model: nn.Module
     layers: list[LayerReport] = field(default_factory=list)
     wall_time_s: float = 0.0
-    recipe: Recipe | None = None  # the recipe as resolved (per-layer input signs of accumulator-aware recipes)
+    recipe: Recipe | None = None  # as resolved: mixed-precision formats and input signs become per-layer overrides
 
     @property
     def quantized(self) -> list[LayerReport]:
