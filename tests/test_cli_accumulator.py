@@ -52,3 +52,16 @@ def test_weights_that_are_not_integer_sums_are_listed_not_analysed(tiny, tmp_pat
                         "16", "--out", str(tmp_path / "m")])  # fmt: skip
     assert rec["layers"] == [] and len(rec["skipped"]) == 4
     assert "not integers with one scale" in rec["skipped"][0]["reason"]
+
+
+def test_tiled_analysis_needs_fewer_inner_bits_and_the_simulator_agrees(tiny, tmp_path, capsys):  # noqa: F811
+    args = ["accumulator", "tiny-cnn", "--weights", "int8_channel", "--input-bits", "8", "--samples", "8",
+            "--accumulator-bits", "32", "--tile", "16"]  # fmt: skip
+    flat = _run(capsys, [*args, "--tile-bits", "32", "--out", str(tmp_path / "a")])
+    inner = max(r["tile_bits_needed"] for r in flat["layers"])
+    assert all(r["tile_bits_needed"] <= r["exact_bits"] for r in flat["layers"])
+    assert any(r["tile_bits_needed"] < r["exact_bits"] for r in flat["layers"] if r["K"] > 16)  # fewer products
+    ok = _run(capsys, [*args, "--tile-bits", str(inner), "--out", str(tmp_path / "b")])
+    assert all(r["channels_overflowing_adversarial"] == 0 for r in ok["layers"])
+    short = _run(capsys, [*args, "--tile-bits", str(inner - 1), "--out", str(tmp_path / "c")])
+    assert any(r["channels_overflowing_adversarial"] > 0 for r in short["layers"])

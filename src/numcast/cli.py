@@ -255,7 +255,8 @@ def cmd_accumulator(args: argparse.Namespace) -> int:
     with console.status("starting") as status:
         rec = run_accumulator(args.target, args.input_bits, args.accumulator_bits, weights=args.weights,
                               samples=args.samples, mode=args.mode, out=Path(args.out) if args.out else None,
-                              overwrite=args.overwrite, stage=lambda t: status.update(t))  # fmt: skip
+                              overwrite=args.overwrite, tile=args.tile, tile_bits=args.tile_bits,
+                              stage=lambda t: status.update(t))  # fmt: skip
     if args.json:
         print(json.dumps(rec, indent=2))
         return 0
@@ -267,6 +268,9 @@ def cmd_accumulator(args: argparse.Namespace) -> int:
              f"{r['channels_overflowing_adversarial']}/{r['channels']}"] for r in rec["layers"]]  # fmt: skip
     print_table(make_table(f"{rec['source']}: accumulator bits needed per layer (max over channels)", cols, rows),
                 console)  # fmt: skip
+    if rec["tile"]:
+        console.print(f"tiles of {rec['tile']} inputs in {rec['tile_bits']}-bit registers; bits each tile needs: "
+                      + ", ".join(f"{r['name']} {r['tile_bits_needed']}" for r in rec["layers"]))  # fmt: skip
     bad = [r["name"] for r in rec["layers"] if r["channels_overflowing_adversarial"]]
     if bad:
         console.print(f"[red]{len(bad)} of {len(rec['layers'])} layers can overflow a {P}-bit accumulator[/red]")
@@ -360,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--weights", default="int8_channel", help="weight format (RTN) when TARGET is a model name")
     a.add_argument("--samples", type=int, default=32, help="calibration samples whose real inputs are simulated")
     a.add_argument("--mode", choices=("wrap", "saturate"), default="wrap", help="accumulator overflow behaviour")
+    a.add_argument("--tile", type=int, help="two-stage accumulation: tiles of this many inputs ...")
+    a.add_argument("--tile-bits", dest="tile_bits", type=int, help="... each summed in a register of these bits")
     a.add_argument("--out", help="where accumulator.json/.png go (default: TARGET dir or out/accumulator-MODEL)")
     a.add_argument("--overwrite", action="store_true", help="replace existing accumulator.json/.png")
     a.add_argument("--json", action="store_true")

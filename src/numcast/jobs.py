@@ -112,6 +112,7 @@ def run_evaluate(out: Path, stage=lambda text: None) -> dict:
 
 def run_accumulator(target: str, input_bits: int, accumulator_bits: int, *, weights: str = "int8_channel",
                     samples: int = 32, mode: str = "wrap", out: Path | None = None, overwrite: bool = False,
+                    tile: int | None = None, tile_bits: int | None = None,
                     stage=lambda text: None) -> dict:  # fmt: skip
     """The accumulator analysis (:mod:`numcast.accumulator.analyze`) of ``target``: a directory (or packed file)
     written by ``numcast quantize``, or a model name / path quantized here with RTN ``weights``. Writes
@@ -145,13 +146,16 @@ def run_accumulator(target: str, input_bits: int, accumulator_bits: int, *, weig
     stage(f"preparing {samples} calibration samples")
     batches = w.calibration(samples)
     stage("simulating the accumulators")
-    rows, skipped = analyze_model(w.model, batches, input_bits, accumulator_bits, mode=mode)
+    rows, skipped = analyze_model(w.model, batches, input_bits, accumulator_bits, mode=mode, tile=tile,
+                                  tile_bits=tile_bits)  # fmt: skip
     record = {
         "model": w.name,
         "source": source,
         "accumulator_bits": accumulator_bits,
         "input_bits": input_bits,
         "mode": mode,
+        "tile": tile,
+        "tile_bits": tile_bits,
         "samples": samples,
         "layers": rows_to_records(rows),
         "skipped": [{"name": n, "reason": r} for n, r in skipped],

@@ -60,6 +60,7 @@ class LayerAccumulator:
     dot_products_overflowing: int  # real dot products whose final value is wrong (wrap) or clipped
     channels_overflowing_adversarial: int  # output channels whose worst-case input overflows at P
     channels: int
+    tile_bits_needed: int | None = None  # exact bits of the per-tile register (tiled analysis only)
 
 
 def _layer_input_spec(module: nn.Module, input_bits: int, observed_min: float) -> tuple[int, bool, str]:
@@ -84,10 +85,13 @@ def _to_int(x: torch.Tensor, module: nn.Module, bits: int, signed: bool, amax: f
 
 @torch.no_grad()
 def analyze_model(model: nn.Module, batches: list, input_bits: int, accumulator_bits: int, *, mode: str = "wrap",
-                  max_rows: int = 4096, call=None) -> tuple[list[LayerAccumulator], list[tuple[str, str]]]:  # fmt: skip
+                  max_rows: int = 4096, call=None, tile: int | None = None,
+                  tile_bits: int | None = None) -> tuple[list[LayerAccumulator], list[tuple[str, str]]]:  # fmt: skip
     """(rows for analysed layers, (name, reason) for quantized layers that were not) — see module docstring.
 
-    ``call(model, batch)`` runs one batch (default: ``model(batch)``)."""
+    ``call(model, batch)`` runs one batch (default: ``model(batch)``). ``tile``/``tile_bits``: two-stage
+    accumulation (tiles of ``tile`` inputs in ``tile_bits``-bit registers, their sum in the P-bit one); rows
+    then also give the per-tile bits needed (exact) and the simulation counts both stages' overflows."""
     from numcast.pipeline.quantize_model import call_model
 
     call = call or call_model
@@ -118,13 +122,14 @@ def analyze_model(model: nn.Module, batches: list, input_bits: int, accumulator_
             if r.shape[0] > max_rows:
                 r = r[:: -(-r.shape[0] // max_rows)]
             qg = q[gi * per_group_out : (gi + 1) * per_group_out]
-            res = accumulate(r, qg, accumulator_bits, mode)
+            res = accumulate(r, qg, accumulator_bits, mode, tile=tile, tile_bits=tile_bits)
             real_events += int(res.overflows.sum())
             dot += res.y.numel()
             wrong += int((res.y != res.exact).sum())
         adv = torch.zeros(out, dtype=torch.int64)
         for s in (1, -1):
-            adv += accumulate(adversarial_inputs(q, bits, signed, s), q, accumulator_bits, mode, paired=True).overflows
+            x_adv = adversarial_inputs(q, bits, signed, s)
+            adv += accumulate(x_adv, q, accumulator_bits, mode, paired=True, tile=tile, tile_bits=tile_bits).overflows
         rows.append(
             LayerAccumulator(
                 name=n,
@@ -141,6 +146,7 @@ def analyze_model(model: nn.Module, batches: list, input_bits: int, accumulator_
                 dot_products_overflowing=wrong,
                 channels_overflowing_adversarial=int((adv > 0).sum()),
                 channels=out,
+                tile_bits_needed=None if tile is None else int(min_accumulator_bits(q, bits, signed, tile=tile).max()),
             )  # fmt: skip
         )
     return rows, skipped
