@@ -170,7 +170,7 @@ def recipe_from_args(args: argparse.Namespace):
         ed["calibrate_float_layers"] = args.ed_calibrate_float_layers
     data["error_diffusion"] = ed
     ar = dict(data.get("attention_round") or {})
-    for k in ("iterations", "variant", "time_budget_s"):
+    for k in ("objective", "iterations", "variant", "time_budget_s"):
         v = getattr(args, f"ar_{k}")
         if v is not None:
             ar[k] = v
@@ -335,11 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-layer weight formats from --candidates under --budget (lossy coding length or SQNR)")
     q.add_argument("--candidates", help="comma-separated candidate weight formats, e.g. int2_g64,int3_g64,int4_g128")
     q.add_argument("--budget", help="size budget: average bits per parameter (4.5bits) or bytes (250kB)")
-    q.add_argument("--ar-iterations", dest="ar_iterations", type=int, help="attention-round: steps per layer (500)")
+    q.add_argument("--ar-objective", dest="ar_objective", choices=("block", "layer"),
+                   help="attention-round: reconstruct each block's output (default) or each layer's alone")
+    q.add_argument("--ar-iterations", dest="ar_iterations", type=int, help="attention-round: steps per block (500)")
     q.add_argument("--ar-variant", dest="ar_variant", choices=("soft", "sampled"),
                    help="attention-round: expectation (soft, default) or sampled levels in the forward")
     q.add_argument("--ar-time-budget", dest="ar_time_budget_s", type=float,
-                   help="attention-round: at most this many seconds per layer")
+                   help="attention-round: at most this many seconds per block (or layer)")
     q.add_argument("--accumulator-bits", dest="accumulator_bits", type=int,
                    help="accumulator width P no layer may overflow (A2Q/A2Q+ L1 budget on the integer weights; "
                         "needs integer weights per channel and integer --activations)")

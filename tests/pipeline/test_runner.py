@@ -238,3 +238,36 @@ def test_float_originals_are_released_block_by_block(method):
     gc.collect()
     assert alive_after_block0 == [False]
     assert all(r() is None for r in refs.values()), [n for n, r in refs.items() if r() is not None]
+
+
+def test_attention_round_block_and_layer_objectives_beat_rtn_and_are_deterministic():
+    data = batches()
+    ids = torch.cat(batches(4, seed=5))
+    with torch.no_grad():
+        ref = TinyLM()(ids)
+    errs, outs = {}, {}
+    for key, ar in [("rtn", None), ("block", {"objective": "block", "iterations": 150}),
+                    ("block-again", {"objective": "block", "iterations": 150}),
+                    ("layer", {"objective": "layer", "iterations": 150})]:  # fmt: skip
+        model = TinyLM()
+        method = "rtn" if ar is None else "attention-round"
+        recipe = Recipe(weights="int3_channel", method=method, exclude=["head"], attention_round=ar or {})
+        res = quantize_blockwise(model, list(model.blocks), data, recipe, progress=False)
+        with torch.no_grad():
+            outs[key] = model(ids)
+        errs[key] = float((outs[key] - ref).square().mean())
+        assert all(r.method == method for r in res.layers if r.name.startswith("blocks."))
+    assert errs["block"] < 0.9 * errs["rtn"] and errs["layer"] < 0.9 * errs["rtn"], errs
+    assert torch.equal(outs["block"], outs["block-again"])
+
+
+def test_attention_round_on_a_block_that_is_a_bare_layer():
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
+    x = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    recipe = Recipe(weights="int3_channel", method="attention-round", attention_round={"iterations": 30})
+    blocks = [model[0], nn.Sequential(model[1], model[2])]  # the first block is the bare layer itself
+    res = quantize_blockwise(model, blocks, x, recipe, progress=False, first_block_input="model")
+    assert [r.method for r in res.layers] == ["attention-round", "attention-round"]

@@ -74,6 +74,98 @@ def _nearest_levels(u: torch.Tensor, grid: torch.Tensor, k: int) -> torch.Tensor
     return window.gather(-1, idx)
 
 
+class AttentionRounder:
+    """One weight's Attention Round state: scales, candidate levels, local steps and the learned offsets δ.
+
+    ``soft(sigma)`` is the differentiable weight (float32 ``[out, K]``) at temperature σ (sampled variant: the
+    sampled levels forward, the expectation's gradient backward); ``hard()`` the final levels; ``qtensor()``
+    the result as an exact member of the format with the same scales."""
+
+    def __init__(self, weight: torch.Tensor, fmt: FormatLike, k_nearest: int | None = 8, variant: str = "soft",
+                 seed: int = 0) -> None:  # fmt: skip
+        fmt = get_format(fmt)
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown Attention Round variant {variant!r}; one of {VARIANTS}")
+        if weight.dim() != 2:
+            raise ValueError(f"attention_round takes a [out, K] weight, got shape {tuple(weight.shape)}")
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError("attention_round: the weight contains NaN or Inf")
+        if fmt.scaling.zero_point:
+            raise ValueError(f"{fmt.label}: formats with zero points are not supported by Attention Round")
+        self.fmt, self.variant = fmt, variant
+        w = weight.detach().float()
+        self.s, self._core = _scales(w, fmt)
+        grid = element_grid(fmt)
+        self.u = w.double() / self.s
+        k = grid.numel() if k_nearest is None else min(int(k_nearest), grid.numel())
+        if k < 1:
+            raise ValueError(f"k_nearest must be >= 1, got {k_nearest}")
+        self.k = k
+        self.levels = _nearest_levels(self.u, grid, k)  # [out, K, k], all levels when k covers the grid
+        # local grid step around u: the spacing of its two neighbouring levels (the edge step at the grid ends)
+        pos = torch.searchsorted(grid, self.u.clamp(grid[0], grid[-1]).contiguous()).clamp(1, grid.numel() - 1)
+        step = (grid[pos] - grid[pos - 1]).clamp(min=torch.finfo(torch.float64).tiny)
+        self._l32, self._step32, self._u32, self._s32 = (
+            self.levels.float(),
+            step.float(),
+            self.u.float(),
+            self.s.float(),
+        )
+        self.delta = torch.zeros_like(self._u32, requires_grad=True)
+        self._gen = torch.Generator().manual_seed(seed)
+
+    def soft(self, sigma: float) -> torch.Tensor:
+        d = (self._u32 + self.delta)[..., None] - self._l32
+        p = torch.softmax(-(d / self._step32[..., None]).square() / (2 * sigma * sigma), dim=-1)
+        soft = (p * self._l32).sum(-1)
+        if self.variant == "sampled":
+            pick = torch.multinomial(p.detach().reshape(-1, self.k), 1, generator=self._gen).reshape(soft.shape)
+            hard = self._l32.gather(-1, pick[..., None]).squeeze(-1)
+            soft = soft + (hard - soft).detach()
+        return soft * self._s32
+
+    @torch.no_grad()
+    def hard(self) -> torch.Tensor:
+        d = (self.u + self.delta.detach().double())[..., None] - self.levels
+        lv = self.levels.gather(-1, d.abs().argmin(-1, keepdim=True)).squeeze(-1)
+        return (lv * self.s).float()
+
+    def qtensor(self) -> QTensor:
+        w_hat = self.hard()
+        sc = self._core.scales
+        fixed = core(w_hat, self.fmt, scales=sc) if sc.scale is not None else core(w_hat, self.fmt)
+        return QTensor.from_core(fixed, self.fmt, tuple(w_hat.shape), torch.float32)
+
+
+def anneal(it: int, iterations: int, sigma_start: float, sigma_end: float) -> float:
+    """σ at step ``it`` of ``iterations``: geometric from ``sigma_start`` to ``sigma_end`` (grid steps)."""
+    if not (sigma_start > 0 and sigma_end > 0):
+        raise ValueError("sigma_start and sigma_end must be > 0")
+    return sigma_start * (sigma_end / sigma_start) ** (it / max(1, iterations - 1))
+
+
+def optimise(rounders: list[AttentionRounder], step_loss: Callable[[int, float], torch.Tensor], *,
+             iterations: int, lr: float, sigma_start: float, sigma_end: float,
+             time_budget_s: float | None = None) -> list[float]:  # fmt: skip
+    """Adam on every rounder's δ: ``step_loss(it, sigma)`` builds the loss from the rounders' ``soft(sigma)``.
+    Returns the losses (stops early at ``time_budget_s``)."""
+    if iterations < 0:
+        raise ValueError("iterations must be >= 0")
+    anneal(0, 1, sigma_start, sigma_end)  # validates
+    opt = torch.optim.Adam([r.delta for r in rounders], lr=lr)
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    for it in range(iterations):
+        if time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
+            break
+        value = step_loss(it, anneal(it, iterations, sigma_start, sigma_end))
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        losses.append(float(value.detach()))
+    return losses
+
+
 def attention_round(
     weight: torch.Tensor,
     fmt: FormatLike,
@@ -89,63 +181,11 @@ def attention_round(
     time_budget_s: float | None = None,
 ) -> ARResult:
     """Attention Round of ``weight`` ``[out, K]`` to ``fmt`` minimising ``loss(ŵ)`` (ŵ float32 ``[out, K]``)."""
-    fmt = get_format(fmt)
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown Attention Round variant {variant!r}; one of {VARIANTS}")
-    if weight.dim() != 2:
-        raise ValueError(f"attention_round takes a [out, K] weight, got shape {tuple(weight.shape)}")
-    if not bool(torch.isfinite(weight).all()):
-        raise ValueError("attention_round: the weight contains NaN or Inf")
-    if fmt.scaling.zero_point:
-        raise ValueError(f"{fmt.label}: formats with zero points are not supported by Attention Round")
-    if not (sigma_start > 0 and sigma_end > 0) or iterations < 0:
-        raise ValueError("sigma_start, sigma_end must be > 0 and iterations >= 0")
-    w = weight.detach().float()
-    s, r = _scales(w, fmt)
-    grid = element_grid(fmt)
-    u = w.double() / s
-    # the K nearest levels of each weight (all levels when K is None or covers the grid)
-    k = grid.numel() if k_nearest is None else min(int(k_nearest), grid.numel())
-    if k < 1:
-        raise ValueError(f"k_nearest must be >= 1, got {k_nearest}")
-    levels = _nearest_levels(u, grid, k)  # [out, K, k]
-    # local grid step around u: the spacing of its two neighbouring levels (the edge step at the grid ends)
-    pos = torch.searchsorted(grid, u.clamp(grid[0], grid[-1]).contiguous()).clamp(1, grid.numel() - 1)
-    step = (grid[pos] - grid[pos - 1]).clamp(min=torch.finfo(torch.float64).tiny)
-
-    levels32, step32, u32, s32 = levels.float(), step.float(), u.float(), s.float()
-    delta = torch.zeros_like(u32, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
-    t0 = time.perf_counter()
-    done = 0
-    for it in range(iterations):
-        if time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
-            break
-        frac = it / max(1, iterations - 1)
-        sigma = sigma_start * (sigma_end / sigma_start) ** frac
-        d = (u32 + delta)[..., None] - levels32
-        p = torch.softmax(-(d / step32[..., None]).square() / (2 * sigma * sigma), dim=-1)
-        soft = (p * levels32).sum(-1)
-        if variant == "sampled":
-            pick = torch.multinomial(p.detach().reshape(-1, k), 1, generator=gen).reshape(u32.shape)
-            hard = levels32.gather(-1, pick[..., None]).squeeze(-1)
-            soft = soft + (hard - soft).detach()
-        value = loss(soft * s32)
-        opt.zero_grad(set_to_none=True)
-        value.backward()
-        opt.step()
-        losses.append(float(value.detach()))
-        done += 1
-    with torch.no_grad():
-        d = (u + delta.detach().double())[..., None] - levels
-        hard = levels.gather(-1, d.abs().argmin(-1, keepdim=True)).squeeze(-1)
-        w_hat = (hard * s).float()
-    sc = r.scales
-    fixed = core(w_hat, fmt, scales=sc) if sc.scale is not None else core(w_hat, fmt)
-    qt = QTensor.from_core(fixed, fmt, tuple(w.shape), torch.float32)
-    return ARResult(qt, qt.dequantize(), delta.detach(), losses, done)
+    r = AttentionRounder(weight, fmt, k_nearest, variant, seed)
+    losses = optimise([r], lambda it, sigma: loss(r.soft(sigma)), iterations=iterations, lr=lr,
+                      sigma_start=sigma_start, sigma_end=sigma_end, time_budget_s=time_budget_s)  # fmt: skip
+    qt = r.qtensor()
+    return ARResult(qt, qt.dequantize(), r.delta.detach(), losses, len(losses))
 
 
 def layer_output_loss(weight: torch.Tensor, h: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

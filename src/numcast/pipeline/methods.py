@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from numcast.algorithms.attention_round import attention_round, layer_output_loss
+from numcast.algorithms.attention_round import AttentionRounder, attention_round, layer_output_loss, optimise
 from numcast.algorithms.error_diffusion import error_diffusion
 from numcast.algorithms.gptq import gptq
 from numcast.algorithms.rtn import rtn
@@ -176,21 +176,52 @@ class ErrorDiffusion(Method):
 
 
 class AttentionRound(Method):
-    """Attention Round per layer, on the layer's output error through its input Gram matrix (the Hessian
-    accumulator's H, per conv group). Our reading of the paper's block-output reconstruction at layer level."""
+    """Attention Round (:mod:`numcast.algorithms.attention_round`). ``objective="block"`` (default, the paper's
+    reconstruction): the offsets of all layers of a block are learned together so that the block, run on the
+    quantized stream's inputs with the soft weights, reproduces the float block's outputs on the float
+    stream (MSE), one calibration batch per step. ``objective="layer"``: each layer alone, on its output error
+    through its input Gram matrix (cheaper; no second stream)."""
 
     name = "attention-round"
-    needs_inputs = True
 
     def __init__(self, settings) -> None:
         self.settings = settings
+        self.block_level = settings.objective == "block"
+        self.needs_inputs = not self.block_level
+        self.needs_float_inputs = self.block_level
+
+    def _kwargs(self) -> dict:
+        st = self.settings
+        return dict(iterations=st.iterations, lr=st.lr, sigma_start=st.sigma_start, sigma_end=st.sigma_end,
+                    time_budget_s=st.time_budget_s)  # fmt: skip
 
     def accumulator(self, module: nn.Module) -> HessianAccumulator:
         return HessianAccumulator()
 
     def solve(self, module: nn.Module, fmt: Format, acc: HessianAccumulator) -> QTensor:
+        st = self.settings
         w = module.weight.detach().reshape(module.weight.shape[0], -1)
-        return attention_round(w, fmt, layer_output_loss(w, acc.result()), **self.settings.model_dump()).qtensor
+        return attention_round(w, fmt, layer_output_loss(w, acc.result()), k_nearest=st.k_nearest,
+                               variant=st.variant, seed=st.seed, **self._kwargs()).qtensor  # fmt: skip
+
+    def solve_block(self, named: list[tuple[str, nn.Module, Format]], run, targets: list) -> dict[int, QTensor]:
+        """``named``: (name in the block, layer, format); ``run(i, params)`` the block's output on calibration
+        batch i with ``params`` (name → weight) substituted; ``targets[i]`` the float block's output."""
+        st = self.settings
+        rounders = []
+        for name, mod, fmt in named:
+            w = mod.weight.detach().reshape(mod.weight.shape[0], -1)
+            key = f"{name}.weight" if name else "weight"
+            rounders.append((key, mod, AttentionRounder(w, fmt, st.k_nearest, st.variant, st.seed)))
+
+        def step_loss(it: int, sigma: float) -> torch.Tensor:
+            i = it % len(targets)
+            params = {key: r.soft(sigma).reshape(mod.weight.shape).to(mod.weight.dtype) for key, mod, r in rounders}
+            out = run(i, params)
+            return F.mse_loss(out.float(), targets[i].to(out.device).float())
+
+        optimise([r for _, _, r in rounders], step_loss, **self._kwargs())
+        return {id(mod): r.qtensor() for _, mod, r in rounders}
 
 
 class EPInit(Method):

@@ -79,11 +79,14 @@ class AccumulatorSettings(BaseModel):
 
 
 class AttentionRoundSettings(BaseModel):
-    """Attention Round (:mod:`numcast.algorithms.attention_round`): Adam ``iterations`` at ``lr`` on the
-    offsets while σ anneals from ``sigma_start`` to ``sigma_end`` grid steps; ``k_nearest`` levels per weight;
-    ``variant`` soft (expectation) or sampled; ``seed`` for the sampled variant; ``time_budget_s`` per layer."""
+    """Attention Round (:mod:`numcast.algorithms.attention_round`): ``objective`` ``block`` (reconstruct each
+    block's float output, all its layers together) or ``layer`` (each layer's output error alone); Adam
+    ``iterations`` at ``lr`` on the offsets (per block, or per layer) while σ anneals from ``sigma_start`` to
+    ``sigma_end`` grid steps; ``k_nearest`` levels per weight; ``variant`` soft (expectation) or sampled;
+    ``seed`` for the sampled variant; ``time_budget_s`` per block (or layer)."""
 
     model_config = ConfigDict(extra="forbid")
+    objective: Literal["block", "layer"] = "block"
     iterations: int = Field(500, ge=0)
     lr: float = Field(5e-2, gt=0)
     sigma_start: float = Field(0.5, gt=0)

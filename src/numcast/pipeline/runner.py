@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from numcast.formats.registry import get_format
@@ -255,6 +256,7 @@ def quantize_blockwise(
         plans.sort(key=lambda p, o=order: o.index(p.module))
         groups = _sequential_groups(plans, read, share_inputs) if true_sequential else [plans]
         qmods: dict[int, tuple[str, nn.Module]] = {}  # id(quantized module) -> (name, float twin)
+        pre = _solve_block(method, block, fblock, plans, names, refit_ids, quant_calls, xs_q, xs_f, placement)
         for group in groups:
             accs = {}
             if method.needs_inputs:
@@ -265,7 +267,9 @@ def quantize_blockwise(
                     method.refit_float(p.module, accs[id(p.module)])
                     entry[p.name].method = f"{method.name} (float weights re-fit)"
                     continue
-                qt = method.solve(p.module, get_format(p.weight_format), accs.get(id(p.module)))
+                qt = pre.get(id(p.module)) or method.solve(
+                    p.module, get_format(p.weight_format), accs.get(id(p.module))
+                )
                 qt = finish_qweight(p, recipe, qt, entry[p.name])
                 new = placement.compute(make_quant_module(p, recipe, qweight=qt))
                 if isinstance(new.input_quant, ActQuantizer) and new.input_quant.mode == "static":
@@ -348,6 +352,26 @@ def _accumulate(block, fblock, group, ftwin, quant_calls, float_calls, xs_q, xs_
         for h in hooks:
             h.remove()
     return accs
+
+
+def _solve_block(method, block, fblock, plans, names, refit_ids, quant_calls, xs_q, xs_f, placement) -> dict:
+    """For block-level methods (``method.block_level``): every layer's QTensor of the block at once, from the
+    block run on the quantized stream against the float block's outputs on the float stream; else {}."""
+    if not getattr(method, "block_level", False):
+        return {}
+    with torch.no_grad():
+        targets = [
+            placement.offload(_run_block(fblock, c, x, placement)) for c, x in zip(quant_calls, xs_f, strict=True)
+        ]
+    named = [
+        (names[id(p.module)], p.module, get_format(p.weight_format)) for p in plans if id(p.module) not in refit_ids
+    ]
+
+    def run(i: int, params: dict) -> torch.Tensor:
+        args, kwargs = quant_calls[i].with_x(xs_q[i])
+        return _first(functional_call(block, params, placement.compute(args), placement.compute(kwargs)))
+
+    return method.solve_block(named, run, targets)
 
 
 @torch.no_grad()
