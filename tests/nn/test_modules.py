@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from helpers import assert_bitwise
 from torch import nn
 
-from numcast.formats.ops import cast
+from numcast.formats.ops import cast, core
 from numcast.formats.registry import get_format
 from numcast.formats.spec import Scaling
 from numcast.nn import ActQuantizer, QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
@@ -104,6 +104,21 @@ def test_static_activation_gradient_is_straight_through_inside_the_range(fmt, lo
     assert torch.equal(x.grad, want)
     a.bypass = True
     assert a(x) is x
+
+
+@pytest.mark.parametrize("fmt", ["int8_tensor", "uint4_tensor", "int4_tensor", "intn8_tensor", "uint8_tensor"])
+def test_static_integer_fast_path_equals_the_general_cast(fmt):
+    a = ActQuantizer(fmt, mode="static")
+    a.start_calibration()
+    a(torch.tensor([-3.0, 3.0]))
+    a.finish_calibration()
+    scale = float(a._scales_for(3.0).scale)
+    g = gen(9)
+    x = torch.cat([torch.randn(10_000, generator=g) * 2, torch.arange(-300, 301) * scale * 0.5,  # exact ties
+                   torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 50.0, -50.0])])  # fmt: skip
+    fast = a(x)
+    general = core(x, a.fmt, scales=a._scales_for(3.0)).output(x.shape, x.dtype)
+    assert torch.equal(fast.view(torch.int32), general.view(torch.int32))  # bit for bit, signed zeros and NaNs
 
 
 def test_activation_quantizer_refuses_bad_settings():

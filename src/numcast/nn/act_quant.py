@@ -13,6 +13,7 @@ axis (1) for convolution inputs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -85,13 +86,25 @@ class ActQuantizer(nn.Module):
                 best, best_err = c, err
         return best
 
+    def _scales_for(self, amax: float) -> Scales:
+        """The scales the format gives a tensor whose amax is ``amax`` (cached per amax)."""
+        cached = getattr(self, "_scale_cache", None)
+        if cached is None or cached[0] != amax:
+            sc = core(torch.tensor([[amax]], dtype=torch.float32), self.fmt).scales
+            cached = (amax, Scales(sc.scale, sc.tensor_scale, sc.zero_point))
+            self._scale_cache = cached
+        return cached[1]
+
     def _apply_static(self, x: torch.Tensor, amax: float) -> torch.Tensor:
-        fmt = self.fmt
-        probe = torch.tensor([[amax]], dtype=torch.float32)
-        scales = core(probe, fmt).scales  # the scale the format gives a tensor whose amax is `amax`
-        return core(x, fmt, scales=Scales(scales.scale, scales.tensor_scale, scales.zero_point)).output(
-            x.shape, x.dtype
-        )
+        scales = self._scales_for(amax)
+        el = self.fmt.element
+        if (x.dtype == torch.float32 and el.kind == "int" and not el.frac_bits and scales.tensor_scale is None
+                and scales.zero_point is None and self.fmt.rounding == "nearest_even"):  # fmt: skip
+            # the same arithmetic as the general path, fused into four float32 ops (training speed); tested equal
+            s = scales.scale.to(torch.float32)
+            y = torch.round(x / s).clamp_(el.qmin, el.qmax).mul_(s).add_(0.0)  # +0.0: zeros unsigned, as codes are
+            return torch.where(torch.isfinite(x), y, torch.full_like(y, math.nan))
+        return core(x, self.fmt, scales=scales).output(x.shape, x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bypass:
