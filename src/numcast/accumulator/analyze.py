@@ -23,7 +23,7 @@ from numcast.accumulator.bounds import datatype_bound_bits, min_accumulator_bits
 from numcast.accumulator.simulate import accumulate, adversarial_inputs, conv_input_rows
 from numcast.formats.ops import core
 from numcast.formats.qtensor import QTensor
-from numcast.nn.observe import observe_inputs
+from numcast.nn.observe import call_model, observe_inputs
 
 
 def integer_codes(qt: QTensor) -> torch.Tensor:
@@ -92,8 +92,6 @@ def analyze_model(model: nn.Module, batches: list, input_bits: int, accumulator_
     ``call(model, batch)`` runs one batch (default: ``model(batch)``). ``tile``/``tile_bits``: two-stage
     accumulation (tiles of ``tile`` inputs in ``tile_bits``-bit registers, their sum in the P-bit one); rows
     then also give the per-tile bits needed (exact) and the simulation counts both stages' overflows."""
-    from numcast.pipeline.quantize_model import call_model
-
     call = call or call_model
     layers, skipped = {}, []
     for name, m in model.named_modules():

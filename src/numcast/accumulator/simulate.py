@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from numcast.accumulator.bounds import input_range
+from numcast.nn.observe import layer_inputs_2d
 
 MODES = ("wrap", "saturate")
 Mode = Literal["wrap", "saturate"]
@@ -164,7 +165,5 @@ def adversarial_inputs(q_int: torch.Tensor, input_bits: int, input_signed: bool,
 def conv_input_rows(x_int: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
     """Integer conv/linear inputs as the rows a layer's dot products read: ``[groups, rows, K]`` int64, columns
     in the order of the weight view ``[out, in/groups·Πk]`` (zero padding is exact: it adds 0-terms)."""
-    from numcast.pipeline.methods import layer_inputs_2d
-
     rows = layer_inputs_2d(module, _as_int(x_int, "x_int").to(torch.float64))
     return rows.round().to(torch.int64)

@@ -1,5 +1,6 @@
 """What reaches a layer: the range (and optionally the tensors) of the first input of chosen modules while a
-model runs. Used to decide input signs (unsigned after ReLUs) and to replay real inputs."""
+model runs (used to decide input signs, unsigned after ReLUs, and to replay real inputs); ``call_model`` runs
+one calibration batch; ``layer_inputs_2d`` views a layer's input as the rows its dot products read."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -23,6 +25,15 @@ class InputStats:
     @property
     def nonnegative(self) -> bool:
         return self.low >= 0
+
+
+def call_model(model: nn.Module, batch) -> object:
+    """Run ``model`` on one calibration batch: a tensor, a tuple of arguments or a dict of keyword arguments."""
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
 
 
 @torch.no_grad()
@@ -47,3 +58,22 @@ def observe_inputs(modules: dict[str, nn.Module], run: Callable[[], None], keep:
         for h in handles:
             h.remove()
     return stats
+
+
+def layer_inputs_2d(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as rows of its reduction axis: [groups, tokens, in/groups·Πk] (groups = 1 for Linear)."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(1, -1, x.shape[-1])
+    pre = getattr(module, "static_padding", None)
+    if isinstance(pre, nn.Module):  # TF-style 'same' padding applied inside the layer's forward
+        x = pre(x)
+    if isinstance(module, nn.Conv2d):
+        cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)  # [N, C·kh·kw, L]
+    elif isinstance(module, nn.Conv1d):
+        cols = F.unfold(x.unsqueeze(-1), (module.kernel_size[0], 1), (module.dilation[0], 1),
+                        (module.padding[0], 0), (module.stride[0], 1))  # fmt: skip
+    else:
+        raise TypeError(f"no input view for {type(module).__name__}")
+    g = module.groups
+    n, ck, L = cols.shape
+    return cols.reshape(n, g, ck // g, L).permute(1, 0, 3, 2).reshape(g, n * L, ck // g)

@@ -28,7 +28,7 @@ from numcast.formats.ops import core
 from numcast.formats.qtensor import QTensor
 from numcast.formats.registry import get_format
 from numcast.formats.scale import Scales
-from numcast.nn.observe import observe_inputs
+from numcast.nn.observe import call_model, observe_inputs
 from numcast.pipeline.recipe import LayerOverride, Recipe
 
 
@@ -97,8 +97,6 @@ def resolve_input_signs(model: nn.Module, plans: list, recipe: Recipe, batches: 
     """A copy of ``recipe`` in which every planned layer whose inputs (float model, calibration batches) are
     never negative takes the unsigned twin of its signed activation format, as a per-layer override; the
     plans' ``activation_format`` are updated to match. ``recipe`` itself is not modified."""
-    from numcast.pipeline.quantize_model import call_model
-
     if recipe.accumulator.input_sign != "auto":
         return recipe
     stats = observe_inputs({p.name: p.module for p in plans}, lambda: [call_model(model, b) for b in batches])

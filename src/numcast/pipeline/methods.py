@@ -19,26 +19,8 @@ from numcast.algorithms.gptq import gptq
 from numcast.algorithms.rtn import rtn
 from numcast.formats.qtensor import QTensor
 from numcast.formats.spec import Format
+from numcast.nn.observe import layer_inputs_2d
 from numcast.pipeline.recipe import Recipe
-
-
-def layer_inputs_2d(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input as rows of its reduction axis: [groups, tokens, in/groups·Πk] (groups = 1 for Linear)."""
-    if isinstance(module, nn.Linear):
-        return x.reshape(1, -1, x.shape[-1])
-    pre = getattr(module, "static_padding", None)
-    if isinstance(pre, nn.Module):  # TF-style 'same' padding applied inside the layer's forward
-        x = pre(x)
-    if isinstance(module, nn.Conv2d):
-        cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)  # [N, C·kh·kw, L]
-    elif isinstance(module, nn.Conv1d):
-        cols = F.unfold(x.unsqueeze(-1), (module.kernel_size[0], 1), (module.dilation[0], 1),
-                        (module.padding[0], 0), (module.stride[0], 1))  # fmt: skip
-    else:
-        raise TypeError(f"no input view for {type(module).__name__}")
-    g = module.groups
-    n, ck, L = cols.shape
-    return cols.reshape(n, g, ck // g, L).permute(1, 0, 3, 2).reshape(g, n * L, ck // g)
 
 
 def _row_steps(module: nn.Module, x: torch.Tensor, chunk: int) -> tuple[range, int]:

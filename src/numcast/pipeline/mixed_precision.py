@@ -23,6 +23,7 @@ from numcast.algorithms.mixed_precision import LayerChoice, allocate, layer_codi
 from numcast.algorithms.rtn import rtn
 from numcast.formats.qtensor import storage_nbytes
 from numcast.formats.registry import get_format
+from numcast.nn.observe import call_model
 from numcast.pipeline.recipe import LayerOverride, Recipe
 
 _UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
@@ -50,8 +51,6 @@ def _view_shape(module: nn.Module) -> tuple[int, int]:
 def _sensitivities(model: nn.Module, plans: list, fmts: dict[str, str], batches: list) -> dict[str, float]:
     """Output SQNR (dB) of each planned layer with its weight in ``fmts[name]`` (RTN), on the calibration
     batches: the layer is run a second time with the quantized weight inside its own forward hook."""
-    from numcast.pipeline.quantize_model import call_model
-
     sums = {p.name: [0.0, 0.0] for p in plans}
     quant = {p.name: rtn(p.module.weight, fmts[p.name]).dequantize().reshape(p.module.weight.shape) for p in plans}
     busy = set()

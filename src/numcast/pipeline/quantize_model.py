@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from numcast.nn.act_quant import ActQuantizer
+from numcast.nn.observe import call_model
 from numcast.nn.surgery import quant_class, set_module, why_not_quantizable
 from numcast.pipeline.recipe import Recipe
 
@@ -181,15 +182,6 @@ def finish_qweight(plan: LayerPlan, recipe: Recipe, solved, entry: LayerReport |
     if entry is not None:
         entry.accumulator_bits = accumulator_needs(qt, plan.activation_format)
     return qt
-
-
-def call_model(model: nn.Module, batch) -> object:
-    """Run ``model`` on one calibration batch: a tensor, a tuple of arguments or a dict of keyword arguments."""
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
 
 
 @torch.no_grad()

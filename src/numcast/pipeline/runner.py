@@ -37,13 +37,13 @@ from tqdm.auto import tqdm
 
 from numcast.formats.registry import get_format
 from numcast.nn.act_quant import ActQuantizer
+from numcast.nn.observe import call_model
 from numcast.nn.surgery import set_module
 from numcast.pipeline.methods import method_for
 from numcast.pipeline.quantize_model import (
     LayerPlan,
     QuantizationResult,
     calibrate_activations,
-    call_model,
     finish_qweight,
     make_quant_module,
     plan_layers,
