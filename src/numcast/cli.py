@@ -146,6 +146,17 @@ RECIPE_FLAGS = ("weights", "activations", "activation_mode", "activation_observe
                 "include", "exclude", "quantize_embeddings", "quantize_lm_head")  # fmt: skip
 
 
+# recipe section -> {field: argparse dest}
+SECTION_FLAGS = {
+    "gptq": {"damp": "gptq_damp", "block_size": "gptq_block_size", "act_order": "gptq_act_order"},
+    "error_diffusion": {"scale_rule": "ed_scale_rule", "order": "ed_order",
+                        "calibrate_float_layers": "ed_calibrate_float_layers"},
+    "attention_round": {k: f"ar_{k}" for k in ("objective", "iterations", "variant", "time_budget_s")},
+    "mixed_precision": {"strategy": "mixed_precision", "candidates": "candidates", "budget": "budget"},
+    "accumulator": {k: f"accumulator_{k}" for k in ("bits", "rule", "rounding", "input_sign")},
+}  # fmt: skip
+
+
 def recipe_from_args(args: argparse.Namespace):
     """The recipe file (if any) with every flag given on the command line applied on top (flags = fields)."""
     from numcast.pipeline.recipe import Recipe
@@ -155,40 +166,13 @@ def recipe_from_args(args: argparse.Namespace):
         v = getattr(args, k)
         if v is not None:
             data[k] = v
-    gptq = dict(data.get("gptq") or {})
-    for k in ("damp", "block_size", "act_order"):
-        v = getattr(args, f"gptq_{k}")
-        if v is not None:
-            gptq[k] = v
-    data["gptq"] = gptq
-    ed = dict(data.get("error_diffusion") or {})
-    if args.ed_scale_rule is not None:
-        ed["scale_rule"] = args.ed_scale_rule
-    if args.ed_order is not None:
-        ed["order"] = args.ed_order
-    if args.ed_calibrate_float_layers is not None:
-        ed["calibrate_float_layers"] = args.ed_calibrate_float_layers
-    data["error_diffusion"] = ed
-    ar = dict(data.get("attention_round") or {})
-    for k in ("objective", "iterations", "variant", "time_budget_s"):
-        v = getattr(args, f"ar_{k}")
-        if v is not None:
-            ar[k] = v
-    data["attention_round"] = ar
-    mp = dict(data.get("mixed_precision") or {})
-    if args.mixed_precision is not None:
-        mp["strategy"] = args.mixed_precision
-    if args.candidates is not None:
-        mp["candidates"] = [c.strip() for c in args.candidates.split(",") if c.strip()]
-    if args.budget is not None:
-        mp["budget"] = args.budget
-    data["mixed_precision"] = mp
-    acc = dict(data.get("accumulator") or {})
-    for k in ("bits", "rule", "rounding", "input_sign"):
-        v = getattr(args, f"accumulator_{k}")
-        if v is not None:
-            acc[k] = v
-    data["accumulator"] = acc
+    for section, fields in SECTION_FLAGS.items():
+        sub = dict(data.get(section) or {})
+        for field, dest in fields.items():
+            v = getattr(args, dest)
+            if v is not None:
+                sub[field] = v
+        data[section] = sub
     if "weights" not in data:
         raise ValueError("no weight format: pass --weights FMT or a --recipe with `weights`")
     return Recipe.model_validate(data)
@@ -333,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="error-diffusion: also re-fit layers kept in float inside the blocks (Q = identity)")
     q.add_argument("--mixed-precision", dest="mixed_precision", choices=("lcl", "sensitivity"),
                    help="per-layer weight formats from --candidates under --budget (lossy coding length or SQNR)")
-    q.add_argument("--candidates", help="comma-separated candidate weight formats, e.g. int2_g64,int3_g64,int4_g128")
+    q.add_argument("--candidates", type=lambda t: [c.strip() for c in t.split(",") if c.strip()],
+                   help="comma-separated candidate weight formats, e.g. int2_g64,int3_g64,int4_g128")
     q.add_argument("--budget", help="size budget: average bits per parameter (4.5bits) or bytes (250kB)")
     q.add_argument("--ar-objective", dest="ar_objective", choices=("block", "layer"),
                    help="attention-round: reconstruct each block's output (default) or each layer's alone")
