@@ -112,12 +112,12 @@ def test_static_integer_fast_path_equals_the_general_cast(fmt):
     a.start_calibration()
     a(torch.tensor([-3.0, 3.0]))
     a.finish_calibration()
-    scale = float(a._scales_for(3.0).scale)
+    scale = float(a.scales_for(3.0).scale)
     g = gen(9)
     x = torch.cat([torch.randn(10_000, generator=g) * 2, torch.arange(-300, 301) * scale * 0.5,  # exact ties
                    torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 50.0, -50.0])])  # fmt: skip
     fast = a(x)
-    general = core(x, a.fmt, scales=a._scales_for(3.0)).output(x.shape, x.dtype)
+    general = core(x, a.fmt, scales=a.scales_for(3.0)).output(x.shape, x.dtype)
     assert torch.equal(fast.view(torch.int32), general.view(torch.int32))  # bit for bit, signed zeros and NaNs
 
 

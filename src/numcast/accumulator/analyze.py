@@ -20,26 +20,10 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from numcast.accumulator.bounds import datatype_bound_bits, min_accumulator_bits
+from numcast.accumulator.codes import integer_codes, integer_sum_reason
 from numcast.accumulator.simulate import accumulate, adversarial_inputs, conv_input_rows
-from numcast.formats.ops import core
 from numcast.formats.qtensor import QTensor
 from numcast.nn.observe import call_model, observe_inputs
-
-
-def integer_codes(qt: QTensor) -> torch.Tensor:
-    """The integer weights ``[out, K]`` (float64) of a per-channel/per-tensor integer QTensor."""
-    s = qt.scales().reshape(-1)
-    per_row = s if s.numel() == qt.shape[0] else s.expand(qt.shape[0])
-    return (qt.dequantize().double() / per_row[:, None]).round()
-
-
-def integer_weight_reason(qt: QTensor) -> str | None:
-    """None if the layer's weights are integer sums (integer element, one scale per channel or tensor)."""
-    fmt = qt.format
-    el, sc = fmt.element, fmt.scaling
-    if el.kind != "int" or el.frac_bits or sc.zero_point or sc.granularity not in ("channel", "tensor"):
-        return f"{fmt.label} weights are not integers with one scale per output channel or tensor"
-    return None
 
 
 @dataclass
@@ -63,9 +47,17 @@ class LayerAccumulator:
     tile_bits_needed: int | None = None  # exact bits of the per-tile register (tiled analysis only)
 
 
-def _layer_input_spec(module: nn.Module, input_bits: int, observed_min: float) -> tuple[int, bool, str]:
+def _integer_input_quantizer(module: nn.Module):
+    """The layer's own static integer input quantizer, or None."""
     q = getattr(module, "input_quant", None)
     if q is not None and q.mode == "static" and q.fmt.element.kind == "int" and not q.fmt.element.frac_bits:
+        return q
+    return None
+
+
+def _layer_input_spec(module: nn.Module, input_bits: int, observed_min: float) -> tuple[int, bool, str]:
+    q = _integer_input_quantizer(module)
+    if q is not None:
         return q.fmt.element.bits, q.fmt.element.signed, "layer quantizer"
     return input_bits, observed_min < 0, "--input-bits"
 
@@ -73,10 +65,9 @@ def _layer_input_spec(module: nn.Module, input_bits: int, observed_min: float) -
 def _to_int(x: torch.Tensor, module: nn.Module, bits: int, signed: bool, amax: float) -> torch.Tensor:
     """Integer input codes: the layer's own static integer quantizer when it has one, else a symmetric
     per-tensor scale amax/qmax of ``bits`` (round half to even)."""
-    q = getattr(module, "input_quant", None)
-    if q is not None and q.mode == "static" and q.fmt.element.kind == "int" and not q.fmt.element.frac_bits:
-        scale = core(torch.tensor([[float(q.amax)]]), q.fmt).scales.effective()  # as the quantizer derives it
-        return torch.round(q(x).double() / float(scale))
+    q = _integer_input_quantizer(module)
+    if q is not None:
+        return torch.round(q(x).double() / float(q.scales_for(float(q.amax)).effective()))
     qmax = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
     lo = -(1 << (bits - 1)) if signed else 0
     scale = amax / qmax if amax > 0 else 1.0
@@ -98,7 +89,7 @@ def analyze_model(model: nn.Module, batches: list, input_bits: int, accumulator_
         qt = getattr(m, "qweight", None)
         if not isinstance(qt, QTensor) or isinstance(m, nn.Embedding) or not hasattr(m, "input_quant"):
             continue
-        why = integer_weight_reason(qt)
+        why = integer_sum_reason(qt.format)
         if why:
             skipped.append((name, why))
         else:

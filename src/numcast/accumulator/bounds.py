@@ -32,14 +32,15 @@ Rule = Literal["exact", "a2q", "a2q+"]
 _LIMIT = 1 << 62  # int64 headroom for products and sums
 
 
-def _check_bits(name: str, bits: int, low: int = 1, high: int = 62) -> None:
+def check_bits(name: str, bits: int, low: int = 1, high: int = 62) -> None:
+    """``ValueError`` unless ``bits`` is an integer in [low, high]."""
     if not isinstance(bits, int) or isinstance(bits, bool) or not low <= bits <= high:
         raise ValueError(f"{name} must be an integer in [{low}, {high}], got {bits!r}")
 
 
 def input_range(input_bits: int, input_signed: bool) -> tuple[int, int]:
     """(x_min, x_max) of N-bit integer inputs: [0, 2^N − 1] unsigned, [−2^(N−1), 2^(N−1) − 1] signed."""
-    _check_bits("input_bits", input_bits)
+    check_bits("input_bits", input_bits)
     if input_signed:
         return -(1 << (input_bits - 1)), (1 << (input_bits - 1)) - 1
     return 0, (1 << input_bits) - 1
@@ -64,8 +65,8 @@ def datatype_bound_bits(K: int, input_bits: int, input_signed: bool, weight_bits
     (inputs bounded by 2^(N − 1_signed), weights by 2^(M−1) in magnitude)."""
     if not isinstance(K, int) or K < 1:
         raise ValueError(f"K (the dot-product length) must be a positive integer, got {K!r}")
-    _check_bits("input_bits", input_bits)
-    _check_bits("weight_bits", weight_bits)
+    check_bits("input_bits", input_bits)
+    check_bits("weight_bits", weight_bits)
     worst = K << (input_bits - int(input_signed) + weight_bits - 1)
     if worst >= _LIMIT:
         raise ValueError(f"K·2^(N+M-1) = {worst} exceeds the int64 range numcast computes in")
@@ -75,8 +76,8 @@ def datatype_bound_bits(K: int, input_bits: int, input_signed: bool, weight_bits
 # ---------------------------------------------------------------------------------------------- L1 budgets
 def a2q_l1_bound(P: int, input_bits: int, input_signed: bool) -> float:
     """A2Q's per-channel budget on the integer weights (A2Q §3.2, Eq. 12): ‖q‖₁ ≤ (2^(P−1) − 1)·2^(1_signed − N)."""
-    _check_bits("accumulator bits P", P, 2)
-    _check_bits("input_bits", input_bits)
+    check_bits("accumulator bits P", P, 2)
+    check_bits("input_bits", input_bits)
     return ((1 << (P - 1)) - 1) * 2.0 ** (int(input_signed) - input_bits)
 
 
@@ -84,22 +85,27 @@ def a2q_plus_l1_bound(P: int, input_bits: int) -> float:
     """A2Q+'s budget for zero-centred weights (A2Q+ §3.1, Eq. 9): ‖q‖₁ ≤ (2^P − 2)/(2^N − 1), for signed and
     unsigned inputs alike. It rests on Σq⁺ ≤ ‖q‖₁/2 and Σq⁻ ≤ ‖q‖₁/2 (A2Q+'s quantizer zero-centres the float
     weights and rounds toward zero, which keeps both halves within the budget)."""
-    _check_bits("accumulator bits P", P, 2)
-    _check_bits("input_bits", input_bits)
+    check_bits("accumulator bits P", P, 2)
+    check_bits("input_bits", input_bits)
     return ((1 << P) - 2) / ((1 << input_bits) - 1)
 
 
 # ---------------------------------------------------------------------------------------------- per channel
+def as_int64(t: torch.Tensor, what: str) -> torch.Tensor:
+    """``t`` as int64, refusing non-integral or non-finite floats (``ValueError``) and bool/complex (``TypeError``)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what} must be a tensor of integers, got {type(t).__name__}")
+    if t.is_floating_point():
+        if not bool(torch.isfinite(t).all()) or not bool((t == t.round()).all()):
+            raise ValueError(f"{what} must hold integers (codes), got non-integer or non-finite values")
+    elif t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{what} must be an integer or integral float tensor, got {t.dtype}")
+    return t.to(torch.int64)
+
+
 def _as_int_rows(q_int: torch.Tensor) -> torch.Tensor:
-    if not isinstance(q_int, torch.Tensor):
-        raise TypeError(f"q_int must be a tensor of integer weights, got {type(q_int).__name__}")
-    q = q_int.reshape(q_int.shape[0], -1) if q_int.dim() > 1 else q_int.reshape(1, -1)
-    if q.is_floating_point():
-        if not bool(torch.isfinite(q).all()) or not bool((q == q.round()).all()):
-            raise ValueError("q_int must hold integers (the weight codes), got non-integer or non-finite values")
-    elif q.dtype == torch.bool or q.is_complex():
-        raise TypeError(f"q_int must be an integer or integral float tensor, got {q.dtype}")
-    q = q.to(torch.int64)
+    q = as_int64(q_int, "q_int")
+    q = q.reshape(q.shape[0], -1) if q.dim() > 1 else q.reshape(1, -1)
     if q.numel() and int(q.abs().max()) * q.shape[1] >= _LIMIT >> 32:
         raise ValueError("weights too large for exact int64 accumulator analysis")
     return q

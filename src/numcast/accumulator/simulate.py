@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from numcast.accumulator.bounds import input_range
+from numcast.accumulator.bounds import as_int64, check_bits, input_range
 from numcast.nn.observe import layer_inputs_2d
 
 MODES = ("wrap", "saturate")
@@ -46,18 +46,6 @@ class AccumulationResult:
     @property
     def overflowed(self) -> bool:
         return bool((self.overflows > 0).any())
-
-
-def _as_int(t: torch.Tensor, what: str) -> torch.Tensor:
-    if t.is_floating_point():
-        if not bool(torch.isfinite(t).all()) or not bool((t == t.round()).all()):
-            raise ValueError(f"{what} must hold integer codes; got non-integer or non-finite values")
-    return t.to(torch.int64)
-
-
-def _check_bits(P: int, name: str) -> None:
-    if not isinstance(P, int) or not 1 <= P <= 62:
-        raise ValueError(f"{name} must be an integer in [1, 62], got {P!r}")
 
 
 def _wrap(v: torch.Tensor, P: int) -> torch.Tensor:
@@ -105,14 +93,14 @@ def accumulate(
     """
     if mode not in MODES:
         raise ValueError(f"unknown accumulator mode {mode!r}; one of {MODES}")
-    _check_bits(accumulator_bits, "accumulator_bits")
+    check_bits("accumulator_bits", accumulator_bits)
     if (tile is None) != (tile_bits is None):
         raise ValueError("tile and tile_bits go together (tile length and the per-tile register's bits)")
     if tile is not None:
         if not isinstance(tile, int) or tile < 1:
             raise ValueError(f"tile must be a positive integer, got {tile!r}")
-        _check_bits(tile_bits, "tile_bits")
-    x, q = _as_int(x_int, "x_int"), _as_int(q_int, "q_int")
+        check_bits("tile_bits", tile_bits)
+    x, q = as_int64(x_int, "x_int"), as_int64(q_int, "q_int")
     if x.dim() != 2 or q.dim() != 2 or x.shape[1] != q.shape[1]:
         raise ValueError(f"need x [B, K] and q [out, K] with the same K, got {tuple(x.shape)} and {tuple(q.shape)}")
     if paired and x.shape[0] != q.shape[0]:
@@ -153,7 +141,7 @@ def adversarial_inputs(q_int: torch.Tensor, input_bits: int, input_signed: bool,
     the largest sum), or the mirror (``sign=-1``, the smallest); 0 where q = 0. Feed with ``paired=True``."""
     if sign not in (1, -1):
         raise ValueError(f"sign is +1 (largest sum) or -1 (smallest), got {sign!r}")
-    q = _as_int(q_int, "q_int").reshape(q_int.shape[0], -1)
+    q = as_int64(q_int, "q_int").reshape(q_int.shape[0], -1)
     lo, hi = input_range(input_bits, input_signed)
     up, down = (hi, lo) if sign == 1 else (lo, hi)
     x = torch.zeros_like(q)
@@ -165,5 +153,5 @@ def adversarial_inputs(q_int: torch.Tensor, input_bits: int, input_signed: bool,
 def conv_input_rows(x_int: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
     """Integer conv/linear inputs as the rows a layer's dot products read: ``[groups, rows, K]`` int64, columns
     in the order of the weight view ``[out, in/groups·Πk]`` (zero padding is exact: it adds 0-terms)."""
-    rows = layer_inputs_2d(module, _as_int(x_int, "x_int").to(torch.float64))
+    rows = layer_inputs_2d(module, as_int64(x_int, "x_int").to(torch.float64))
     return rows.round().to(torch.int64)

@@ -109,8 +109,9 @@ class A2QInit:
 
 
 def initial_scale(w: torch.Tensor, weight_bits: int) -> torch.Tensor:
-    """s = max|w_row|/(2^(M−1) − 1) per row (float64), the absmax scale A2Q initialises with; 1 for zero rows."""
-    s = w.double().abs().amax(1) / ((1 << (weight_bits - 1)) - 1)
+    """s = max|w_row|/(2^(M−1) − 1) per row (in ``w``'s dtype), the absmax scale A2Q initialises with; 1 for
+    zero rows."""
+    s = w.abs().amax(1) / ((1 << (weight_bits - 1)) - 1)
     return torch.where(s > 0, s, torch.ones_like(s))
 
 
@@ -118,7 +119,7 @@ def ep_init(w: torch.Tensor, weight_bits: int, budget: float, scale: torch.Tenso
     """EP-init for weights ``w`` ``[out, K]``: radius s·T per channel (``scale`` s, default :func:`initial_scale`)."""
     if not bool(torch.isfinite(w).all()):
         raise ValueError("ep_init: the weights contain NaN or Inf")
-    s = initial_scale(w, weight_bits) if scale is None else scale.double()
+    s = (initial_scale(w, weight_bits) if scale is None else scale).double()
     radius = s * budget
     g = torch.minimum(w.double().abs().sum(1), radius)
     return A2QInit(project_l1_ball(w.double(), radius), g, s)

@@ -23,12 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
-from numcast.algorithms.ep_init import A2Q_RULES, A2QRule, a2q_integer_weights, ep_init, l1_budget
-from numcast.formats.ops import core
+from numcast.accumulator.codes import integer_input_format, qtensor_from_codes
+from numcast.algorithms.ep_init import A2Q_RULES, A2QRule, a2q_integer_weights, ep_init, initial_scale, l1_budget
 from numcast.formats.qtensor import QTensor
-from numcast.formats.registry import FormatLike, get_format
-from numcast.formats.scale import Scales
-from numcast.formats.spec import IntElement
+from numcast.formats.registry import FormatLike
 from numcast.nn.act_quant import ActQuantizer
 from numcast.nn.modules import QuantConv2d, QuantLinear
 
@@ -41,17 +39,9 @@ def integer_input(input_format: FormatLike | ActQuantizer) -> tuple[ActQuantizer
     plain ``int8`` meaning per-tensor static); ``ValueError`` otherwise."""
     q = input_format
     if not isinstance(q, ActQuantizer):
-        fmt = get_format(input_format)
-        if isinstance(fmt.element, IntElement) and fmt.scaling.granularity == "none":
-            fmt = get_format(f"{fmt.name}_tensor")
-        if fmt.scaling.granularity != "tensor":
-            raise ValueError(f"accumulator-aware layers need a per-tensor integer input format, got {fmt.label}")
-        q = ActQuantizer(fmt, mode="static")
+        q = ActQuantizer(integer_input_format(input_format), mode="static")
+    integer_input_format(q.fmt)  # an integer per-tensor format, or a clear error
     el = q.fmt.element
-    if not isinstance(el, IntElement) or el.frac_bits:
-        raise ValueError(
-            f"accumulator-aware quantization needs integer layer inputs (N bits, signed or not), got {q.fmt.label}"
-        )
     return q, el.bits, el.signed
 
 
@@ -70,8 +60,7 @@ class A2QWeightQuantizer(nn.Module):
         self.shape = tuple(weight.shape)
         self.budget = l1_budget(rule, accumulator_bits, input_bits, input_signed)
         w = weight.detach().reshape(weight.shape[0], -1).float()
-        s = w.abs().amax(1) / ((1 << (weight_bits - 1)) - 1)
-        s = torch.where(s > 0, s, torch.ones_like(s))
+        s = initial_scale(w, weight_bits)
         c = w - w.mean(1, keepdim=True) if self.zero_center else w
         g = c.abs().sum(1)
         g = torch.where(g > 0, g, torch.ones_like(g))
@@ -113,14 +102,8 @@ class A2QWeightQuantizer(nn.Module):
     @torch.no_grad()
     def qtensor(self) -> QTensor:
         """The integer weights as an ``int{M}_channel`` QTensor of the 2-D view: codes q, FP32 scales s."""
-        fmt = get_format(f"int{self.weight_bits}_channel")
-        q = self.integer_weights().detach()
-        s = self.scale().detach().double()
-        if not bool(torch.equal(s.float().double(), s)):
-            raise AssertionError("scales are FP32 values by construction")
-        # q·s / s rounds back to q exactly (the error is far below half a step)
-        r = core((q * s[:, None]).float(), fmt, rounding="nearest_even", scales=Scales(s))
-        return QTensor.from_core(r, fmt, tuple(q.shape), torch.float32)
+        fmt = f"int{self.weight_bits}_channel"
+        return qtensor_from_codes(self.integer_weights().detach(), self.scale().detach(), fmt)
 
     def extra_repr(self) -> str:
         return (f"{self.rule}, W{self.weight_bits}, P={self.accumulator_bits}, input "
@@ -131,8 +114,6 @@ class _A2QLayer(nn.Module):
     def _setup(self, layer: nn.Module, weight_bits: int, input_format, accumulator_bits: int, rule: A2QRule,
                axis: int) -> None:  # fmt: skip
         self.input_quant, n, signed = integer_input(input_format)
-        if isinstance(input_format, ActQuantizer) and input_format.fmt.scaling.granularity == "block":
-            raise ValueError("accumulator-aware layers need one input scale per tensor")
         self.weight_quant = A2QWeightQuantizer(layer.weight, weight_bits, accumulator_bits, n, signed, rule)
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
         self.axis = axis

@@ -14,6 +14,7 @@ axis (1) for convolution inputs.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -86,7 +87,7 @@ class ActQuantizer(nn.Module):
                 best, best_err = c, err
         return best
 
-    def _scales_for(self, amax: float) -> Scales:
+    def scales_for(self, amax: float) -> Scales:
         """The scales the format gives a tensor whose amax is ``amax`` (cached per amax)."""
         cached = getattr(self, "_scale_cache", None)
         if cached is None or cached[0] != amax:
@@ -96,7 +97,7 @@ class ActQuantizer(nn.Module):
         return cached[1]
 
     def _apply_static(self, x: torch.Tensor, amax: float) -> torch.Tensor:
-        scales = self._scales_for(amax)
+        scales = self.scales_for(amax)
         el = self.fmt.element
         if (x.dtype == torch.float32 and el.kind == "int" and not el.frac_bits and scales.tensor_scale is None
                 and scales.zero_point is None and self.fmt.rounding == "nearest_even"):  # fmt: skip
@@ -129,3 +130,17 @@ class ActQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.fmt.label}, mode={self.mode}" + (f", observer={self.observer}" if self.mode == "static" else "")
+
+
+@torch.no_grad()
+def calibrate(quants: list[ActQuantizer], run: Callable[[], object]) -> None:
+    """Calibrate the static quantizers ``quants`` (pass-through switched off) on what ``run()`` feeds them, in
+    one pass; a no-op without quantizers."""
+    if not quants:
+        return
+    for q in quants:
+        q.bypass = False
+        q.start_calibration()
+    run()
+    for q in quants:
+        q.finish_calibration()

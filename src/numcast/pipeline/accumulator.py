@@ -20,14 +20,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from numcast.accumulator.analyze import integer_codes
 from numcast.accumulator.bounds import min_accumulator_bits
+from numcast.accumulator.codes import integer_codes, integer_sum_reason, per_row, qtensor_from_codes
 from numcast.algorithms.ep_init import fit_budget, l1_budget
 from numcast.algorithms.rtn import rtn
 from numcast.formats.ops import core
 from numcast.formats.qtensor import QTensor
 from numcast.formats.registry import get_format
-from numcast.formats.scale import Scales
 from numcast.nn.observe import call_model, observe_inputs
 from numcast.pipeline.recipe import LayerOverride, Recipe
 
@@ -35,19 +34,12 @@ from numcast.pipeline.recipe import LayerOverride, Recipe
 def check_weight_format(name: str, fmt_name: str) -> int:
     """Weight bits M of an accumulator-constrained layer; ``ValueError`` naming the layer otherwise."""
     fmt = get_format(fmt_name)
-    el, sc = fmt.element, fmt.scaling
-    if (
-        el.kind != "int"
-        or not el.signed
-        or el.frac_bits
-        or sc.zero_point
-        or sc.granularity not in ("channel", "tensor")
-    ):
+    if integer_sum_reason(fmt) is not None or not fmt.element.signed:
         raise ValueError(
             f"{name}: accumulator-aware quantization needs signed integer weights with one scale per output channel "
             f"or tensor (e.g. int4_channel, int8_tensor), got {fmt_name}"
         )
-    return el.bits
+    return fmt.element.bits
 
 
 def input_spec(fmt_name: str) -> tuple[int, bool]:
@@ -63,15 +55,6 @@ def layer_budget(plan, recipe: Recipe) -> tuple[float, int]:
     return l1_budget(recipe.accumulator.rule, recipe.accumulator.bits, n, signed), m
 
 
-def _from_codes(q: torch.Tensor, scales: torch.Tensor, fmt_name: str) -> QTensor:
-    """A QTensor of integer codes ``q`` ``[out, K]`` with the given decoded scales (one per layout row)."""
-    fmt = get_format(fmt_name)
-    s = scales.reshape(-1).double()
-    per_row = s if s.numel() == q.shape[0] else s.expand(q.shape[0])
-    r = core((q * per_row[:, None]).float(), fmt, rounding="nearest_even", scales=Scales(s))  # q·s/s is exactly q
-    return QTensor.from_core(r, fmt, tuple(q.shape), torch.float32)
-
-
 def layer_qweight(plan, recipe: Recipe, solved: QTensor | None = None) -> QTensor:
     """The QTensor a layer ends with under an accumulator-aware ``recipe`` (see module docstring)."""
     T, m = layer_budget(plan, recipe)
@@ -79,11 +62,11 @@ def layer_qweight(plan, recipe: Recipe, solved: QTensor | None = None) -> QTenso
     w = plan.module.weight.detach().reshape(plan.module.weight.shape[0], -1).float()
     if solved is None and recipe.method == "ep-init":
         s = core(w, get_format(plan.weight_format)).scales.scale  # the format's own scale (absmax / qmax)
-        per_row = s if s.numel() == w.shape[0] else s.expand(w.shape[0])
-        q = fit_budget(w.double() / per_row[:, None], m, T, acc.rule, acc.rounding)
-        return _from_codes(q, s, plan.weight_format)
+        q = fit_budget(w.double() / per_row(s, w.shape[0])[:, None], m, T, acc.rule, acc.rounding)
+        return qtensor_from_codes(q, s, plan.weight_format)
     qt = solved if solved is not None else rtn(w, plan.weight_format)
-    return _from_codes(fit_budget(integer_codes(qt), m, T, acc.rule, acc.rounding), qt.scales(), plan.weight_format)
+    q = fit_budget(integer_codes(qt), m, T, acc.rule, acc.rounding)
+    return qtensor_from_codes(q, qt.scales(), plan.weight_format)
 
 
 def accumulator_needs(qt: QTensor, activation_format: str) -> int:
@@ -109,7 +92,6 @@ def resolve_input_signs(model: nn.Module, plans: list, recipe: Recipe, batches: 
             extra.append(LayerOverride(pattern=p.name, activations=p.activation_format))
     if not extra:
         return recipe
-    resolved = recipe.model_copy(deep=True)
-    resolved.overrides = [*resolved.overrides, *extra]
+    resolved = recipe.with_overrides(extra)
     resolved.accumulator.input_sign = "format"  # decided: the saved recipe replays these formats as they are
     return resolved

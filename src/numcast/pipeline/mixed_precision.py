@@ -114,7 +114,6 @@ def resolve_mixed_precision(model: nn.Module, plans: list, report: list, recipe:
         p.weight_format = fmt
         entry[p.name].weight_format = fmt
         extra.append(LayerOverride(pattern=p.name, weights=fmt))
-    resolved = recipe.model_copy(deep=True)
-    resolved.overrides = [*resolved.overrides, *extra]
+    resolved = recipe.with_overrides(extra)
     resolved.mixed_precision.strategy = None  # decided: the saved recipe replays these formats as they are
     return resolved

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from numcast.nn.act_quant import ActQuantizer
+from numcast.nn.act_quant import ActQuantizer, calibrate
 from numcast.nn.observe import call_model
 from numcast.nn.surgery import quant_class, set_module, why_not_quantizable
 from numcast.pipeline.recipe import Recipe
@@ -103,14 +103,15 @@ def plan_layers(model: nn.Module, recipe: Recipe) -> tuple[list[LayerPlan], list
     return todo, report
 
 
-def make_quant_module(plan: LayerPlan, recipe: Recipe, qweight=None) -> nn.Module:
-    """The numcast replacement of ``plan.module`` (``qweight``: a solver's result; default RTN)."""
+def make_quant_module(plan: LayerPlan, recipe: Recipe, qweight=None, defer_static: bool = False) -> nn.Module:
+    """The numcast replacement of ``plan.module`` (``qweight``: a solver's result; default RTN). With
+    ``defer_static`` a static input quantizer passes inputs through until it is calibrated."""
     kwargs = {"qweight": qweight}
     if plan.activation_format is not None:
         axis = 1 if isinstance(plan.module, (nn.Conv1d, nn.Conv2d)) else -1
-        kwargs["input_format"] = ActQuantizer(
-            plan.activation_format, recipe.activation_mode, recipe.activation_observer, axis
-        )
+        act = ActQuantizer(plan.activation_format, recipe.activation_mode, recipe.activation_observer, axis)
+        act.bypass = defer_static and act.mode == "static"
+        kwargs["input_format"] = act
     return plan.qcls(plan.module, plan.weight_format, **kwargs)
 
 
@@ -191,12 +192,4 @@ def calibrate_activations(model: nn.Module, batches: list, only_uncalibrated: bo
     quants = [m for m in model.modules() if isinstance(m, ActQuantizer) and m.mode == "static"]
     if only_uncalibrated:
         quants = [q for q in quants if not q.calibrated]
-    if not quants:
-        return
-    for q in quants:
-        q.bypass = False
-        q.start_calibration()
-    for b in batches:
-        call_model(model, b)
-    for q in quants:
-        q.finish_calibration()
+    calibrate(quants, lambda: [call_model(model, b) for b in batches])

@@ -15,6 +15,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from numcast.accumulator.codes import integer_input_format
 from numcast.formats.registry import get_format
 
 METHODS = ("rtn", "gptq", "error-diffusion", "ep-init", "attention-round")
@@ -24,18 +25,6 @@ def _check_format(v: str | None) -> str | None:
     if v is not None:
         get_format(v)  # raises ValueError naming the closest formats
     return v
-
-
-def _integer_input_format(name: str) -> str:
-    fmt = get_format(name)
-    el = fmt.element
-    if el.kind != "int" or el.frac_bits:
-        raise ValueError(f"accumulator-aware quantization needs integer layer inputs (intN / uintN), got {name!r}")
-    if fmt.scaling.granularity == "none":
-        return f"{fmt.name}_tensor"
-    if fmt.scaling.granularity != "tensor" or fmt.scaling.zero_point:
-        raise ValueError(f"accumulator-aware quantization needs one symmetric input scale per tensor, got {name!r}")
-    return name
 
 
 class LayerOverride(BaseModel):
@@ -186,10 +175,10 @@ class Recipe(BaseModel):
             return self
         if self.activations is None:
             raise ValueError("accumulator-aware quantization needs integer layer inputs: set activations (e.g. int8)")
-        self.activations = _integer_input_format(self.activations)
+        self.activations = integer_input_format(self.activations)
         for o in self.overrides:
             if o.activations is not None:
-                o.activations = _integer_input_format(o.activations)
+                o.activations = integer_input_format(o.activations)
         self.activation_mode = "static"
         return self
 
@@ -214,6 +203,12 @@ class Recipe(BaseModel):
                 w = o.weights or w
                 a = o.activations or a
         return w, a, None
+
+    def with_overrides(self, extra: list[LayerOverride]) -> Recipe:
+        """A deep copy with ``extra`` appended to the per-layer overrides (decisions taken while quantizing)."""
+        resolved = self.model_copy(deep=True)
+        resolved.overrides = [*resolved.overrides, *extra]
+        return resolved
 
     # ---- files ----------------------------------------------------------------------------------
     def save(self, path: str | Path, *, overwrite: bool = False) -> None:

@@ -36,7 +36,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from numcast.formats.registry import get_format
-from numcast.nn.act_quant import ActQuantizer
+from numcast.nn.act_quant import ActQuantizer, calibrate
 from numcast.nn.observe import call_model
 from numcast.nn.surgery import set_module
 from numcast.pipeline.methods import method_for
@@ -229,9 +229,8 @@ def quantize_blockwise(
     float_calls = first_inputs()
     outside = [p for p in todo if id(p.module) not in in_blocks]
     for p in outside:
-        new = make_quant_module(p, recipe, qweight=finish_qweight(p, recipe, None, entry[p.name]))
-        if isinstance(new.input_quant, ActQuantizer) and new.input_quant.mode == "static":
-            new.input_quant.bypass = True  # calibrated on the finished model
+        qt = finish_qweight(p, recipe, None, entry[p.name])
+        new = make_quant_module(p, recipe, qweight=qt, defer_static=True)  # calibrated on the finished model
         set_module(model, p.name, new)
         entry[p.name].method = "rtn (outside blocks)"
     outside_done = bool(outside)
@@ -271,9 +270,8 @@ def quantize_blockwise(
                     p.module, get_format(p.weight_format), accs.get(id(p.module))
                 )
                 qt = finish_qweight(p, recipe, qt, entry[p.name])
-                new = placement.compute(make_quant_module(p, recipe, qweight=qt))
-                if isinstance(new.input_quant, ActQuantizer) and new.input_quant.mode == "static":
-                    new.input_quant.bypass = True  # calibrated once the block is done (below)
+                # static input scales are calibrated once the block is done (below)
+                new = placement.compute(make_quant_module(p, recipe, qweight=qt, defer_static=True))
                 set_module(model, p.name, new)  # the model's forward sees it ...
                 if names[id(p.module)]:
                     set_module(block, names[id(p.module)], new)  # ... and so does a block that is a view of it
@@ -379,15 +377,7 @@ def _calibrate_block_inputs(block, quant_calls, xs_q, placement) -> None:
     """Calibrate the block's static input quantizers on the quantized stream (one pass), so the next blocks and
     their solves see quantized activations."""
     quants = [m for m in block.modules() if isinstance(m, ActQuantizer) and m.mode == "static" and m.bypass]
-    if not quants:
-        return
-    for q in quants:
-        q.bypass = False
-        q.start_calibration()
-    for c, x in zip(quant_calls, xs_q, strict=True):
-        _run_block(block, c, x, placement)
-    for q in quants:
-        q.finish_calibration()
+    calibrate(quants, lambda: [_run_block(block, c, x, placement) for c, x in zip(quant_calls, xs_q, strict=True)])
 
 
 def _run_until_stop(block, call, x, placement) -> None:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from numcast.algorithms.ep_init import A2QRule
 from numcast.nn.a2q import REGULARIZER_WEIGHT, A2QConv2d, A2QLinear, a2q_penalty
-from numcast.nn.act_quant import ActQuantizer
+from numcast.nn.act_quant import ActQuantizer, calibrate
 from numcast.nn.observe import observe_inputs
 from numcast.nn.surgery import set_module
 
@@ -78,8 +78,12 @@ def prepare_a2q(
     layers = _layers(model)
     if not layers:
         raise ValueError("the model has no nn.Conv2d / nn.Linear layer to constrain")
-    stats = observe_inputs(dict(layers), lambda: [model(calibration[i : i + batch_size])
-                                                  for i in range(0, calibration.shape[0], batch_size)])  # fmt: skip
+
+    def run() -> None:  # the calibration images, in batches
+        for i in range(0, calibration.shape[0], batch_size):
+            model(calibration[i : i + batch_size])
+
+    stats = observe_inputs(dict(layers), run)
     for i, (name, m) in enumerate(layers):
         bits = first_input_bits if i == 0 else input_bits
         fmt = f"{'u' if stats[name].nonnegative else ''}int{bits}_tensor"
@@ -91,13 +95,7 @@ def prepare_a2q(
             new.weight_quant.ep_init_()
         set_module(model, name, new)
     quants = [m for m in model.modules() if isinstance(m, ActQuantizer)]
-    for q in quants:
-        q.start_calibration()
-    with torch.no_grad():
-        for i in range(0, calibration.shape[0], batch_size):
-            model(calibration[i : i + batch_size])
-    for q in quants:
-        q.finish_calibration()
+    calibrate(quants, run)
     return model
 
 
