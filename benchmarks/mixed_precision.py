@@ -7,7 +7,8 @@
 For each model, each uniform candidate is run first (every layer in that format, RTN unless ``--method``);
 its achieved bits per parameter (scales included) is then the budget of an ``lcl`` and a ``sensitivity``
 allocation over all candidates, so the three rows of a group have (at most) the same size. Each cell is
-``numcast quantize`` in process; the table shows the primary metric and the bits per parameter.
+``numcast quantize`` in process; the table shows the primary metric, the bits per parameter (scales
+included) and how many layers each allocation put in each candidate, cheapest first.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     path = Path(args.json)
     if args.markdown:
-        print(markdown(json.loads(path.read_text())["rows"]))
+        saved = json.loads(path.read_text())
+        print(markdown(saved["rows"], saved["settings"]["candidates"]))
         return 0
     rows = []
     for model in args.models:
@@ -61,20 +63,29 @@ def main(argv=None) -> int:
                       flush=True)  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2))
-    print(markdown(rows))
+    print(markdown(rows, args.candidates))
     return 0
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| model | size of | uniform | LCL | sensitivity |", "|---|---|---|---|---|"]
+def _mix(r: dict, candidates: list[str]) -> str:
+    """Layers per candidate format, cheapest first (``1/1/6/4``)."""
+    chosen = list(r["formats"].values())
+    return "/".join(str(chosen.count(c)) for c in candidates)
+
+
+def markdown(rows: list[dict], candidates: list[str]) -> str:
+    lines = ["| model | size of | metric | float | uniform | LCL | sensitivity | LCL layers per candidate | "
+             "sensitivity layers per candidate |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     groups = dict.fromkeys((r["model"], r["group"]) for r in rows)
     by = {(r["model"], r["group"], r["strategy"]): r for r in rows}
     for model, g in groups:
         cells = []
         for s in ("uniform", "lcl", "sensitivity"):
             r = by.get((model, g, s))
-            cells.append(f"{r['quantized']:.4f} ({r['bits_per_param']:.2f} b)" if r else "-")
-        lines.append(f"| {model} | {g} | " + " | ".join(cells) + " |")
+            cells.append(f"{r['quantized']:.4f} ({r['bits_per_param']:.3f} b)" if r else "-")
+        u = by[(model, g, "uniform")]
+        mixes = [_mix(by[(model, g, s)], candidates) if (model, g, s) in by else "-" for s in ("lcl", "sensitivity")]
+        lines.append(f"| {model} | {g} | {u['metric']} | {u['float']:.4f} | " + " | ".join(cells + mixes) + " |")
     return "\n".join(lines)
 
 

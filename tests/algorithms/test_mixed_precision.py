@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
 
-from numcast.algorithms.mixed_precision import LayerChoice, allocate, coding_length, layer_coding_length
+from numcast.algorithms.mixed_precision import (
+    FeatureGram,
+    LayerChoice,
+    allocate,
+    coding_length,
+    coding_length_spectrum,
+)
 
 
 def direct(z: torch.Tensor, eps: float) -> float:
@@ -51,22 +58,39 @@ def test_mean_is_removed_and_row_order_does_not_matter():
     )
 
 
-def test_layer_coding_length_is_scale_free_and_zero_for_zero_weights():
-    w = _z(4, 16, 32)
-    assert layer_coding_length(w) == pytest.approx(layer_coding_length(7.0 * w), rel=1e-9)
-    assert layer_coding_length(torch.zeros(4, 8)) == 0.0
-    assert layer_coding_length(_z(5, 16, 32, rank=1)) < layer_coding_length(w)
+@pytest.mark.parametrize("n,d", [(50, 6), (4, 9), (30, 30)])
+def test_feature_gram_added_in_batches_gives_the_coding_length_of_all_rows(n, d):
+    z = _z(n + d, n, d) + 3.0  # an offset: the running mean must be removed
+    gram = FeatureGram()
+    for part in torch.split(z, 7):
+        gram.add(part)
+    for eps in (0.2, 1.0, 5.0):
+        assert gram.coding_length(eps) == pytest.approx(coding_length(z, eps), rel=1e-9)
+    assert gram.n == n
 
 
-def _layers(seed, n=12):
+def test_coding_length_spectrum_is_the_determinant_diagonalised():
+    z = _z(9, 20, 5)
+    x = z.double() - z.double().mean(0)
+    lam = torch.linalg.eigvalsh(x.T @ x)
+    assert coding_length_spectrum(lam, 20, 5, 0.7) == pytest.approx(direct(z, 0.7), rel=1e-9)
+    with pytest.raises(ValueError, match="no feature vectors"):
+        FeatureGram().spectrum()
+
+
+def _layers(seed, n=12, k=4):
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
         params = int(torch.randint(100, 5000, (1,), generator=g))
-        out.append(
-            LayerChoice(f"l{i}", tuple(params * b for b in (2.25, 3.25, 4.125, 8.0)), float(torch.rand(1, generator=g)))
-        )
+        weight = float(torch.rand(1, generator=g))  # e.g. coding length per parameter
+        bits = (2.25, 3.25, 4.125, 8.0)[:k]
+        out.append(LayerChoice(f"l{i}", tuple(params * b for b in bits), tuple(weight * 4.0**-b for b in bits)))
     return out
+
+
+def _used(layers, choice):
+    return sum(lay.costs[choice[lay.name]] for lay in layers)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -77,26 +101,55 @@ def test_allocation_never_exceeds_the_budget_and_leaves_less_than_any_next_step(
     for frac in (0.0, 0.1, 0.37, 0.8, 1.0):
         budget = cheapest + frac * (top - cheapest)
         choice = allocate(layers, budget)
-        used = sum(lay.costs[choice[lay.name]] for lay in layers)
-        assert used <= budget + 1e-6
+        used = _used(layers, choice)
+        assert used <= budget
         steps = [lay.costs[choice[lay.name] + 1] - lay.costs[choice[lay.name]]
                  for lay in layers if choice[lay.name] + 1 < len(lay.costs)]  # fmt: skip
         assert not steps or budget - used < min(steps)
 
 
-def test_higher_priority_never_gets_fewer_bits_when_costs_are_equal():
-    layers = [LayerChoice(f"l{i}", (2.0, 3.0, 4.0, 8.0), p) for i, p in enumerate([0.1, 0.9, 0.5, 0.7, 0.3])]
-    choice = allocate(layers, 5 * 2.0 + 9.0)
-    ranked = sorted(layers, key=lambda lay: -lay.priority)
-    idx = [choice[lay.name] for lay in ranked]
-    assert idx == sorted(idx, reverse=True) and sum(layers[0].costs[i] for i in idx) <= 19.0
+@pytest.mark.parametrize("seed", range(4))
+def test_allocation_is_the_least_distortion_of_all_assignments_within_budget(seed):
+    layers = _layers(seed, n=6, k=3)
+    cheapest = sum(lay.costs[0] for lay in layers)
+    top = sum(lay.costs[-1] for lay in layers)
+    for frac in (0.15, 0.5, 0.85):
+        budget = cheapest + frac * (top - cheapest)
+        best = min(
+            sum(lay.distortions[i] for lay, i in zip(layers, pick, strict=True))
+            for pick in itertools.product(range(3), repeat=len(layers))
+            if sum(lay.costs[i] for lay, i in zip(layers, pick, strict=True)) <= budget
+        )
+        choice = allocate(layers, budget)
+        got = sum(lay.distortions[choice[lay.name]] for lay in layers)
+        assert got == pytest.approx(best, rel=1e-9) and _used(layers, choice) <= budget
+
+
+def test_larger_weight_never_gets_fewer_bits_when_layers_are_otherwise_equal():
+    weights = [0.1, 0.9, 0.5, 0.7, 0.3]
+    bits = (2.0, 3.0, 4.0, 8.0)
+    layers = [LayerChoice(f"l{i}", bits, tuple(w * 4.0**-b for b in bits)) for i, w in enumerate(weights)]
+    for budget in (5 * 2.0 + 3.0, 5 * 2.0 + 9.0, 5 * 3.0 + 4.0):
+        choice = allocate(layers, budget)
+        ranked = sorted(layers, key=lambda lay: -weights[int(lay.name[1:])])
+        idx = [choice[lay.name] for lay in ranked]
+        assert idx == sorted(idx, reverse=True) and _used(layers, choice) <= budget
+
+
+def test_a_step_up_that_raises_distortion_is_not_taken_to_fill_the_budget():
+    layers = [LayerChoice("a", (1.0, 2.0), (0.5, 0.7)), LayerChoice("b", (1.0, 2.0), (0.5, 0.1))]
+    assert allocate(layers, 10.0) == {"a": 0, "b": 1}
 
 
 def test_refusals():
     with pytest.raises(ValueError, match="below the cheapest"):
-        allocate([LayerChoice("a", (10.0, 20.0), 1.0)], 5.0)
+        allocate([LayerChoice("a", (10.0, 20.0), (1.0, 0.5))], 5.0)
     with pytest.raises(ValueError, match="strictly increasing"):
-        allocate([LayerChoice("a", (10.0, 10.0), 1.0)], 50.0)
+        allocate([LayerChoice("a", (10.0, 10.0), (1.0, 0.5))], 50.0)
+    with pytest.raises(ValueError, match="non-negative distortion"):
+        allocate([LayerChoice("a", (10.0, 20.0), (1.0, float("nan")))], 50.0)
+    with pytest.raises(ValueError, match="non-negative distortion"):
+        allocate([LayerChoice("a", (10.0, 20.0), (1.0,))], 50.0)
     with pytest.raises(ValueError, match="eps"):
         coding_length(torch.ones(2, 2), 0.0)
     with pytest.raises(ValueError, match="NaN"):

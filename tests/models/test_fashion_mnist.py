@@ -163,6 +163,13 @@ def test_training_is_deterministic_and_leaves_the_global_rng_alone():
     assert a.stem[1].num_batches_tracked.item() == SHORT["max_steps"]
 
 
+def test_training_works_under_no_grad_as_load_workload_calls_it():
+    with torch.no_grad():
+        a = fm.train_fmnist_cnn(seed=0, **SHORT)
+        assert not torch.is_grad_enabled()
+    assert _state_equal(a, fm.train_fmnist_cnn(seed=0, **SHORT))
+
+
 def test_accuracy_of_a_constant_predictor_is_the_class_frequency():
     class Const(nn.Module):
         def __init__(self) -> None:

@@ -7,11 +7,13 @@ import pytest
 import torch
 from test_accumulator import TinyCNN, images
 
+from numcast.algorithms.mixed_precision import FeatureGram
+from numcast.algorithms.rtn import rtn
 from numcast.formats.qtensor import storage_nbytes
 from numcast.formats.registry import get_format
 from numcast.pipeline.export import load_quantized, save_quantized
-from numcast.pipeline.mixed_precision import budget_bits
-from numcast.pipeline.quantize_model import quantize_model
+from numcast.pipeline.mixed_precision import LayerMeasure, budget_bits, measure_layers
+from numcast.pipeline.quantize_model import plan_layers, quantize_model
 from numcast.pipeline.recipe import Recipe
 from numcast.pipeline.runner import quantize_blockwise
 
@@ -77,3 +79,45 @@ def test_refusals():
                                                              "budget": "1bits"})  # fmt: skip
     with pytest.raises(ValueError, match="below the cheapest"):
         quantize_model(TinyCNN(), recipe)
+
+
+def _measure(rows: torch.Tensor) -> LayerMeasure:
+    f = FeatureGram()
+    f.add(rows)
+    return LayerMeasure(signal=float(rows.double().square().sum()), features=f, spectrum=f.spectrum())
+
+
+def test_output_information_is_scale_free_grows_with_rank_and_not_with_width():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(2000, 4, generator=g) @ torch.randn(4, 16, generator=g)
+    assert _measure(base).information(0.1) == pytest.approx(_measure(1e3 * base).information(0.1), rel=1e-9)
+    by_rank = [_measure(torch.randn(2000, r, generator=g) @ torch.randn(r, 16, generator=g)).information(0.1)
+               for r in (1, 4, 16)]  # fmt: skip
+    assert by_rank[0] < by_rank[1] < by_rank[2]
+    wide = torch.cat([base, base], dim=1)  # the same information in twice the coordinates: half per coordinate
+    assert _measure(wide).information(0.1) < 0.75 * _measure(base).information(0.1)
+    assert _measure(torch.zeros(10, 3)).information(0.1) == 0.0
+
+
+def test_measured_noise_is_the_layer_output_error_of_rtn():
+    model = TinyCNN()
+    batches = images()
+    plans, _ = plan_layers(model, Recipe(weights="int4_channel"))
+    got = measure_layers(model, plans, ["int3_g64", "int8_channel"], batches)
+    p = plans[0]
+    inputs = []
+    h = p.module.register_forward_hook(lambda m, a, o: inputs.append(a[0]))
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    h.remove()
+    wq = rtn(p.module.weight, "int3_g64").dequantize().reshape(p.module.weight.shape)
+    sig = noise = 0.0
+    for x in inputs:
+        with torch.no_grad():
+            y = p.module(x).double()
+            yq = torch.nn.functional.conv2d(x, wq, p.module.bias, p.module.stride, p.module.padding,
+                                            p.module.dilation, p.module.groups).double()  # fmt: skip
+        sig, noise = sig + float(y.square().sum()), noise + float((y - yq).square().sum())
+    assert got[p.name].relative_noise("int3_g64") == pytest.approx(noise / sig, rel=1e-9)
+    assert got[p.name].relative_noise("int8_channel") < got[p.name].relative_noise("int3_g64")

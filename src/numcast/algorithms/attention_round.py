@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from numcast.formats.element import decode_table
 from numcast.formats.ops import core
@@ -146,16 +147,18 @@ def anneal(it: int, iterations: int, sigma_start: float, sigma_end: float) -> fl
 
 def optimise(rounders: list[AttentionRounder], step_loss: Callable[[int, float], torch.Tensor], *,
              iterations: int, lr: float, sigma_start: float, sigma_end: float,
-             time_budget_s: float | None = None) -> list[float]:  # fmt: skip
+             time_budget_s: float | None = None, progress: bool = False,
+             desc: str = "attention-round") -> list[float]:  # fmt: skip
     """Adam on every rounder's δ: ``step_loss(it, sigma)`` builds the loss from the rounders' ``soft(sigma)``.
-    Returns the losses (stops early at ``time_budget_s``)."""
+    Returns the losses (stops early at ``time_budget_s``); ``progress`` shows a bar over the steps."""
     if iterations < 0:
         raise ValueError("iterations must be >= 0")
     anneal(0, 1, sigma_start, sigma_end)  # validates
     opt = torch.optim.Adam([r.delta for r in rounders], lr=lr)
     losses: list[float] = []
     t0 = time.perf_counter()
-    for it in range(iterations):
+    bar = tqdm(range(iterations), desc=desc, disable=not progress, leave=False)
+    for it in bar:
         if time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
             break
         value = step_loss(it, anneal(it, iterations, sigma_start, sigma_end))
@@ -163,6 +166,9 @@ def optimise(rounders: list[AttentionRounder], step_loss: Callable[[int, float],
         value.backward()
         opt.step()
         losses.append(float(value.detach()))
+        if it % 20 == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.3g}")
+    bar.close()
     return losses
 
 
@@ -179,11 +185,13 @@ def attention_round(
     variant: str = "soft",
     seed: int = 0,
     time_budget_s: float | None = None,
+    progress: bool = False,
 ) -> ARResult:
     """Attention Round of ``weight`` ``[out, K]`` to ``fmt`` minimising ``loss(ŵ)`` (ŵ float32 ``[out, K]``)."""
     r = AttentionRounder(weight, fmt, k_nearest, variant, seed)
     losses = optimise([r], lambda it, sigma: loss(r.soft(sigma)), iterations=iterations, lr=lr,
-                      sigma_start=sigma_start, sigma_end=sigma_end, time_budget_s=time_budget_s)  # fmt: skip
+                      sigma_start=sigma_start, sigma_end=sigma_end, time_budget_s=time_budget_s,
+                      progress=progress)  # fmt: skip
     qt = r.qtensor()
     return ARResult(qt, qt.dequantize(), r.delta.detach(), losses, len(losses))
 

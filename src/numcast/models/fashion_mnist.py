@@ -224,6 +224,7 @@ def fmnist_blocks(model: FmnistCNN) -> list[nn.Module]:
 # ------------------------------------------------------------------------------------------------ training
 
 
+@torch.enable_grad()  # callers may hold no_grad (load_workload does)
 def train_fmnist_cnn(
     epochs: int = DEFAULT_EPOCHS,
     seed: int = DEFAULT_SEED,

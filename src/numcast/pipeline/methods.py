@@ -91,6 +91,7 @@ class Method:
     name = "base"
     needs_inputs = False
     needs_float_inputs = False
+    progress = False  # show per-layer or per-block progress bars (set by the runner)
 
     def accumulator(self, module: nn.Module):
         return None
@@ -175,7 +176,7 @@ class AttentionRound(Method):
     def _kwargs(self) -> dict:
         st = self.settings
         return dict(iterations=st.iterations, lr=st.lr, sigma_start=st.sigma_start, sigma_end=st.sigma_end,
-                    time_budget_s=st.time_budget_s)  # fmt: skip
+                    time_budget_s=st.time_budget_s, progress=self.progress)  # fmt: skip
 
     def accumulator(self, module: nn.Module) -> HessianAccumulator:
         return HessianAccumulator()

@@ -88,15 +88,16 @@ class AttentionRoundSettings(BaseModel):
 
 class MixedPrecisionSettings(BaseModel):
     """Per-layer weight formats under a size budget (:mod:`numcast.pipeline.mixed_precision`): ``strategy``
-    ``lcl`` (lossy coding length) or ``sensitivity`` (output SQNR at the cheapest candidate); ``candidates``
-    the formats to choose from; ``budget`` average bits per parameter (``"4.5bits"``) or bytes (``"250kB"``);
-    ``eps`` the relative distortion of the coding length."""
+    ``lcl`` (relative output noise weighted by the outputs' lossy coding length) or ``sensitivity`` (relative
+    output noise alone), each minimised exactly under the budget; ``candidates`` the formats to choose from;
+    ``budget`` average bits per parameter (``"4.5bits"``) or bytes (``"250kB"``); ``eps`` the relative
+    distortion at which ``lcl`` measures the coding length."""
 
     model_config = ConfigDict(extra="forbid")
     strategy: Literal["lcl", "sensitivity"] | None = None
     candidates: list[str] = Field(default_factory=list)
     budget: str | None = None
-    eps: float = Field(0.5, gt=0)
+    eps: float = Field(0.1, gt=0)
 
     @field_validator("candidates")
     @classmethod

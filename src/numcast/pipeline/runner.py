@@ -208,6 +208,7 @@ def quantize_blockwise(
         raise ValueError("no blocks to quantize")
     t0 = time.perf_counter()
     method = method_for(recipe)
+    method.progress = progress
     model.eval()
     todo, report = plan_layers(model, recipe)
     recipe = prepare_plans(model, todo, report, recipe, batches)
@@ -366,7 +367,10 @@ def _solve_block(method, block, fblock, plans, names, refit_ids, quant_calls, xs
     ]
 
     def run(i: int, params: dict) -> torch.Tensor:
-        args, kwargs = quant_calls[i].with_x(xs_q[i])
+        x = xs_q[i]
+        if x.dim() == 4:  # image batches: channels-last convolutions (and their backward) are ~1.5x faster on CPU
+            x = x.contiguous(memory_format=torch.channels_last)
+        args, kwargs = quant_calls[i].with_x(x)
         return _first(functional_call(block, params, placement.compute(args), placement.compute(kwargs)))
 
     return method.solve_block(named, run, targets)
