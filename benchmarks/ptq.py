@@ -153,7 +153,7 @@ def main() -> None:
         ran = {_key(r) for r in rows}
         old = [r for r in json.loads(out.read_text())["rows"] if _key(r) not in ran]
         rank = {x: i for i, x in enumerate(MODELS + FORMATS + list(METHOD_ARGS))}
-        rows = sorted(old + rows, key=lambda r: tuple(rank.get(k, 99) for k in _key(r)) + _key(r))
+        rows = sorted(old + rows, key=lambda r: tuple((rank.get(k, 99), k) for k in _key(r)))
     out.write_text(json.dumps({"rows": rows}, indent=2))
     print(f"wrote {args.json}")
     if args.markdown:
