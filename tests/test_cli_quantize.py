@@ -87,6 +87,22 @@ def test_quantize_writes_everything_and_evaluate_reloads_bit_exactly(tiny, tmp_p
     assert "--overwrite" in capsys.readouterr().out
 
 
+def test_mixed_precision_flags_end_to_end_report_formats_and_size(tiny, tmp_path, capsys):
+    out = tmp_path / "mp"
+    cands = ["int2_g64", "int4_g128", "int8_channel"]
+    argv = ["quantize", "tiny-cnn", "--weights", "int4_g128", "--mixed-precision", "lcl", "--candidates",
+            ",".join(cands), "--budget", "3.8bits", "--calibration", "16", "--out", str(out),
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    rec = json.loads((out / "report.json").read_text())
+    chosen = {r["name"]: r["weight_format"] for r in rec["layers"] if r["action"] == "quantized"}
+    assert set(chosen.values()) <= set(cands) and len(set(chosen.values())) >= 2
+    assert rec["bits_per_param"] <= 3.8
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--json"]) == 0  # the saved recipe replays the per-layer formats
+    assert json.loads(capsys.readouterr().out)["measured"] == rec["metrics"]["quantized"]
+
+
 def test_quantize_refusals(tiny, tmp_path, capsys):
     assert main(["quantize", "tiny-cnnn", "--weights", "mxfp4", "--out", str(tmp_path / "a")]) == 2
     assert "known models" in capsys.readouterr().out
