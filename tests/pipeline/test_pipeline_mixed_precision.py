@@ -84,7 +84,7 @@ def test_refusals():
 def _measure(rows: torch.Tensor) -> LayerMeasure:
     f = FeatureGram()
     f.add(rows)
-    return LayerMeasure(signal=float(rows.double().square().sum()), features=f, spectrum=f.spectrum())
+    return LayerMeasure(signal=float(rows.double().square().sum()), features=f)
 
 
 def test_output_information_is_scale_free_grows_with_rank_and_not_with_width():

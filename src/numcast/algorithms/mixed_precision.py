@@ -32,12 +32,16 @@ import torch
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 
+def _check_eps(eps: float) -> None:
+    if not eps > 0 or not math.isfinite(eps):
+        raise ValueError(f"the distortion eps must be a positive number, got {eps!r}")
+
+
 def coding_length(z: torch.Tensor, eps: float) -> float:
     """L(Z) in bits for the rows of ``z`` ``[n, D]`` (mean removed first) at distortion ``eps`` > 0."""
     if z.dim() != 2 or z.shape[0] < 1 or z.shape[1] < 1:
         raise ValueError(f"coding_length takes a non-empty [n, D] matrix, got shape {tuple(z.shape)}")
-    if not eps > 0 or not math.isfinite(eps):
-        raise ValueError(f"the distortion eps must be a positive number, got {eps!r}")
+    _check_eps(eps)
     if not bool(torch.isfinite(z).all()):
         raise ValueError("coding_length: the matrix contains NaN or Inf")
     x = z.double()
@@ -53,8 +57,7 @@ def coding_length(z: torch.Tensor, eps: float) -> float:
 def coding_length_spectrum(eigenvalues: torch.Tensor, n: int, d: int, eps: float) -> float:
     """L in bits from the eigenvalues of the mean-removed Gram matrix Z̄ᵀZ̄ of n vectors of R^d:
     (n + d)/2 · Σ_i log2(1 + d/(ε² n) · λ_i) (the same determinant, diagonalised)."""
-    if not eps > 0 or not math.isfinite(eps):
-        raise ValueError(f"the distortion eps must be a positive number, got {eps!r}")
+    _check_eps(eps)
     lam = eigenvalues.double().clamp(min=0)
     return float((n + d) / 2.0 * torch.log1p(d / (eps * eps * n) * lam).sum() / math.log(2.0))
 

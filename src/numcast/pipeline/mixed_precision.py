@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from numcast.algorithms.mixed_precision import FeatureGram, LayerChoice, allocate, coding_length_spectrum
+from numcast.algorithms.mixed_precision import FeatureGram, LayerChoice, allocate
 from numcast.algorithms.rtn import rtn
 from numcast.formats.qtensor import storage_nbytes
 from numcast.formats.registry import get_format
@@ -77,7 +77,6 @@ class LayerMeasure:
     signal: float = 0.0
     noise: dict[str, float] = field(default_factory=dict)
     features: FeatureGram | None = None
-    spectrum: torch.Tensor | None = None  # eigenvalues of the features' mean-removed Gram matrix
 
     def relative_noise(self, c: str) -> float:
         return self.noise[c] / self.signal if self.signal > 0 else 0.0
@@ -91,7 +90,7 @@ class LayerMeasure:
         if self.signal <= 0:
             return 0.0
         d = f.gram.shape[0]
-        return coding_length_spectrum(self.spectrum, f.n, d, eps * math.sqrt(self.signal / f.n)) / (f.n * d)
+        return f.coding_length(eps * math.sqrt(self.signal / f.n)) / (f.n * d)
 
 
 @torch.no_grad()
@@ -136,9 +135,6 @@ def measure_layers(model: nn.Module, plans: list, candidates: list[str], batches
     finally:
         for h in handles:
             h.remove()
-    for m in got.values():
-        if m.features is not None:
-            m.spectrum = m.features.spectrum()
     return got
 
 
@@ -165,6 +161,7 @@ def resolve_mixed_precision(model: nn.Module, plans: list, report: list, recipe:
         raise ValueError("mixed precision: no layer to quantize")
     params = sum(math.prod(_view_shape(p.module)) for p in plans)
     total = budget_bits(mp.budget, params)
+    # the same refusal as allocate()'s, before the calibration pass that measures every candidate
     cheapest = sum(min(8.0 * storage_nbytes(_view_shape(p.module), get_format(c)) for c in mp.candidates)
                    for p in plans)  # fmt: skip
     if cheapest > total:

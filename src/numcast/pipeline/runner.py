@@ -368,7 +368,7 @@ def _solve_block(method, block, fblock, plans, names, refit_ids, quant_calls, xs
 
     def run(i: int, params: dict) -> torch.Tensor:
         x = xs_q[i]
-        if x.dim() == 4:  # image batches: channels-last convolutions (and their backward) are ~1.5x faster on CPU
+        if x.dim() == 4:  # image batches: channels-last convolutions (and their backward) run faster on CPU
             x = x.contiguous(memory_format=torch.channels_last)
         args, kwargs = quant_calls[i].with_x(x)
         return _first(functional_call(block, params, placement.compute(args), placement.compute(kwargs)))
