@@ -34,7 +34,9 @@ import torch
 from torch import nn
 
 from numcast.accumulator.bounds import min_accumulator_bits
-from numcast.models.fashion_mnist import accuracy, load_fashion_mnist, load_fmnist_cnn
+from numcast.evaluate.vision import accuracy
+from numcast.models.fashion_mnist import load_fashion_mnist
+from numcast.models.fmnist_cnn import load_fmnist_cnn
 from numcast.nn.a2q import A2QConv2d, A2QLinear
 from numcast.nn.observe import observe_inputs
 from numcast.training.qat import QATConfig, prepare_a2q, train_qat

@@ -15,6 +15,7 @@ from rich.console import Console
 from numcast.formats.ops import cast_stats, quantize
 from numcast.formats.registry import get_format, list_formats
 from numcast.formats.spec import ROUNDINGS
+from numcast.pipeline.methods import METHODS
 from numcast.report.tables import (
     STATS_COLUMNS,
     formats_markdown,
@@ -300,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--activations", help="activation (layer input) format")
     q.add_argument("--activation-mode", dest="activation_mode", choices=("dynamic", "static"))
     q.add_argument("--activation-observer", dest="activation_observer", choices=("minmax", "percentile", "mse"))
-    q.add_argument("--method", choices=("rtn", "gptq", "error-diffusion", "ep-init", "attention-round"))
+    q.add_argument("--method", choices=list(METHODS), help="weight solver (default rtn)")
     q.add_argument("--calibration", type=int, help="number of calibration samples")
     q.add_argument("--include", nargs="+", help="globs of module names to quantize (default: all)")
     q.add_argument("--exclude", nargs="+", help="globs of module names to keep in float")

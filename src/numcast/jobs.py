@@ -10,7 +10,8 @@ from pathlib import Path
 from numcast.pipeline.export import MODEL_FILE, load_quantized, read_metadata, save_quantized
 from numcast.pipeline.recipe import Recipe
 from numcast.pipeline.runner import quantize_blockwise
-from numcast.report.records import PhasePeaks, model_sizes, plot_sqnr, write_report
+from numcast.report.plots import plot_accumulator, plot_sqnr
+from numcast.report.records import PhasePeaks, model_sizes, write_report
 from numcast.workloads import load_workload
 
 
@@ -114,11 +115,11 @@ def run_accumulator(target: str, input_bits: int, accumulator_bits: int, *, weig
                     samples: int = 32, mode: str = "wrap", out: Path | None = None, overwrite: bool = False,
                     tile: int | None = None, tile_bits: int | None = None,
                     stage=lambda text: None) -> dict:  # fmt: skip
-    """The accumulator analysis (:mod:`numcast.accumulator.analyze`) of ``target``: a directory (or packed file)
+    """The accumulator analysis (:mod:`numcast.evaluate.accumulator`) of ``target``: a directory (or packed file)
     written by ``numcast quantize``, or a model name / path quantized here with RTN ``weights``. Writes
     ``accumulator.json`` and ``accumulator.png`` into ``out`` (default: the quantize directory, or
     ``out/accumulator-<model>``); existing files of those names are replaced only with ``overwrite``."""
-    from numcast.accumulator.analyze import analyze_model, plot_accumulator, rows_to_records
+    from numcast.evaluate.accumulator import analyze_model, rows_to_records
     from numcast.pipeline.quantize_model import quantize_model
 
     if samples < 1:
@@ -148,6 +149,7 @@ def run_accumulator(target: str, input_bits: int, accumulator_bits: int, *, weig
     stage("simulating the accumulators")
     rows, skipped = analyze_model(w.model, batches, input_bits, accumulator_bits, mode=mode, tile=tile,
                                   tile_bits=tile_bits)  # fmt: skip
+    records = rows_to_records(rows)
     record = {
         "model": w.name,
         "source": source,
@@ -157,10 +159,10 @@ def run_accumulator(target: str, input_bits: int, accumulator_bits: int, *, weig
         "tile": tile,
         "tile_bits": tile_bits,
         "samples": samples,
-        "layers": rows_to_records(rows),
+        "layers": records,
         "skipped": [{"name": n, "reason": r} for n, r in skipped],
     }
     files[0].write_text(json.dumps(record, indent=2))
-    plot_accumulator(rows, accumulator_bits, files[1], f"{w.name}: accumulator bits per layer ({source})")
+    plot_accumulator(records, accumulator_bits, files[1], f"{w.name}: accumulator bits per layer ({source})")
     record["files"] = [str(f) for f in files if f.exists()]
     return record

@@ -167,7 +167,8 @@ def _imagenet(name: str) -> Workload:
 
 def _fmnist() -> Workload:
     from numcast.evaluate.vision import agreement_and_kl, logits_of, top1_accuracy
-    from numcast.models.fashion_mnist import fmnist_blocks, load_fashion_mnist, load_fmnist_cnn
+    from numcast.models.fashion_mnist import load_fashion_mnist
+    from numcast.models.fmnist_cnn import fmnist_blocks, load_fmnist_cnn
 
     model = load_fmnist_cnn()
     x_test, y_test = load_fashion_mnist("test")
@@ -182,7 +183,7 @@ def _fmnist() -> Workload:
         return {"top1_accuracy": top1_accuracy(lg, y_test), **agreement_and_kl(ref, lg)}
 
     return Workload("fmnist-cnn", model, fmnist_blocks, calibration, evaluate, "top1_accuracy", True,
-                    "numcast's Fashion-MNIST ResNet-style CNN (trained deterministically, cached)")  # fmt: skip
+                    "numcast's Fashion-MNIST ResNet-style CNN (trained deterministically, shipped)")  # fmt: skip
 
 
 LOADERS: dict[str, Callable[[], Workload]] = {

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from numcast.accumulator.bounds import input_range, min_accumulator_bits
-from numcast.accumulator.simulate import accumulate, adversarial_inputs, conv_input_rows
+from numcast.accumulator.simulate import accumulate, adversarial_inputs
 
 
 def loop_reference(x, q, P, mode, tile=None, tile_bits=None):
@@ -92,19 +91,6 @@ def test_adversarial_sums_are_the_worst_over_random_inputs():
     adv = accumulate(adversarial_inputs(q, 4, False), q, 40, paired=True).exact[0]
     rand = accumulate(_ints(7, (2000, 20), 0, 15), q, 40).exact
     assert bool((rand <= adv).all()) and bool((rand.max(0).values < adv + 1).all())
-
-
-def test_conv_rows_reproduce_the_integer_convolution():
-    conv = nn.Conv2d(4, 6, 3, padding=1, groups=2, bias=False)
-    x = _ints(8, (2, 4, 5, 5), 0, 15)
-    q = _ints(9, (6, 2, 3, 3), -7, 7)
-    conv.weight.data = q.float()
-    rows = conv_input_rows(x, conv)  # [groups, rows, K]
-    ref = torch.nn.functional.conv2d(x.double(), q.double(), padding=1, groups=2)  # [2, 6, 5, 5]
-    for g in range(2):
-        r = accumulate(rows[g], q[3 * g : 3 * g + 3].reshape(3, -1), 40)
-        want = ref[:, 3 * g : 3 * g + 3].permute(0, 2, 3, 1).reshape(-1, 3)
-        assert torch.equal(r.y, want.round().long())
 
 
 @pytest.mark.parametrize(

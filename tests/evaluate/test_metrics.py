@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from numcast.evaluate.text import perplexity, wiki_split
-from numcast.evaluate.vision import agreement_and_kl, top1_accuracy
+from numcast.evaluate.vision import accuracy, agreement_and_kl, top1_accuracy
 
 
 class Uniform(torch.nn.Module):
@@ -43,3 +45,18 @@ def test_wiki_split_is_disjoint_and_covers_the_excerpt():
     cal, ev = wiki_split()
     assert cal and ev and not set(cal) & set(ev)
     assert len(cal) > 3 * len(ev) > 0
+
+
+def test_accuracy_of_a_constant_predictor_is_the_class_frequency():
+    class Const(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bias = nn.Parameter(torch.tensor([0.0, 0.0, 1.0] + [0.0] * 7))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bias.expand(x.shape[0], 10)
+
+    y = torch.tensor([2, 2, 0, 5, 2, 9, 1])
+    model = Const().train()
+    assert accuracy(model, torch.zeros(7, 1, 28, 28), y, batch_size=3) == pytest.approx(3 / 7)
+    assert model.training  # mode restored

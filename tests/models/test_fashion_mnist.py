@@ -1,4 +1,4 @@
-"""Fashion-MNIST loading, the FmnistCNN blocks, deterministic training and the safetensors cache."""
+"""Fashion-MNIST loading: shapes, normalisation, fresh tensors, corrupt and missing files."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from torch import nn
 
 from numcast.models import fashion_mnist as fm
 from numcast.models.assets import MissingAssetError
@@ -18,16 +16,6 @@ pytestmark = pytest.mark.skipif(
     not (fm.fashion_mnist_dir() / "train-images-idx3-ubyte.gz").is_file(),
     reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)",
 )
-
-# A few optimizer steps on 1 thread (2 threads spin badly when the cores are shared): fast and still exercises
-# init, shuffling, BN statistics, momentum and the LR schedule.
-SHORT = {"epochs": 1, "batch_size": 32, "max_steps": 3, "threads": 1, "progress": False}
-
-
-def _state_equal(a: nn.Module, b: nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
 
 @pytest.fixture(scope="module")
 def train_split() -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,131 +105,3 @@ def test_missing_dir_raises_missing_asset_error_with_apt_command(tmp_path, monke
         fm.load_fashion_mnist("train")
     with pytest.raises(ValueError, match="split"):
         fm.load_fashion_mnist("validation")  # type: ignore[arg-type]
-
-
-def test_blocks_in_order_equal_the_model_exactly():
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
-        model = fm.FmnistCNN()
-        for m in model.modules():  # non-trivial BN statistics so the eval-mode path is exercised
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-        x = torch.randn(6, 1, 28, 28)
-    model.eval()
-    blocks = fm.fmnist_blocks(model)
-    assert len(blocks) == 6 and blocks[0] is model.stem and blocks[-1] is model.head
-    assert sum(isinstance(b, fm.BasicBlock) for b in blocks) == 4
-    with torch.no_grad():
-        h = x
-        shapes = []
-        for b in blocks:
-            h = b(h)
-            shapes.append(tuple(h.shape[1:]))
-        ref = model(x)
-    assert torch.equal(h, ref) and ref.shape == (6, 10)
-    assert shapes == [(32, 14, 14), (32, 14, 14), (32, 14, 14), (64, 7, 7), (128, 4, 4), (10,)]
-
-
-def test_training_is_deterministic_and_leaves_the_global_rng_alone():
-    torch.manual_seed(1234)
-    before = torch.get_rng_state()
-    threads = torch.get_num_threads()
-    a = fm.train_fmnist_cnn(seed=0, **SHORT)
-    b = fm.train_fmnist_cnn(seed=0, **SHORT)
-    c = fm.train_fmnist_cnn(seed=1, **SHORT)
-    assert torch.equal(torch.get_rng_state(), before)
-    assert torch.get_num_threads() == threads
-    assert not a.training
-    assert _state_equal(a, b)
-    assert not _state_equal(a, c)
-    # training moved the weights away from the seed's initialisation and updated the BN statistics
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        init = fm.FmnistCNN()
-    assert not torch.equal(a.stem[0].weight, init.stem[0].weight)
-    assert a.stem[1].num_batches_tracked.item() == SHORT["max_steps"]
-
-
-def test_training_works_under_no_grad_as_load_workload_calls_it():
-    with torch.no_grad():
-        a = fm.train_fmnist_cnn(seed=0, **SHORT)
-        assert not torch.is_grad_enabled()
-    assert _state_equal(a, fm.train_fmnist_cnn(seed=0, **SHORT))
-
-
-def test_accuracy_of_a_constant_predictor_is_the_class_frequency():
-    class Const(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.bias = nn.Parameter(torch.tensor([0.0, 0.0, 1.0] + [0.0] * 7))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.bias.expand(x.shape[0], 10)
-
-    y = torch.tensor([2, 2, 0, 5, 2, 9, 1])
-    model = Const().train()
-    assert fm.accuracy(model, torch.zeros(7, 1, 28, 28), y, batch_size=3) == pytest.approx(3 / 7)
-    assert model.training  # mode restored
-
-
-def test_cache_round_trip_is_bit_exact_and_atomic(tmp_path, monkeypatch):
-    real_train = fm.train_fmnist_cnn
-    calls = []
-
-    def short_train(**kw):
-        calls.append(kw)
-        return real_train(**{**kw, **SHORT})
-
-    monkeypatch.setattr(fm, "train_fmnist_cnn", short_train)
-    real_accuracy = fm.accuracy  # tested on its own below; 500 test images are enough for the metadata here
-    monkeypatch.setattr(fm, "accuracy", lambda model, x, y, **kw: real_accuracy(model, x[:500], y[:500], **kw))
-    trained = fm.load_fmnist_cnn(cache_dir=tmp_path)
-    path = tmp_path / "fmnist-cnn-v1.safetensors"
-    assert len(calls) == 1 and not trained.training
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-    assert meta["format"] == fm.FMNIST_CNN_FORMAT and meta["seed"] == "0" and meta["epochs"] == "3"
-    assert 0.0 <= float(meta["test_accuracy"]) <= 1.0
-
-    def no_train(**kw):
-        raise AssertionError("a cached model must not be retrained")
-
-    monkeypatch.setattr(fm, "train_fmnist_cnn", no_train)
-    loaded = fm.load_fmnist_cnn(cache_dir=tmp_path, train_if_missing=False)
-    assert not loaded.training and _state_equal(trained, loaded)
-
-    monkeypatch.setenv("NUMCAST_CACHE", str(tmp_path))
-    assert fm.fmnist_cnn_cache_path() == path
-    assert _state_equal(fm.load_fmnist_cnn(), trained)
-
-    # a corrupt cache is an error naming the file, never a silent retrain
-    for garbage in (b"\x00garbage", path.read_bytes()[: path.stat().st_size // 2]):
-        path.write_bytes(garbage)
-        with pytest.raises(ValueError, match="fmnist-cnn-v1.safetensors"):
-            fm.load_fmnist_cnn(cache_dir=tmp_path)
-    with pytest.raises(FileNotFoundError, match="fmnist-cnn-v1.safetensors"):
-        fm.load_fmnist_cnn(cache_dir=tmp_path / "empty", train_if_missing=False)
-
-
-def test_interrupted_save_leaves_no_cache(tmp_path, monkeypatch):
-    import safetensors.torch
-
-    def boom(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(safetensors.torch, "save_file", boom)
-    with pytest.raises(KeyboardInterrupt):
-        fm._save_atomic(fm.FmnistCNN(), tmp_path / fm.FMNIST_CNN_CACHE_NAME, {"format": fm.FMNIST_CNN_FORMAT})
-    assert list(tmp_path.iterdir()) == []
-
-
-@pytest.mark.skipif(not fm.fmnist_cnn_cache_path().is_file(), reason="the default FmnistCNN has not been trained")
-def test_cached_default_model_is_accurate():
-    model = fm.load_fmnist_cnn(train_if_missing=False)
-    acc = fm.accuracy(model, *fm.load_fashion_mnist("test"))
-    assert acc >= 0.90
-    with safe_open(str(fm.fmnist_cnn_cache_path()), framework="pt") as f:
-        recorded = float(f.metadata()["test_accuracy"])
-    assert abs(acc - recorded) <= 1e-3  # the metadata tells the truth about the weights beside it

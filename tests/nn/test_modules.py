@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from helpers import assert_bitwise
 from torch import nn
 
-from numcast.formats.ops import cast, core
+from numcast.formats.engine import grid_cast
+from numcast.formats.ops import cast
 from numcast.formats.registry import get_format
 from numcast.formats.spec import Scaling
 from numcast.nn import ActQuantizer, QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
@@ -117,7 +118,7 @@ def test_static_integer_fast_path_equals_the_general_cast(fmt):
     x = torch.cat([torch.randn(10_000, generator=g) * 2, torch.arange(-300, 301) * scale * 0.5,  # exact ties
                    torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 50.0, -50.0])])  # fmt: skip
     fast = a(x)
-    general = core(x, a.fmt, scales=a.scales_for(3.0)).output(x.shape, x.dtype)
+    general = grid_cast(x, a.fmt, scales=a.scales_for(3.0)).output(x.shape, x.dtype)
     assert torch.equal(fast.view(torch.int32), general.view(torch.int32))  # bit for bit, signed zeros and NaNs
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from numcast.accumulator.analyze import integer_codes
 from numcast.accumulator.bounds import min_accumulator_bits
+from numcast.accumulator.codes import integer_codes
 from numcast.accumulator.simulate import accumulate, adversarial_inputs
 from numcast.nn.act_quant import ActQuantizer
 from numcast.pipeline.export import load_quantized, save_quantized

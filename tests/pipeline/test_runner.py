@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from helpers import assert_bitwise
 from torch import nn
 
-from numcast.pipeline.methods import GramAccumulator, HessianAccumulator, layer_inputs_2d
+from numcast.nn.observe import layer_inputs_2d
+from numcast.pipeline.layer_stats import GramStatistics, HessianStatistics
 from numcast.pipeline.quantize_model import quantize_model
 from numcast.pipeline.recipe import Recipe
 from numcast.pipeline.runner import quantize_blockwise
@@ -101,7 +102,7 @@ def test_gram_accumulator_of_a_grouped_conv_pairs_the_two_streams():
     g = torch.Generator().manual_seed(4)
     xf = torch.randn(3, 4, 6, 6, generator=g)
     xq = xf + 0.1 * torch.randn(3, 4, 6, 6, generator=g)
-    acc = GramAccumulator()
+    acc = GramStatistics()
     acc.add(conv, xq[:1], xf[:1])
     acc.add(conv, xq[1:], xf[1:])
     gm, hm = acc.result()
@@ -122,7 +123,7 @@ def test_conv_hessian_equals_explicit_patches():
     """Unfolded conv inputs, grouped: the Hessian of each group from patches extracted by hand."""
     conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2)
     x = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(3))
-    acc = HessianAccumulator()
+    acc = HessianStatistics()
     acc.add(conv, x)
     xp = F.pad(x, (1, 1, 1, 1))
     for gi in range(2):

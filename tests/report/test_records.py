@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from numcast.report.records import PhasePeaks, model_sizes, plot_sqnr
+from numcast.report.plots import plot_sqnr
+from numcast.report.records import PhasePeaks, model_sizes
 
 
 def test_phase_peaks_are_per_phase():

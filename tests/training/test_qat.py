@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from numcast.accumulator.analyze import analyze_model, integer_codes
 from numcast.accumulator.bounds import min_accumulator_bits
+from numcast.accumulator.codes import integer_codes
+from numcast.evaluate.accumulator import analyze_model
 from numcast.nn.a2q import A2QConv2d, A2QLinear
 from numcast.training.qat import QATConfig, export_a2q, prepare_a2q, train_qat
 

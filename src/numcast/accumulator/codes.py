@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from numcast.formats.ops import core
+from numcast.formats.engine import grid_cast
 from numcast.formats.qtensor import QTensor
 from numcast.formats.registry import FormatLike, get_format
 from numcast.formats.scale import Scales
@@ -54,5 +54,5 @@ def qtensor_from_codes(q: torch.Tensor, scales: torch.Tensor, fmt: FormatLike) -
     """The QTensor of integer weights ``q`` ``[out, K]`` with the given decoded (FP32-representable) scales."""
     fmt = get_format(fmt)
     s = scales.reshape(-1).double()
-    r = core((q * per_row(s, q.shape[0])[:, None]).float(), fmt, rounding="nearest_even", scales=Scales(s))
-    return QTensor.from_core(r, fmt, tuple(q.shape), torch.float32)  # q·s / s rounds back to q exactly
+    r = grid_cast((q * per_row(s, q.shape[0])[:, None]).float(), fmt, rounding="nearest_even", scales=Scales(s))
+    return QTensor.from_grid_cast(r, fmt, tuple(q.shape), torch.float32)  # q·s / s rounds back to q exactly

@@ -28,9 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from numcast.accumulator.bounds import as_int64, check_bits, input_range
-from numcast.nn.observe import layer_inputs_2d
 
-MODES = ("wrap", "saturate")
+OVERFLOW_MODES = ("wrap", "saturate")
 Mode = Literal["wrap", "saturate"]
 
 
@@ -91,8 +90,8 @@ def accumulate(
     integer weights. ``tile``/``tile_bits``: two-stage accumulation (both or neither). Rows are processed in
     chunks of about ``chunk_elements`` terms to bound memory.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown accumulator mode {mode!r}; one of {MODES}")
+    if mode not in OVERFLOW_MODES:
+        raise ValueError(f"unknown accumulator mode {mode!r}; one of {OVERFLOW_MODES}")
     check_bits("accumulator_bits", accumulator_bits)
     if (tile is None) != (tile_bits is None):
         raise ValueError("tile and tile_bits go together (tile length and the per-tile register's bits)")
@@ -148,10 +147,3 @@ def adversarial_inputs(q_int: torch.Tensor, input_bits: int, input_signed: bool,
     x[q > 0] = up
     x[q < 0] = down
     return x
-
-
-def conv_input_rows(x_int: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
-    """Integer conv/linear inputs as the rows a layer's dot products read: ``[groups, rows, K]`` int64, columns
-    in the order of the weight view ``[out, in/groups·Πk]`` (zero padding is exact: it adds 0-terms)."""
-    rows = layer_inputs_2d(module, as_int64(x_int, "x_int").to(torch.float64))
-    return rows.round().to(torch.int64)

@@ -27,10 +27,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from numcast.formats.element import decode_table
-from numcast.formats.ops import core
+from numcast.formats.engine import grid_cast
 from numcast.formats.qtensor import QTensor
 from numcast.formats.registry import FormatLike, get_format
 
@@ -53,7 +56,7 @@ def element_grid(fmt) -> torch.Tensor:
 
 
 def _scales(w: torch.Tensor, fmt) -> tuple[torch.Tensor, object]:
-    r = core(w, fmt)
+    r = grid_cast(w, fmt)
     if r.scales.scale is None:
         return torch.ones_like(w, dtype=torch.float64), r
     eff = r.scales.effective().double()
@@ -95,7 +98,7 @@ class AttentionRounder:
             raise ValueError(f"{fmt.label}: formats with zero points are not supported by Attention Round")
         self.fmt, self.variant = fmt, variant
         w = weight.detach().float()
-        self.s, self._core = _scales(w, fmt)
+        self.s, self._grid = _scales(w, fmt)
         grid = element_grid(fmt)
         self.u = w.double() / self.s
         k = grid.numel() if k_nearest is None else min(int(k_nearest), grid.numel())
@@ -133,9 +136,9 @@ class AttentionRounder:
 
     def qtensor(self) -> QTensor:
         w_hat = self.hard()
-        sc = self._core.scales
-        fixed = core(w_hat, self.fmt, scales=sc) if sc.scale is not None else core(w_hat, self.fmt)
-        return QTensor.from_core(fixed, self.fmt, tuple(w_hat.shape), torch.float32)
+        sc = self._grid.scales
+        fixed = grid_cast(w_hat, self.fmt, scales=sc) if sc.scale is not None else grid_cast(w_hat, self.fmt)
+        return QTensor.from_grid_cast(fixed, self.fmt, tuple(w_hat.shape), torch.float32)
 
 
 def anneal(it: int, iterations: int, sigma_start: float, sigma_end: float) -> float:
@@ -194,6 +197,43 @@ def attention_round(
                       progress=progress)  # fmt: skip
     qt = r.qtensor()
     return ARResult(qt, qt.dequantize(), r.delta.detach(), losses, len(losses))
+
+
+def round_block(
+    block: nn.Module,
+    layers: list[tuple[str, nn.Module, FormatLike]],
+    inputs: Callable[[int], tuple[tuple, dict]],
+    targets: list[torch.Tensor],
+    *,
+    k_nearest: int | None = 8,
+    variant: str = "soft",
+    seed: int = 0,
+    **optimise_kwargs,
+) -> dict[str, QTensor]:
+    """Block reconstruction (the paper's objective): the offsets of every layer in ``layers`` (name inside
+    ``block``, the layer, its format) are learned together so that ``block``, run with the soft weights on
+    ``inputs(i)`` (the ``(args, kwargs)`` of calibration batch i: the quantized stream), reproduces
+    ``targets[i]`` (the float block's output on the float stream): mean squared error, one batch per step, in
+    turn. Image batches (a 4-D first argument) run channels-last (faster conv forward/backward on the CPU).
+    ``optimise_kwargs`` go to :func:`optimise`. Returns {layer name: QTensor}."""
+    rounders = []
+    for name, mod, fmt in layers:
+        w = mod.weight.detach().reshape(mod.weight.shape[0], -1)
+        key = f"{name}.weight" if name else "weight"
+        rounders.append((name, key, mod, AttentionRounder(w, fmt, k_nearest, variant, seed)))
+
+    def step_loss(it: int, sigma: float) -> torch.Tensor:
+        i = it % len(targets)
+        args, kwargs = inputs(i)
+        if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
+            args = (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+        params = {key: r.soft(sigma).reshape(mod.weight.shape).to(mod.weight.dtype) for _, key, mod, r in rounders}
+        out = functional_call(block, params, args, kwargs)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        return F.mse_loss(out.float(), targets[i].to(out.device).float())
+
+    optimise([r for *_, r in rounders], step_loss, **optimise_kwargs)
+    return {name: r.qtensor() for name, _, _, r in rounders}
 
 
 def layer_output_loss(weight: torch.Tensor, h: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

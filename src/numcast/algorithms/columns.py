@@ -18,13 +18,13 @@ from dataclasses import replace
 
 import torch
 
+from numcast.formats.engine import GridCast, grid_cast
 from numcast.formats.layout import Layout
-from numcast.formats.ops import CoreResult, core
 from numcast.formats.qtensor import QTensor
 from numcast.formats.scale import Scales, compute_scales
 from numcast.formats.spec import Format
 
-SCALE_RULES = ("dynamic", "static")
+COLUMN_SCALE_RULES = ("dynamic", "static")
 
 
 class ColumnQuantizer:
@@ -37,8 +37,8 @@ class ColumnQuantizer:
     def __init__(self, weight: torch.Tensor, fmt: Format, scale_rule: str = "dynamic") -> None:
         if weight.dim() != 2:
             raise ValueError(f"expected a [out, in] weight, got shape {tuple(weight.shape)}")
-        if scale_rule not in SCALE_RULES:
-            raise ValueError(f"unknown scale rule {scale_rule!r}; one of {SCALE_RULES}")
+        if scale_rule not in COLUMN_SCALE_RULES:
+            raise ValueError(f"unknown scale rule {scale_rule!r}; one of {COLUMN_SCALE_RULES}")
         sc = fmt.scaling
         if sc.granularity == "block" and sc.axis % 2 != 1:
             raise ValueError("column quantization needs blocks along the input axis (axis -1)")
@@ -58,10 +58,10 @@ class ColumnQuantizer:
         self._block_scales: list[Scales | None] = [None] * self.n_blocks
         w = weight.detach().float()
         if sc.granularity in ("tensor", "channel"):
-            self._fixed = core(w, fmt).scales
+            self._fixed = grid_cast(w, fmt).scales
         elif sc.granularity == "block":
             if sc.tensor_scale:
-                self.tensor_scale = core(w, fmt).scales.tensor_scale
+                self.tensor_scale = grid_cast(w, fmt).scales.tensor_scale
             if scale_rule == "static":
                 for b in range(self.n_blocks):
                     self._block_scales[b] = self._scales_of(w[:, b * self.block : (b + 1) * self.block])
@@ -93,7 +93,7 @@ class ColumnQuantizer:
     def quantize(self, column: torch.Tensor, j: int) -> torch.Tensor:
         """The quantized column j ([out] float32), recorded for :meth:`qtensor`."""
         col = column.detach().float().reshape(-1, 1)
-        r = core(col, self._col_fmt, scales=self.scales_for(j))
+        r = grid_cast(col, self._col_fmt, scales=self.scales_for(j))
         vals = r.layout.from_rows(r.values).reshape(-1)
         self.values[:, j] = vals.double()
         return r.output(col.shape, torch.float32).reshape(-1)
@@ -115,5 +115,5 @@ class ColumnQuantizer:
                 zp = torch.stack([s.zero_point for s in per_block], dim=1).reshape(-1)
             scales = Scales(scale, per_block[0].tensor_scale, zp)
         work = self.values.dtype
-        r = CoreResult(layout, layout.to_rows(self.values), layout.to_rows(self.values), scales, work)
-        return QTensor.from_core(r, fmt, self.shape, torch.float32)
+        r = GridCast(layout, layout.to_rows(self.values), layout.to_rows(self.values), scales, work)
+        return QTensor.from_grid_cast(r, fmt, self.shape, torch.float32)

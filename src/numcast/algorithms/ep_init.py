@@ -159,7 +159,7 @@ def round_within_budget(y: torch.Tensor, budget: float, weight_bits: int, split:
     return q
 
 
-ROUNDINGS = ("budget", "toward_zero")
+BUDGET_ROUNDINGS = ("budget", "toward_zero")
 
 
 def fit_budget(
@@ -172,8 +172,8 @@ def fit_budget(
     ``toward_zero``: the papers' rounding). Rows already within the budget keep integer codes unchanged."""
     if rule not in A2Q_RULES:
         raise ValueError(f"unknown accumulator-aware rule {rule!r}; one of {A2Q_RULES}")
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"unknown budget rounding {rounding!r}; one of {ROUNDINGS}")
+    if rounding not in BUDGET_ROUNDINGS:
+        raise ValueError(f"unknown budget rounding {rounding!r}; one of {BUDGET_ROUNDINGS}")
     if not bool(torch.isfinite(y).all()):
         raise ValueError("fit_budget: the weights contain NaN or Inf")
     split = rule == "a2q+"

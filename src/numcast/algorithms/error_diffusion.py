@@ -113,7 +113,7 @@ def _batches(perm: torch.Tensor, block: int | None) -> list[tuple[int, int]]:
     return list(zip([0] + ends[:-1], ends, strict=True))
 
 
-def _setup(fmt: FormatLike | None, scale_rule: str, order: str) -> tuple[list[str], int | None]:
+def _orders_and_whole_block(fmt: FormatLike | None, scale_rule: str, order: str) -> tuple[list[str], int | None]:
     """(orders to try, whole-block size for the dynamic rule)."""
     if order not in ORDERS:
         raise ValueError(f"unknown column order {order!r}; one of {ORDERS}")
@@ -148,7 +148,7 @@ def error_diffusion(
     out = weight.shape[0]
     if g.shape != h.shape or g.shape[1:] != (n_in, n_in) or weight.shape[1] != n_in or out % ng:
         raise ValueError(f"Gram shapes {tuple(g.shape)}/{tuple(h.shape)} do not match weight {tuple(weight.shape)}")
-    orders, whole = _setup(fmt, scale_rule, order)
+    orders, whole = _orders_and_whole_block(fmt, scale_rule, order)
     w = weight.detach().double().reshape(ng, out // ng, n_in)  # [groups, rows per group, in]
     g, h = g.detach().double(), h.detach().double()
     best, best_loss = None, None
@@ -218,7 +218,7 @@ def error_diffusion_direct(
     _check(weight, a, a_hat)
     if a.shape != a_hat.shape or a.dim() != 2 or a.shape[1] != weight.shape[1]:
         raise ValueError(f"inputs {tuple(a.shape)}/{tuple(a_hat.shape)} do not match weight {tuple(weight.shape)}")
-    orders, whole = _setup(fmt, scale_rule, order)
+    orders, whole = _orders_and_whole_block(fmt, scale_rule, order)
     w = weight.detach().double()
     a, a_hat = a.detach().double(), a_hat.detach().double()
     out, n_in = w.shape

@@ -17,7 +17,7 @@ column is reached, from the block's current (already updated) columns — as the
 groups — and the lazy batch is a multiple of the format block so the whole block is up to date then.
 With ``act_order`` the columns of a block are no longer visited together, so block scales are computed
 from the float weights before the pass (the reference's "static groups"). Per-channel and per-tensor
-scales always come from the float weights. Everything else is the format's own cast (numcast ``core``),
+scales always come from the float weights. Everything else is the format's own cast (numcast ``grid_cast``),
 so the result is an exact member of the format.
 """
 

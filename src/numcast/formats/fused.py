@@ -1,4 +1,4 @@
-"""The compiled cast: the very same core as the eager path, fused by ``torch.compile``.
+"""The compiled cast: the very same engine as the eager path, fused by ``torch.compile``.
 
 Inductor turns the chain of element-wise ops (and the per-block amax) into one loop nest per format
 (C++/OpenMP on CPU, Triton on GPU), so a cast reads its input about once instead of ~20 times. The
@@ -13,15 +13,14 @@ import functools
 
 import torch
 
+from numcast.formats.engine import cast_unchunked
 from numcast.formats.spec import Format
 
 
 @functools.lru_cache(maxsize=128)
 def compiled_cast_fn(fmt: Format, rounding: str):
     """A compiled ``x -> cast(x, fmt, rounding=rounding)`` for one format and rounding mode."""
-    from numcast.formats.ops import _cast_whole
-
     def fn(x: torch.Tensor) -> torch.Tensor:
-        return _cast_whole(x, fmt, rounding)  # unchunked: the fused kernel streams the whole tensor
+        return cast_unchunked(x, fmt, rounding)  # unchunked: the fused kernel streams the whole tensor
 
     return torch.compile(fn, dynamic=False)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from numcast.formats.element import code_dtype, decode, encode, work_dtype
+from numcast.formats.engine import GridCast, dequantize_rows
 from numcast.formats.layout import Layout
 from numcast.formats.packing import pack_bits, packed_nbytes, unpack_bits
 from numcast.formats.scale import Scales
@@ -46,7 +47,8 @@ class QTensor:
 
     # ---- construction ------------------------------------------------------------------------
     @staticmethod
-    def from_core(r, fmt: Format, shape: tuple[int, ...], dtype: torch.dtype) -> QTensor:
+    def from_grid_cast(r: GridCast, fmt: Format, shape: tuple[int, ...], dtype: torch.dtype) -> QTensor:
+        """Encode an engine result (:func:`numcast.formats.engine.grid_cast`) of a ``shape`` tensor."""
         sc = r.scales
         values = r.values
         if sc.scale is not None:  # a NaN scale already says "this block is NaN": store its elements as 0
@@ -73,8 +75,6 @@ class QTensor:
 
     def dequantize(self) -> torch.Tensor:
         """The real values; equals ``numcast.cast`` of the original tensor bit for bit."""
-        from numcast.formats.ops import dequantize_rows
-
         fmt, layout = self.format, self.layout
         work = work_dtype(fmt.element, fmt.scaling, self.dtype)
         vals = layout.to_rows(decode(self.codes, fmt.element, work))

@@ -111,7 +111,7 @@ class A2QWeightQuantizer(nn.Module):
 
 
 class _A2QLayer(nn.Module):
-    def _setup(self, layer: nn.Module, weight_bits: int, input_format, accumulator_bits: int, rule: A2QRule,
+    def _init_a2q(self, layer: nn.Module, weight_bits: int, input_format, accumulator_bits: int, rule: A2QRule,
                axis: int) -> None:  # fmt: skip
         self.input_quant, n, signed = integer_input(input_format)
         self.weight_quant = A2QWeightQuantizer(layer.weight, weight_bits, accumulator_bits, n, signed, rule)
@@ -132,7 +132,7 @@ class A2QLinear(_A2QLayer):
                  rule: A2QRule = "a2q+") -> None:  # fmt: skip
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._setup(linear, weight_bits, input_format, accumulator_bits, rule, -1)
+        self._init_a2q(linear, weight_bits, input_format, accumulator_bits, rule, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.input_quant(x), self.weight_quant(), self.bias)
@@ -154,7 +154,7 @@ class A2QConv2d(_A2QLayer):
         if conv.padding_mode != "zeros":
             raise ValueError(f"Conv2d with padding_mode={conv.padding_mode!r} is not supported")
         self.geometry = {k: getattr(conv, k) for k in _CONV_GEOMETRY}
-        self._setup(conv, weight_bits, input_format, accumulator_bits, rule, 1)
+        self._init_a2q(conv, weight_bits, input_format, accumulator_bits, rule, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.geometry

@@ -20,11 +20,12 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from numcast.formats.ops import cast, core
+from numcast.formats.engine import grid_cast
+from numcast.formats.ops import cast
 from numcast.formats.registry import FormatLike, get_format
 from numcast.formats.scale import Scales
 
-MODES = ("dynamic", "static")
+ACTIVATION_MODES = ("dynamic", "static")
 OBSERVERS = ("minmax", "percentile", "mse")
 
 
@@ -34,8 +35,8 @@ class ActQuantizer(nn.Module):
     def __init__(self, fmt: FormatLike, mode: str = "dynamic", observer: str = "minmax", axis: int = -1) -> None:
         super().__init__()
         fmt = get_format(fmt)
-        if mode not in MODES:
-            raise ValueError(f"unknown activation mode {mode!r}; one of {MODES}")
+        if mode not in ACTIVATION_MODES:
+            raise ValueError(f"unknown activation mode {mode!r}; one of {ACTIVATION_MODES}")
         if observer not in OBSERVERS:
             raise ValueError(f"unknown observer {observer!r}; one of {OBSERVERS}")
         if mode == "static" and fmt.scaling.granularity != "tensor":
@@ -91,7 +92,7 @@ class ActQuantizer(nn.Module):
         """The scales the format gives a tensor whose amax is ``amax`` (cached per amax)."""
         cached = getattr(self, "_scale_cache", None)
         if cached is None or cached[0] != amax:
-            sc = core(torch.tensor([[amax]], dtype=torch.float32), self.fmt).scales
+            sc = grid_cast(torch.tensor([[amax]], dtype=torch.float32), self.fmt).scales
             cached = (amax, Scales(sc.scale, sc.tensor_scale, sc.zero_point))
             self._scale_cache = cached
         return cached[1]
@@ -105,7 +106,7 @@ class ActQuantizer(nn.Module):
             s = scales.scale.to(torch.float32)
             y = torch.round(x / s).clamp_(el.qmin, el.qmax).mul_(s).add_(0.0)  # +0.0: zeros unsigned, as codes are
             return torch.where(torch.isfinite(x), y, torch.full_like(y, math.nan))
-        return core(x, self.fmt, scales=scales).output(x.shape, x.dtype)
+        return grid_cast(x, self.fmt, scales=scales).output(x.shape, x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bypass:

@@ -18,8 +18,9 @@ from numcast.formats.registry import FormatLike, get_format
 from numcast.nn.act_quant import ActQuantizer
 
 
-class _QuantWeightMixin(nn.Module):
-    """Holds ``qweight`` (QTensor of the 2-D view) and a cached float ``weight`` of the module's shape."""
+class QuantWeightModule(nn.Module):
+    """The base of numcast's quantized layers: holds ``qweight`` (QTensor of the 2-D view) and a cached float
+    ``weight`` of the module's shape, and the optional input and output quantizers."""
 
     weight_shape: tuple[int, ...]
 
@@ -49,7 +50,7 @@ class _QuantWeightMixin(nn.Module):
         self.qweight = qweight
         self.weight = qweight.dequantize().reshape(self.weight_shape).to(self.weight.device)
 
-    def _io(self, x: torch.Tensor, fn) -> torch.Tensor:
+    def _quantized_io(self, x: torch.Tensor, fn) -> torch.Tensor:
         if self.input_quant is not None:
             x = self.input_quant(x)
         y = fn(x)
@@ -62,7 +63,7 @@ def _act(fmt, axis: int) -> ActQuantizer | None:
     return ActQuantizer(fmt, axis=axis)
 
 
-class QuantLinear(_QuantWeightMixin):
+class QuantLinear(QuantWeightModule):
     """``nn.Linear`` with a quantized weight (and optionally quantized input/output)."""
 
     def __init__(self, linear: nn.Linear, weight_format: FormatLike, *, qweight=None, input_format=None,
@@ -73,7 +74,7 @@ class QuantLinear(_QuantWeightMixin):
         self._init_quant(linear.weight.detach(), weight_format, qweight, input_format, output_format, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._io(
+        return self._quantized_io(
             x, lambda t: F.linear(t, self.weight.to(t.dtype), None if self.bias is None else self.bias.to(t.dtype))
         )
 
@@ -81,7 +82,7 @@ class QuantLinear(_QuantWeightMixin):
         return f"in={self.in_features}, out={self.out_features}, weight={self.weight_format.label}"
 
 
-class _QuantConvNd(_QuantWeightMixin):
+class _QuantConvNd(QuantWeightModule):
     _conv = None
 
     def __init__(self, conv, weight_format: FormatLike, *, qweight=None, input_format=None, output_format=None):
@@ -105,7 +106,7 @@ class _QuantConvNd(_QuantWeightMixin):
                 t, self.weight.to(t.dtype), b, self.stride, self.padding, self.dilation, self.groups
             )
 
-        return self._io(x, run)
+        return self._quantized_io(x, run)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, k={self.kernel_size}, s={self.stride}, "
@@ -124,7 +125,7 @@ class QuantConv2d(_QuantConvNd):
     _conv = staticmethod(F.conv2d)
 
 
-class QuantEmbedding(_QuantWeightMixin):
+class QuantEmbedding(QuantWeightModule):
     """``nn.Embedding`` with a quantized table [num, dim] (blocks along ``dim``); opt-in in recipes."""
 
     def __init__(self, emb: nn.Embedding, weight_format: FormatLike, *, qweight=None) -> None:

@@ -20,9 +20,9 @@ from torch import nn
 
 from numcast.formats.qtensor import QTensor
 from numcast.formats.spec import Format
-from numcast.nn.modules import _QuantWeightMixin
+from numcast.nn.modules import QuantWeightModule
 from numcast.nn.surgery import set_module
-from numcast.pipeline.quantize_model import make_quant_module, plan_layers
+from numcast.pipeline.plan import make_quant_module, plan_layers
 from numcast.pipeline.recipe import Recipe
 
 MODEL_FILE = "model.safetensors"
@@ -34,7 +34,7 @@ def save_quantized(model: nn.Module, out_dir: Path, model_name: str, recipe: Rec
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
     for name, m in model.named_modules():
-        if isinstance(m, _QuantWeightMixin):
+        if isinstance(m, QuantWeightModule):
             qt = m.qweight
             tensors[f"{name}.qweight"] = torch.frombuffer(bytearray(qt.pack()), dtype=torch.uint8)
             layers[name] = {"format": qt.format.to_json(), "shape": list(qt.shape), "class": type(m).__name__}
@@ -82,7 +82,7 @@ def load_quantized(model: nn.Module, path: Path) -> nn.Module:
         recipe = Recipe.model_validate_json(meta["numcast_recipe"])
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for damaged files
         raise ValueError(f"{path}: unreadable or not a numcast packed model ({exc})") from exc
-    plans = {p.name: p for p in plan_layers(model, recipe)[0]}
+    plans = {p.name: p for p in plan_layers(model, recipe) if p.quantized}
     for name, info in layers.items():
         if name not in plans:
             raise ValueError(f"{path}: layer {name!r} is not a quantizable layer of this model")

@@ -1,232 +1,226 @@
-"""Weight solvers (RTN, GPTQ, Error Diffusion, EP-init, Attention Round) as the block-wise runner sees them:
-statistics, then the solve.
+"""The weight solvers as the pipeline sees them, and the one table of them (:data:`METHODS`).
 
-Each method turns a layer's calibration inputs into the statistics its algorithm needs (accumulated batch by
-batch, so memory does not grow with the number of tokens) and calls the tensor-level algorithm in
-``numcast.algorithms``. Convolutions are seen as matrix products: inputs unfolded to [tokens, C_in/g·Πk]
-per group, weights viewed as [out, C_in/g·Πk].
+A method is a class registered under its name (:func:`register_method`); the recipe's validation, the CLI's
+``--method`` choices and the runner (through :meth:`numcast.pipeline.recipe.Recipe.make_method`) all read
+:data:`METHODS`. A method is configured by its own section of the recipe (``settings_field``) and the
+accumulator settings, so this module does not import the recipe. What a method needs from the runner is declared
+on the class (:class:`Method`'s capabilities), never guessed from outside. Each method's work is inside its
+class: the statistics it gathers (:mod:`numcast.pipeline.layer_stats`) and the call to its tensor-level
+algorithm in :mod:`numcast.algorithms`. Under an accumulator-aware recipe :meth:`Method.quantize_layer` fits
+every solution into the layer's budget (:mod:`numcast.pipeline.accumulator`).
 """
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Callable
+from typing import ClassVar
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from numcast.algorithms.attention_round import AttentionRounder, attention_round, layer_output_loss, optimise
+from numcast.algorithms.attention_round import attention_round, layer_output_loss, round_block
 from numcast.algorithms.error_diffusion import error_diffusion
 from numcast.algorithms.gptq import gptq
 from numcast.algorithms.rtn import rtn
 from numcast.formats.qtensor import QTensor
-from numcast.formats.spec import Format
-from numcast.nn.observe import layer_inputs_2d
-from numcast.pipeline.recipe import Recipe
+from numcast.formats.registry import get_format
+from numcast.pipeline.accumulator import ep_init_qweight, within_budget
+from numcast.pipeline.layer_plan import LayerPlan
+from numcast.pipeline.layer_stats import GramStatistics, HessianStatistics
+from numcast.pipeline.settings import AccumulatorSettings
+
+METHODS: dict[str, type[Method]] = {}
 
 
-def _row_steps(module: nn.Module, x: torch.Tensor, chunk: int) -> tuple[range, int]:
-    """(sample offsets, step) keeping one step's unfolded inputs near ``chunk`` elements (a 3×3 conv on 112²
-    maps unfolds 9× its input); a Linear takes the whole batch."""
-    per_sample = max(1, x[0].numel() * (9 if x.dim() > 2 else 1))
-    step = x.shape[0] if isinstance(module, nn.Linear) else max(1, chunk // per_sample)
-    return range(0, x.shape[0], step), step
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``cls`` available under ``cls.name`` (recipes, CLI, runner)."""
+    if not cls.name or cls.name in METHODS:
+        raise ValueError(f"a method needs a new, non-empty name; got {cls.name!r}")
+    METHODS[cls.name] = cls
+    return cls
 
 
-class HessianAccumulator:
-    """H = 2/n Σ xᵀx over calibration tokens, per group (float64)."""
-
-    CHUNK = 1 << 24  # unfolded elements per step
-
-    def __init__(self) -> None:
-        self.h: torch.Tensor | None = None
-        self.n = 0
-
-    def add(self, module: nn.Module, x_quant: torch.Tensor, x_float: torch.Tensor | None = None) -> None:
-        x = x_quant.detach()
-        starts, step = _row_steps(module, x, self.CHUNK)
-        for i in starts:
-            rows = layer_inputs_2d(module, x[i : i + step]).double()
-            hb = rows.transpose(1, 2) @ rows
-            self.h = hb if self.h is None else self.h + hb
-            self.n += rows.shape[1]
-
-    def result(self) -> torch.Tensor:
-        if self.h is None or self.n == 0:
-            raise ValueError("no calibration inputs reached this layer")
-        return 2.0 * self.h / self.n
-
-
-class GramAccumulator:
-    """Error Diffusion's statistics per group (float64): G = ÂᵀA and H = ÂᵀÂ over calibration tokens, Â the
-    layer's inputs in the quantized network and A in the float network (the same tokens, in lock step)."""
-
-    CHUNK = 1 << 23  # unfolded elements per step and stream
-
-    def __init__(self) -> None:
-        self.g: torch.Tensor | None = None
-        self.h: torch.Tensor | None = None
-        self.n = 0
-
-    def add(self, module: nn.Module, x_quant: torch.Tensor, x_float: torch.Tensor | None) -> None:
-        if x_float is None:
-            raise RuntimeError("Error Diffusion needs the float stream's inputs of every layer it solves")
-        xq, xf = x_quant.detach(), x_float.detach()
-        if xq.shape != xf.shape:
-            raise RuntimeError(f"float and quantized inputs differ in shape: {tuple(xf.shape)} vs {tuple(xq.shape)}")
-        starts, step = _row_steps(module, xq, self.CHUNK)
-        for i in starts:
-            rq = layer_inputs_2d(module, xq[i : i + step]).double()
-            rf = layer_inputs_2d(module, xf[i : i + step]).double()
-            gb, hb = rq.transpose(1, 2) @ rf, rq.transpose(1, 2) @ rq
-            self.g = gb if self.g is None else self.g + gb
-            self.h = hb if self.h is None else self.h + hb
-            self.n += rq.shape[1]
-
-    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.g is None or self.n == 0:
-            raise ValueError("no calibration inputs reached this layer")
-        return self.g / self.n, self.h / self.n
+def check_method(name: str) -> str:
+    """``name`` if it is a registered method; ``ValueError`` naming the closest ones otherwise."""
+    if name not in METHODS:
+        close = difflib.get_close_matches(name, list(METHODS), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown method {name!r}{hint} (one of {', '.join(METHODS)})")
+    return name
 
 
 class Method:
-    name = "base"
-    needs_inputs = False
-    needs_float_inputs = False
-    progress = False  # show per-layer or per-block progress bars (set by the runner)
+    """A weight solver. Capabilities (read by the recipe, the CLI and the runner; a subclass overrides them as
+    class attributes, or in ``__init__`` when they depend on the recipe):
 
-    def accumulator(self, module: nn.Module):
+    - ``needs_calibration``: it only runs in the block-wise runner, on calibration data (False: it solves a
+      layer from its weights alone, also in :func:`numcast.pipeline.quantize_model.quantize_model`).
+    - ``needs_accumulator_bits``: the recipe must set an accumulator width.
+    - ``needs_inputs``: the runner feeds every layer's quantized-stream inputs to :meth:`statistics`.
+    - ``needs_float_inputs``: ... and the float stream's inputs of the same tokens, in lock step (the runner then
+      keeps the float stream).
+    - ``solves_blocks``: :meth:`solve_block` solves all layers of a block together.
+    - ``refits_float_layers``: layers kept in float inside the blocks get :meth:`refit_float`.
+    """
+
+    name: ClassVar[str] = ""
+    settings_field: ClassVar[str | None] = None  # the recipe section that configures it (``gptq``, ...)
+    needs_calibration: ClassVar[bool] = True
+    needs_accumulator_bits: ClassVar[bool] = False
+    needs_inputs: bool = False
+    needs_float_inputs: bool = False
+    solves_blocks: bool = False
+    refits_float_layers: bool = False
+
+    def __init__(self, settings=None, accumulator: AccumulatorSettings | None = None, progress: bool = False) -> None:
+        self.settings = settings  # the recipe section ``settings_field`` (None for methods without one)
+        self.accumulator = accumulator or AccumulatorSettings()
+        self.progress = progress  # per-layer or per-block progress bars
+
+    @classmethod
+    def from_recipe(cls, recipe, progress: bool = False) -> Method:
+        """The method configured by a :class:`~numcast.pipeline.recipe.Recipe`."""
+        return cls(getattr(recipe, cls.settings_field) if cls.settings_field else None, recipe.accumulator, progress)
+
+    def statistics(self, module: nn.Module):
+        """A fresh statistics object for ``module`` (``add(module, x_quant, x_float)`` per batch), or None."""
         return None
 
-    def solve(self, module: nn.Module, fmt: Format, acc) -> QTensor:
+    def solve(self, plan: LayerPlan, stats) -> QTensor:
+        """The layer's QTensor (the 2-D weight view ``[out, in/groups·Πk]``) from its statistics."""
         raise NotImplementedError
 
-    def refits_float_layers(self, recipe: Recipe) -> bool:
-        """Whether layers kept in float inside the blocks are re-fitted (then :meth:`refit_float` is called)."""
-        return False
-
-    def refit_float(self, module: nn.Module, acc) -> None:
+    def solve_block(self, block: nn.Module, plans: list[LayerPlan], names: dict[str, str],
+                    inputs: Callable[[int], tuple[tuple, dict]], targets: list[torch.Tensor]) -> dict[str, QTensor]:
+        """``solves_blocks`` methods: {plan name: QTensor} for the ``plans`` of ``block`` at once; ``names[plan
+        name]`` is the layer's name inside the block, ``inputs(i)`` the block's arguments on calibration batch i (the
+        quantized stream), ``targets[i]`` the float block's output on the float stream."""
         raise NotImplementedError
 
+    def refit_float(self, module: nn.Module, stats) -> None:
+        """``refits_float_layers`` methods: re-fit the float weights of ``module`` in place."""
+        raise NotImplementedError
 
+    def quantize_layer(self, plan: LayerPlan, stats=None, solved: QTensor | None = None) -> QTensor:
+        """The QTensor the layer ends with: ``solved`` (from :meth:`solve_block`) or :meth:`solve`, fitted into
+        the accumulator budget when the recipe sets one."""
+        qt = solved if solved is not None else self.solve(plan, stats)
+        if self.accumulator.bits is not None:
+            qt = within_budget(plan, qt, self.accumulator)
+        return qt
+
+
+def _weight_2d(module: nn.Module) -> torch.Tensor:
+    return module.weight.detach().reshape(module.weight.shape[0], -1)
+
+
+@register_method
 class RTN(Method):
+    """Round to nearest with the format's own scaling (:func:`numcast.algorithms.rtn.rtn`)."""
+
     name = "rtn"
+    needs_calibration = False
 
-    def solve(self, module: nn.Module, fmt: Format, acc) -> QTensor:
-        return rtn(module.weight, fmt)
+    def solve(self, plan: LayerPlan, stats=None) -> QTensor:
+        return rtn(plan.module.weight, plan.weight_format)
 
 
+@register_method
 class GPTQ(Method):
+    """GPTQ (:func:`numcast.algorithms.gptq.gptq`) on the Hessian of the quantized stream's inputs."""
+
     name = "gptq"
+    settings_field = "gptq"
     needs_inputs = True
 
-    def __init__(self, damp: float = 0.01, block_size: int = 128, act_order: bool = False) -> None:
-        self.damp, self.block_size, self.act_order = damp, block_size, act_order
+    def statistics(self, module: nn.Module) -> HessianStatistics:
+        return HessianStatistics()
 
-    def accumulator(self, module: nn.Module) -> HessianAccumulator:
-        return HessianAccumulator()
-
-    def solve(self, module: nn.Module, fmt: Format, acc: HessianAccumulator) -> QTensor:
-        w = module.weight.detach().reshape(module.weight.shape[0], -1)
-        res = gptq(w, acc.result(), fmt, damp=self.damp, block_size=self.block_size, act_order=self.act_order)
-        return res.qtensor
+    def solve(self, plan: LayerPlan, stats: HessianStatistics) -> QTensor:
+        st = self.settings
+        return gptq(_weight_2d(plan.module), stats.result(), get_format(plan.weight_format), damp=st.damp,
+                    block_size=st.block_size, act_order=st.act_order).qtensor  # fmt: skip
 
 
+@register_method
 class ErrorDiffusion(Method):
+    """Error Diffusion (:func:`numcast.algorithms.error_diffusion.error_diffusion`) over the float and the
+    quantized stream; optionally re-fits the float layers inside the blocks (Q = identity)."""
+
     name = "error-diffusion"
+    settings_field = "error_diffusion"
     needs_inputs = True
     needs_float_inputs = True
 
-    def __init__(self, scale_rule: str = "static", order: str = "strong-first") -> None:
-        self.scale_rule, self.order = scale_rule, order
+    def __init__(self, settings, accumulator=None, progress: bool = False) -> None:
+        super().__init__(settings, accumulator, progress)
+        self.refits_float_layers = settings.calibrate_float_layers
 
-    def accumulator(self, module: nn.Module) -> GramAccumulator:
-        return GramAccumulator()
+    def statistics(self, module: nn.Module) -> GramStatistics:
+        return GramStatistics()
 
-    def solve(self, module: nn.Module, fmt: Format, acc: GramAccumulator) -> QTensor:
-        w = module.weight.detach().reshape(module.weight.shape[0], -1)
-        g, h = acc.result()
-        return error_diffusion(w, g, h, fmt, scale_rule=self.scale_rule, order=self.order).qtensor
+    def solve(self, plan: LayerPlan, stats: GramStatistics) -> QTensor:
+        st = self.settings
+        g, h = stats.result()
+        return error_diffusion(_weight_2d(plan.module), g, h, get_format(plan.weight_format),
+                               scale_rule=st.scale_rule, order=st.order).qtensor  # fmt: skip
 
-    def refits_float_layers(self, recipe: Recipe) -> bool:
-        return recipe.error_diffusion.calibrate_float_layers
-
-    def refit_float(self, module: nn.Module, acc: GramAccumulator) -> None:
+    def refit_float(self, module: nn.Module, stats: GramStatistics) -> None:
         """Layer calibration: the same diffusion with Q = identity; the float weight is replaced in place."""
-        w = module.weight.detach().reshape(module.weight.shape[0], -1)
-        g, h = acc.result()
-        new = error_diffusion(w, g, h, None, order=self.order).weight
+        g, h = stats.result()
+        new = error_diffusion(_weight_2d(module), g, h, None, order=self.settings.order).weight
         with torch.no_grad():
             module.weight.copy_(new.reshape(module.weight.shape).to(module.weight.dtype))
 
 
+@register_method
 class AttentionRound(Method):
     """Attention Round (:mod:`numcast.algorithms.attention_round`). ``objective="block"`` (default, the paper's
-    reconstruction): the offsets of all layers of a block are learned together so that the block, run on the
-    quantized stream's inputs with the soft weights, reproduces the float block's outputs on the float
-    stream (MSE), one calibration batch per step. ``objective="layer"``: each layer alone, on its output error
-    through its input Gram matrix (cheaper; no second stream)."""
+    reconstruction, :func:`~numcast.algorithms.attention_round.round_block`): the offsets of all layers of a
+    block are learned together so that the block, run on the quantized stream's inputs with the soft weights,
+    reproduces the float block's outputs on the float stream. ``objective="layer"``: each layer alone, on its
+    output error through its input Gram matrix (cheaper; no second stream)."""
 
     name = "attention-round"
+    settings_field = "attention_round"
 
-    def __init__(self, settings) -> None:
-        self.settings = settings
-        self.block_level = settings.objective == "block"
-        self.needs_inputs = not self.block_level
-        self.needs_float_inputs = self.block_level
+    def __init__(self, settings, accumulator=None, progress: bool = False) -> None:
+        super().__init__(settings, accumulator, progress)
+        self.solves_blocks = self.settings.objective == "block"
+        self.needs_inputs = not self.solves_blocks
+        self.needs_float_inputs = self.solves_blocks
 
-    def _kwargs(self) -> dict:
+    def _optimise_kwargs(self) -> dict:
         st = self.settings
         return dict(iterations=st.iterations, lr=st.lr, sigma_start=st.sigma_start, sigma_end=st.sigma_end,
                     time_budget_s=st.time_budget_s, progress=self.progress)  # fmt: skip
 
-    def accumulator(self, module: nn.Module) -> HessianAccumulator:
-        return HessianAccumulator()
+    def statistics(self, module: nn.Module) -> HessianStatistics:
+        return HessianStatistics()
 
-    def solve(self, module: nn.Module, fmt: Format, acc: HessianAccumulator) -> QTensor:
+    def solve(self, plan: LayerPlan, stats: HessianStatistics) -> QTensor:
         st = self.settings
-        w = module.weight.detach().reshape(module.weight.shape[0], -1)
-        return attention_round(w, fmt, layer_output_loss(w, acc.result()), k_nearest=st.k_nearest,
-                               variant=st.variant, seed=st.seed, **self._kwargs()).qtensor  # fmt: skip
+        w = _weight_2d(plan.module)
+        return attention_round(w, plan.weight_format, layer_output_loss(w, stats.result()), k_nearest=st.k_nearest,
+                               variant=st.variant, seed=st.seed, **self._optimise_kwargs()).qtensor  # fmt: skip
 
-    def solve_block(self, named: list[tuple[str, nn.Module, Format]], run, targets: list) -> dict[int, QTensor]:
-        """``named``: (name in the block, layer, format); ``run(i, params)`` the block's output on calibration
-        batch i with ``params`` (name → weight) substituted; ``targets[i]`` the float block's output."""
+    def solve_block(self, block, plans, names, inputs, targets) -> dict[str, QTensor]:
         st = self.settings
-        rounders = []
-        for name, mod, fmt in named:
-            w = mod.weight.detach().reshape(mod.weight.shape[0], -1)
-            key = f"{name}.weight" if name else "weight"
-            rounders.append((key, mod, AttentionRounder(w, fmt, st.k_nearest, st.variant, st.seed)))
-
-        def step_loss(it: int, sigma: float) -> torch.Tensor:
-            i = it % len(targets)
-            params = {key: r.soft(sigma).reshape(mod.weight.shape).to(mod.weight.dtype) for key, mod, r in rounders}
-            out = run(i, params)
-            return F.mse_loss(out.float(), targets[i].to(out.device).float())
-
-        optimise([r for _, _, r in rounders], step_loss, **self._kwargs())
-        return {id(mod): r.qtensor() for _, mod, r in rounders}
+        layers = [(names[p.name], p.module, get_format(p.weight_format)) for p in plans]
+        got = round_block(block, layers, inputs, targets, k_nearest=st.k_nearest, variant=st.variant, seed=st.seed,
+                          **self._optimise_kwargs())  # fmt: skip
+        return {p.name: got[names[p.name]] for p in plans}
 
 
+@register_method
 class EPInit(Method):
-    """A2Q+'s EP-init as a PTQ method: no calibration statistics, the layer's float weights and its accumulator
-    budget are enough, so :meth:`solve` returns None and :func:`numcast.pipeline.accumulator.layer_qweight`
-    does the work (it needs the layer's input format, which the runner knows)."""
+    """A2Q+'s EP-init as a PTQ method (:func:`numcast.pipeline.accumulator.ep_init_qweight`): the layer's float
+    weights and its accumulator budget are enough, no calibration statistics."""
 
     name = "ep-init"
+    needs_calibration = False
+    needs_accumulator_bits = True
 
-    def solve(self, module: nn.Module, fmt: Format, acc) -> None:
-        return None
-
-
-def method_for(recipe: Recipe) -> Method:
-    if recipe.method == "rtn":
-        return RTN()
-    if recipe.method == "gptq":
-        return GPTQ(recipe.gptq.damp, recipe.gptq.block_size, recipe.gptq.act_order)
-    if recipe.method == "error-diffusion":
-        return ErrorDiffusion(recipe.error_diffusion.scale_rule, recipe.error_diffusion.order)
-    if recipe.method == "ep-init":
-        return EPInit()
-    if recipe.method == "attention-round":
-        return AttentionRound(recipe.attention_round)
-    raise ValueError(f"unknown method {recipe.method!r}")
+    def solve(self, plan: LayerPlan, stats=None) -> QTensor:
+        return ep_init_qweight(plan, self.accumulator)

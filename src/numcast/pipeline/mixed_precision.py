@@ -20,8 +20,8 @@ before any layer is quantized (:mod:`numcast.algorithms.mixed_precision`).
 - :func:`numcast.algorithms.mixed_precision.allocate` then minimises Σ distortion exactly under the budget.
 
 Costs are the exact packed sizes (codes, scales, tensor scale) of each layer in each candidate. The decision
-is written into the recipe as per-layer ``weights`` overrides (so ``recipe.yaml`` replays it) and into the
-plans and report entries.
+goes into the plans (:mod:`numcast.pipeline.plan` turns it into per-layer ``weights`` overrides of the saved
+recipe, so ``recipe.yaml`` replays it).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from numcast.algorithms.rtn import rtn
 from numcast.formats.qtensor import storage_nbytes
 from numcast.formats.registry import get_format
 from numcast.nn.observe import call_model
-from numcast.pipeline.recipe import LayerOverride, Recipe
+from numcast.pipeline.settings import MixedPrecisionSettings
 
 _UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
 
@@ -151,22 +151,19 @@ def layer_distortions(model: nn.Module, plans: list, candidates: list[str], stra
     return {n: {c: info[n] / mean * m.relative_noise(c) for c in candidates} for n, m in got.items()}
 
 
-def resolve_mixed_precision(model: nn.Module, plans: list, report: list, recipe: Recipe, batches: list) -> Recipe:
-    """A copy of ``recipe`` with one ``weights`` override per planned layer (see module docstring); ``plans``
-    and ``report`` entries are updated. ``recipe`` itself is not modified."""
-    mp = recipe.mixed_precision
-    if mp.strategy is None:
-        return recipe
+def resolve_mixed_precision(model: nn.Module, plans: list, settings: MixedPrecisionSettings, batches: list) -> None:
+    """Set every plan's ``weight_format`` to the candidate the allocation picks (see module docstring)."""
     if not plans:
         raise ValueError("mixed precision: no layer to quantize")
     params = sum(math.prod(_view_shape(p.module)) for p in plans)
-    total = budget_bits(mp.budget, params)
+    total = budget_bits(settings.budget, params)
     # the same refusal as allocate()'s, before the calibration pass that measures every candidate
-    cheapest = sum(min(8.0 * storage_nbytes(_view_shape(p.module), get_format(c)) for c in mp.candidates)
+    cheapest = sum(min(8.0 * storage_nbytes(_view_shape(p.module), get_format(c)) for c in settings.candidates)
                    for p in plans)  # fmt: skip
     if cheapest > total:
         raise ValueError(f"the budget ({total:.0f} bits) is below the cheapest assignment ({cheapest:.0f} bits)")
-    dist = layer_distortions(model, plans, list(dict.fromkeys(mp.candidates)), mp.strategy, mp.eps, batches)
+    candidates = list(dict.fromkeys(settings.candidates))
+    dist = layer_distortions(model, plans, candidates, settings.strategy, settings.eps, batches)
     per_layer: dict[str, list[tuple[float, float, str]]] = {}
     for p in plans:
         shape = _view_shape(p.module)
@@ -175,13 +172,5 @@ def resolve_mixed_precision(model: nn.Module, plans: list, report: list, recipe:
         per_layer[p.name] = [ranked[0]] + [c for a, c in zip(ranked, ranked[1:], strict=False) if c[0] > a[0]]
     layers = [LayerChoice(n, tuple(c for c, _, _ in v), tuple(d for _, d, _ in v)) for n, v in per_layer.items()]
     choice = allocate(layers, total)
-    entry = {r.name: r for r in report}
-    extra = []
     for p in plans:
-        fmt = per_layer[p.name][choice[p.name]][2]
-        p.weight_format = fmt
-        entry[p.name].weight_format = fmt
-        extra.append(LayerOverride(pattern=p.name, weights=fmt))
-    resolved = recipe.with_overrides(extra)
-    resolved.mixed_precision.strategy = None  # decided: the saved recipe replays these formats as they are
-    return resolved
+        p.weight_format = per_layer[p.name][choice[p.name]][2]

@@ -1,25 +1,25 @@
 """Sequential, layer-wise calibration (the GPTQ pattern) with two activation streams.
 
-1. Capture the inputs of the first block for every calibration batch (a pre-hook on the block records its
+1. Plan every layer (:mod:`numcast.pipeline.plan`); layers outside the blocks (embeddings, LM head, pooler, ...)
+   take the method's data-free solve (RTN; EP-init for ``ep-init``).
+2. Capture the inputs of the first block for every calibration batch (a pre-hook on the block records its
    arguments and stops the forward), once on the float model (float stream X) and once after the layers
    outside the blocks were quantized (quantized stream X̂; the same tensors when nothing before the first
-   block changed).
-2. For each block in order: find its quantizable layers in execution order; for each layer (``true
-   sequential``) run the block on X̂ with a hook that feeds the layer's inputs to the method's accumulator
-   (and, for methods that diffuse error, the float block on X in lock step for the float inputs), solve,
-   and swap in the quantized module; then advance both streams through the block: X̂ ← block(X̂) with the
-   quantized layers, X ← float block(X). Per-layer output SQNR is measured during that advance: each
-   quantized layer's output against its float twin's output on the same input.
-   Methods that diffuse error may also re-fit the float weights of layers kept in float inside the blocks
-   (Error Diffusion's layer calibration, ``calibrate_float_layers``), in the same sequence.
-3. Layers outside the blocks (embeddings, LM head, pooler, ...) take RTN. Static activation scales are
-   calibrated block by block on the quantized stream once the block's weights are solved (until then the
-   block's input quantizers pass inputs through), so later blocks see quantized activations; those of layers
-   outside the blocks on the finished model.
+   block changed). :class:`Streams` holds both.
+3. For each block in order (:class:`OpenBlock`: the block, its float twin, its layers in execution order):
+   per group of layers (``true sequential``: one layer, or the layers that read one tensor, like q/k/v), run
+   the block on X̂ with hooks that feed the group's inputs to the method's statistics (and, for methods that
+   diffuse error, the float block on X in lock step), solve, and swap in the quantized module; calibrate the
+   block's static input quantizers on X̂; then advance both streams through the block, X̂ ← block(X̂) with the
+   quantized layers, X ← float block(X), measuring each quantized layer's output SQNR against its float twin
+   on the same input. Methods that solve whole blocks (Attention Round) do so before the groups; methods that
+   diffuse error may also re-fit the float weights of layers kept in float inside the blocks.
+4. Static activation scales of layers outside the blocks are calibrated on the finished model.
 
-Only the block being solved is on the compute device (``Placement``); finished blocks, the float copy and
-the streams stay on the CPU, so peak memory is about the model plus one block's activations of the two
-streams. ``Placement`` is the one place that moves things, so a distributed runner can replace it.
+Only the block being solved is on the compute device (:class:`Placement`); finished blocks, the float twin and
+the streams stay on the CPU, and a block's float originals are released once it is done, so peak memory is
+about the model plus one block's activations of the two streams. ``Placement`` is the one place that moves
+things, so a distributed runner can replace it.
 """
 
 from __future__ import annotations
@@ -28,27 +28,26 @@ import copy
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from numcast.formats.registry import get_format
 from numcast.nn.act_quant import ActQuantizer, calibrate
 from numcast.nn.observe import call_model
 from numcast.nn.surgery import set_module
-from numcast.pipeline.methods import method_for
-from numcast.pipeline.quantize_model import (
+from numcast.pipeline.methods import RTN, Method
+from numcast.pipeline.plan import (
     LayerPlan,
     QuantizationResult,
-    calibrate_activations,
-    finish_qweight,
+    layer_reports,
     make_quant_module,
     plan_layers,
-    prepare_plans,
+    resolve_plans,
+    resolved_recipe,
 )
+from numcast.pipeline.quantize_model import calibrate_activations
 from numcast.pipeline.recipe import Recipe
 
 
@@ -78,7 +77,11 @@ class Placement:
 
 
 class _Stop(Exception):
-    pass
+    """Raised by a hook to end a forward pass once what it needed has been seen."""
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 @dataclass
@@ -93,10 +96,14 @@ class BlockCall:
     def x(self) -> torch.Tensor:
         return self.args[0] if self.args else self.kwargs["hidden_states"]
 
-    def with_x(self, x: torch.Tensor) -> tuple[tuple, dict]:
+    def with_x(self, x: torch.Tensor | None) -> tuple[tuple, dict]:
         if self.args:
             return (x,) + tuple(self.args[1:]), self.kwargs
         return (), {**self.kwargs, "hidden_states": x}
+
+    def without_x(self) -> BlockCall:
+        """The call with its stream tensor dropped (the streams hold it; ``with_x`` puts it back)."""
+        return BlockCall(*self.with_x(None))
 
 
 def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list, placement: Placement) -> list[BlockCall]:
@@ -122,60 +129,190 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list, plac
     return calls
 
 
-def _without_x(calls: list[BlockCall]) -> list[BlockCall]:
-    """The calls with their stream tensor dropped (the runner keeps the streams apart; ``with_x`` puts it back)."""
-    out = []
-    for c in calls:
-        if c.args:
-            out.append(BlockCall((None,) + tuple(c.args[1:]), c.kwargs))
+@dataclass
+class OpenBlock:
+    """The block being solved: the block (on the compute device), its float twin (a copy taken before any of its
+    layers changed), its plans in execution order, and the quantized layers installed so far with their float
+    twins (for the SQNR measurement)."""
+
+    block: nn.Module
+    float_block: nn.Module
+    plans: list[LayerPlan]
+    placement: Placement
+    inner: dict[str, str]  # plan name -> the layer's name inside the block ("" when the block is the layer)
+    read: dict[int, int] = field(default_factory=dict)  # id(float original) -> id of the input tensor it read
+    installed: dict[int, tuple[LayerPlan, nn.Module]] = field(default_factory=dict)  # id(new) -> (plan, float twin)
+
+    def twin(self, plan: LayerPlan) -> nn.Module:
+        """The float twin of a layer of this block."""
+        return self.float_block.get_submodule(self.inner[plan.name])
+
+    def groups(self, true_sequential: bool, share_inputs: bool) -> list[list[LayerPlan]]:
+        """Layers solved together: one group per layer in execution order; with ``share_inputs``, consecutive
+        layers that read the very same input tensor (q/k/v, gate/up) form one group: quantizing one of them cannot
+        change the others' input, so the result is the same as one at a time, with one calibration pass instead
+        of several. Without ``true_sequential``: all layers of the block from one pass."""
+        if not true_sequential:
+            return [self.plans]
+        groups: list[list[LayerPlan]] = []
+        for p in self.plans:
+            key = self.read.get(id(p.module))
+            if share_inputs and groups and key is not None and self.read.get(id(groups[-1][-1].module)) == key:
+                groups[-1].append(p)
+            else:
+                groups.append([p])
+        return groups
+
+    def install(self, model: nn.Module, plan: LayerPlan, new: nn.Module) -> None:
+        """Swap ``new`` in for the layer, on the model and on the block (which may be a view of it, or the layer
+        itself)."""
+        twin = self.twin(plan)
+        new = self.placement.compute(new)
+        set_module(model, plan.name, new)
+        name = self.inner[plan.name]
+        if name:
+            set_module(self.block, name, new)
         else:
-            out.append(BlockCall((), {**c.kwargs, "hidden_states": None}))
-    return out
+            self.block = new
+        plan.module = new
+        self.installed[id(new)] = (plan, twin)
 
 
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
+class Streams:
+    """The two activation streams at the input of the current block, one entry per calibration batch: the
+    quantized stream X̂ (``quant``: produced by the quantized model so far) and the float stream X (``float``:
+    the float model's, kept only when the method reads it). ``calls`` hold the batches' other block arguments
+    (masks, positions, ...), the stream tensor taken out."""
 
+    def __init__(self, calls: list[BlockCall], quant: list[torch.Tensor], float_: list[torch.Tensor],
+                 placement: Placement) -> None:  # fmt: skip
+        self.calls, self.quant, self.float, self.placement = calls, quant, float_, placement
 
-def _run_block(block: nn.Module, call: BlockCall, x: torch.Tensor, placement: Placement) -> torch.Tensor:
-    args, kwargs = call.with_x(x)
-    return _first(block(*placement.compute(args), **placement.compute(kwargs)))
+    @classmethod
+    def start(cls, quant_calls: list[BlockCall], float_calls: list[BlockCall] | None, placement: Placement) -> Streams:
+        """The streams at the first block from its captured calls (``float_calls`` None: no float stream)."""
+        float_stream = [c.x for c in float_calls] if float_calls is not None else []
+        return cls([c.without_x() for c in quant_calls], [c.x for c in quant_calls], float_stream, placement)
 
+    def inputs(self, i: int, x: torch.Tensor | None = None) -> tuple[tuple, dict]:
+        """The block's arguments for batch i (on the compute device), with stream tensor ``x`` (default X̂_i)."""
+        args, kwargs = self.calls[i].with_x(self.quant[i] if x is None else x)
+        return self.placement.compute(args), self.placement.compute(kwargs)
 
-def _execution_order(block: nn.Module, modules: list[nn.Module], call: BlockCall, x, placement):
-    """(modules in the order the block calls them, {id(module): id of the input tensor it read})."""
-    seen: list[nn.Module] = []
-    read: dict[int, int] = {}
-    alive: list = []  # keeps every input alive during the pass, so no two inputs can share an id
+    def run(self, block: nn.Module, i: int, x: torch.Tensor) -> torch.Tensor:
+        args, kwargs = self.inputs(i, x)
+        return _first(block(*args, **kwargs))
 
-    def hook(mod, args):
-        if mod not in seen:
-            seen.append(mod)
-            read[id(mod)] = id(args[0])
-            alive.append(args[0])
+    def _run_until_stop(self, block: nn.Module, i: int, x: torch.Tensor) -> None:
+        try:
+            self.run(block, i, x)
+        except _Stop:
+            pass
 
-    hooks = [m.register_forward_pre_hook(hook) for m in modules]
-    try:
-        with torch.no_grad():
-            _run_block(block, call, x, placement)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen + [m for m in modules if m not in seen], read
+    @torch.no_grad()
+    def order_layers(self, job: OpenBlock) -> None:
+        """Sort ``job.plans`` into the order the block calls them (one pass on batch 0) and record which input
+        tensor each layer read."""
+        seen: list[nn.Module] = []
+        alive: list = []  # keeps every input alive during the pass, so no two inputs can share an id
 
+        def hook(mod, args):
+            if mod not in seen:
+                seen.append(mod)
+                job.read[id(mod)] = id(args[0])
+                alive.append(args[0])
 
-def _sequential_groups(plans: list, read: dict[int, int], share_inputs: bool) -> list[list]:
-    """One group per layer in execution order; with ``share_inputs``, consecutive layers that read the very same
-    input tensor (q/k/v, gate/up) form one group: quantizing one of them cannot change the others' input, so the
-    result is the same as one at a time, with one calibration pass instead of several."""
-    groups: list[list] = []
-    for p in plans:
-        key = read.get(id(p.module))
-        if share_inputs and groups and key is not None and read.get(id(groups[-1][-1].module)) == key:
-            groups[-1].append(p)
-        else:
-            groups.append([p])
-    return groups
+        modules = [p.module for p in job.plans]
+        hooks = [m.register_forward_pre_hook(hook) for m in modules]
+        try:
+            self.run(job.block, 0, self.quant[0])
+        finally:
+            for h in hooks:
+                h.remove()
+        order = seen + [m for m in modules if m not in seen]
+        job.plans.sort(key=lambda p: order.index(p.module))
+
+    @torch.no_grad()
+    def feed(self, job: OpenBlock, group: list[LayerPlan], method: Method, shared: bool) -> dict[int, object]:
+        """Every calibration batch's inputs of the group's layers, fed to the method's statistics ({id(float
+        original): statistics}). Each pass stops as soon as the group's last layer (in execution order) has read
+        its input: the rest of the block cannot change what the group sees. ``shared``: the group's layers read
+        one tensor; Linear layers then share one statistics object (the same statistics, computed once)."""
+        one = shared and all(isinstance(p.module, nn.Linear) for p in group)
+        stats = {id(p.module): method.statistics(p.module) for p in (group[:1] if one else group)}
+        if one:
+            stats.update({id(p.module): stats[id(group[0].module)] for p in group})
+        recorded = {id(group[0].module)} if one else {id(p.module) for p in group}
+        float_in: dict[int, torch.Tensor] = {}
+        last = id(group[-1].module)
+        hooks = []
+        for p in group:
+            key = id(p.module)
+
+            def on_quant(mod, args, key=key):
+                if key in recorded:
+                    stats[key].add(mod, args[0], float_in.pop(key, None))
+                if key == last:
+                    raise _Stop
+
+            hooks.append(p.module.register_forward_pre_hook(on_quant))
+            if method.needs_float_inputs:
+
+                def on_float(_mod, args, key=key):
+                    if key in recorded:
+                        float_in[key] = args[0]
+                    if key == last:
+                        raise _Stop
+
+                hooks.append(job.twin(p).register_forward_pre_hook(on_float))
+        try:
+            for i in range(len(self.calls)):
+                if method.needs_float_inputs:
+                    self._run_until_stop(job.float_block, i, self.float[i])
+                self._run_until_stop(job.block, i, self.quant[i])
+        finally:
+            for h in hooks:
+                h.remove()
+        return stats
+
+    @torch.no_grad()
+    def float_outputs(self, float_block: nn.Module) -> list[torch.Tensor]:
+        """The float block's output on the float stream, per batch (offloaded): block-reconstruction targets."""
+        return [self.placement.offload(self.run(float_block, i, x)) for i, x in enumerate(self.float)]
+
+    @torch.no_grad()
+    def calibrate_static_inputs(self, block: nn.Module) -> None:
+        """Calibrate the block's static input quantizers on the quantized stream (one pass), so the next blocks
+        and their solves see quantized activations."""
+        quants = [m for m in block.modules() if isinstance(m, ActQuantizer) and m.mode == "static" and m.bypass]
+        calibrate(quants, lambda: [self.run(block, i, x) for i, x in enumerate(self.quant)])
+
+    @torch.no_grad()
+    def advance(self, block: nn.Module, float_block: nn.Module | None = None,
+                installed: dict[int, tuple[LayerPlan, nn.Module]] | None = None) -> None:  # fmt: skip
+        """Both streams through the block: X̂ ← block(X̂), X ← float block(X) (the block itself when nothing in
+        it changed). Each ``installed`` layer's output SQNR against its float twin on the same input goes into
+        its plan."""
+        installed = installed or {}
+        sums = {k: [0.0, 0.0] for k in installed}  # Σ‖y‖², Σ‖ŷ − y‖² per quantized layer
+
+        def on_out(mod, args, out):
+            ref = installed[id(mod)][1](args[0])
+            s = sums[id(mod)]
+            s[0] += float(ref.square().sum(dtype=torch.float64))  # squares in the stream's dtype,
+            s[1] += float((out - ref).square().sum(dtype=torch.float64))  # sums in float64
+
+        hooks = [m.register_forward_hook(on_out) for m in block.modules() if id(m) in installed]
+        try:
+            self.quant = [self.placement.offload(self.run(block, i, x)) for i, x in enumerate(self.quant)]
+            if self.float:  # the float stream goes through the float twin (or the untouched block)
+                fb = float_block if float_block is not None else block
+                self.float = [self.placement.offload(self.run(fb, i, x)) for i, x in enumerate(self.float)]
+        finally:
+            for h in hooks:
+                h.remove()
+        for k, (signal, noise) in sums.items():
+            installed[k][0].sqnr_db = 10 * math.log10(signal / noise) if noise > 0 and signal > 0 else math.inf
 
 
 def quantize_blockwise(
@@ -197,7 +334,7 @@ def quantize_blockwise(
     ``first_block_input="model"`` says the calibration tensors are the first block's inputs themselves (a
     CNN stem that is a view over the model's modules, which the model's own forward never calls).
     ``true_sequential`` solves each layer on inputs produced by the already quantized layers before it
-    (``share_inputs`` groups layers reading one tensor, see :func:`_sequential_groups`); otherwise all layers
+    (``share_inputs`` groups layers reading one tensor, see :meth:`OpenBlock.groups`); otherwise all layers
     of a block are solved from one pass.
     """
     placement = placement or Placement()
@@ -206,217 +343,96 @@ def quantize_blockwise(
         raise ValueError("the calibration set is empty: block-wise quantization needs calibration batches")
     if not blocks:
         raise ValueError("no blocks to quantize")
-    t0 = time.perf_counter()
-    method = method_for(recipe)
-    method.progress = progress
-    model.eval()
-    todo, report = plan_layers(model, recipe)
-    recipe = prepare_plans(model, todo, report, recipe, batches)
-    by_id = {id(p.module): p for p in todo}
-    in_blocks = {id(m) for b in blocks for m in b.modules()}
-    refit = _float_layers_to_refit(model, recipe, report, in_blocks) if method.refits_float_layers(recipe) else []
-    by_id.update({id(p.module): p for p in refit})
-    refit_ids = {id(p.module) for p in refit}
-    entry = {r.name: r for r in report}
-
     if first_block_input not in ("capture", "model"):
         raise ValueError(f"first_block_input must be 'capture' or 'model', got {first_block_input!r}")
-
-    def first_inputs() -> list[BlockCall]:
-        if first_block_input == "model":
-            return [BlockCall((b,), {}) for b in batches]
-        return capture_block_inputs(model, blocks[0], batches, placement)
-
-    float_calls = first_inputs()
-    outside = [p for p in todo if id(p.module) not in in_blocks]
-    for p in outside:
-        qt = finish_qweight(p, recipe, None, entry[p.name])
-        new = make_quant_module(p, recipe, qweight=qt, defer_static=True)  # calibrated on the finished model
-        set_module(model, p.name, new)
-        entry[p.name].method = "rtn (outside blocks)"
-    outside_done = bool(outside)
-    del todo, outside  # from here on a layer's float original lives only until its block is done
-    quant_calls = first_inputs() if outside_done else float_calls
-    xs_q = [c.x for c in quant_calls]
-    xs_f = [c.x for c in float_calls] if method.needs_float_inputs else []  # the float stream, when used
-    quant_calls, float_calls = _without_x(quant_calls), _without_x(float_calls)  # the streams hold x now
-
+    t0 = time.perf_counter()
+    method = recipe.make_method(progress=progress)
+    model.eval()
+    plans = plan_layers(model, recipe)
+    resolve_plans(model, plans, recipe, batches)
+    in_blocks = {id(m) for b in blocks for m in b.modules()}
+    float_calls = quant_calls = _first_block_calls(model, blocks[0], batches, placement, first_block_input)
+    outside = [p for p in plans if p.quantized and id(p.module) not in in_blocks]
+    if outside:  # the quantized stream starts after them
+        _quantize_outside_blocks(model, outside, method, recipe)
+        quant_calls = _first_block_calls(model, blocks[0], batches, placement, first_block_input)
+    streams = Streams.start(quant_calls, float_calls if method.needs_float_inputs else None, placement)
+    todo = {id(p.module): p for p in plans if id(p.module) in in_blocks and _solved_here(p, method)}
     bar = tqdm(blocks, desc=f"{method.name} blocks", disable=not progress, leave=False)
     for block in bar:
-        names = {id(m): n for n, m in block.named_modules()}
-        plans = [by_id[id(m)] for m in block.modules() if id(m) in by_id]
-        if not plans:
-            xs_q, xs_f = _advance(block, None, quant_calls, xs_q, xs_f, {}, placement, method.needs_float_inputs)
+        job = _open_block(block, todo, placement)
+        if job is None:
+            streams.advance(block)
             continue
-        fblock = copy.deepcopy(block)
-        ftwin = {id(p.module): fblock.get_submodule(names[id(p.module)]) for p in plans}
-        block = placement.compute(block)
-        fblock = placement.compute(fblock)
-        order, read = _execution_order(block, [p.module for p in plans], quant_calls[0], xs_q[0], placement)
-        plans.sort(key=lambda p, o=order: o.index(p.module))
-        groups = _sequential_groups(plans, read, share_inputs) if true_sequential else [plans]
-        qmods: dict[int, tuple[str, nn.Module]] = {}  # id(quantized module) -> (name, float twin)
-        pre = _solve_block(method, block, fblock, plans, names, refit_ids, quant_calls, xs_q, xs_f, placement)
-        for group in groups:
-            accs = {}
-            if method.needs_inputs:
-                accs = _accumulate(block, fblock, group, ftwin, quant_calls, float_calls, xs_q, xs_f, method, placement,
-                                   shared=true_sequential and share_inputs)  # fmt: skip
-            for p in group:
-                if id(p.module) in refit_ids:  # kept in float: its float weights absorb the upstream error
-                    method.refit_float(p.module, accs[id(p.module)])
-                    entry[p.name].method = f"{method.name} (float weights re-fit)"
-                    continue
-                qt = pre.get(id(p.module)) or method.solve(
-                    p.module, get_format(p.weight_format), accs.get(id(p.module))
-                )
-                qt = finish_qweight(p, recipe, qt, entry[p.name])
-                # static input scales are calibrated once the block is done (below)
-                new = placement.compute(make_quant_module(p, recipe, qweight=qt, defer_static=True))
-                set_module(model, p.name, new)  # the model's forward sees it ...
-                if names[id(p.module)]:
-                    set_module(block, names[id(p.module)], new)  # ... and so does a block that is a view of it
-                else:
-                    block = new  # the block is this layer itself
-                qmods[id(new)] = (p.name, ftwin[id(p.module)])
-                entry[p.name].method = method.name
-        _calibrate_block_inputs(block, quant_calls, xs_q, placement)
-        stats = {k: [0.0, 0.0] for k in qmods}
-        need_f = method.needs_float_inputs
-        xs_q, xs_f = _advance(block, fblock, quant_calls, xs_q, xs_f, qmods, placement, need_f, stats)
-        for k, (sig, noise) in stats.items():
-            entry[qmods[k][0]].sqnr_db = 10 * math.log10(sig / noise) if noise > 0 and sig > 0 else math.inf
-        placement.offload(block)
-        for p in plans:  # the float originals are not needed any more: let them go (memory ~ one model)
-            by_id.pop(id(p.module), None)
-        del fblock, ftwin, plans, groups, group, order, read, qmods, accs
+        streams.order_layers(job)
+        solved = _solve_whole_block(method, job, streams)
+        for group in job.groups(true_sequential, share_inputs):
+            shared = true_sequential and share_inputs
+            stats = streams.feed(job, group, method, shared) if method.needs_inputs else {}
+            for plan in group:
+                _solve_layer(model, job, plan, method, recipe, stats.get(id(plan.module)), solved.get(plan.name))
+        streams.calibrate_static_inputs(job.block)
+        streams.advance(job.block, job.float_block, job.installed)
+        placement.offload(job.block)
+        del job  # the float twin and the float originals go with it (memory ~ one model)
     if recipe.activations is not None and recipe.activation_mode == "static":
         calibrate_activations(model, batches, only_uncalibrated=True)  # layers outside the blocks
-    for r in report:
-        if r.action == "quantized" and r.method is None:
-            r.method = method.name
-    return QuantizationResult(model, report, wall_time_s=time.perf_counter() - t0, recipe=recipe)
+    return QuantizationResult(model, layer_reports(plans), wall_time_s=time.perf_counter() - t0,
+                              recipe=resolved_recipe(recipe, plans))  # fmt: skip
 
 
-def _float_layers_to_refit(model, recipe, report, in_blocks) -> list[LayerPlan]:
-    """Linear/conv layers inside the blocks that the recipe keeps in float (excluded, skipped by override)."""
-    skipped = {r.name for r in report if r.action == "skipped"}
-    out = []
-    for name, m in model.named_modules():
-        if name in skipped and id(m) in in_blocks and isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-            out.append(LayerPlan(name, m, type(m), "", None))
-    return out
+def _solved_here(plan: LayerPlan, method: Method) -> bool:
+    """Whether the runner solves this layer inside its block: quantized layers, and with a method that re-fits
+    float layers, the Linear/conv layers the recipe keeps in float."""
+    return plan.quantized or (method.refits_float_layers and isinstance(plan.module, (nn.Linear, nn.Conv1d, nn.Conv2d)))
 
 
-def _accumulate(block, fblock, group, ftwin, quant_calls, float_calls, xs_q, xs_f, method, placement,
-                shared: bool = False) -> dict:  # fmt: skip
-    """Feed the group's layer inputs of every calibration batch to the method's accumulators. Each pass stops
-    as soon as the group's last layer (in execution order) has read its input: the rest of the block cannot
-    change what the group sees. ``shared``: the group's layers read one tensor; Linear layers then share one
-    accumulator (the same statistics, computed once)."""
-    one = shared and all(isinstance(p.module, nn.Linear) for p in group)
-    accs = {id(p.module): method.accumulator(p.module) for p in (group[:1] if one else group)}
-    if one:
-        accs.update({id(p.module): accs[id(group[0].module)] for p in group})
-    feeds = {id(group[0].module)} if one else {id(p.module) for p in group}  # layers whose input is recorded
-    got_f: dict[int, torch.Tensor] = {}
-    last = id(group[-1].module)
-    hooks = []
-    for p in group:
-        mid = id(p.module)
-
-        def on_q(mod, args, mid=mid):
-            if mid in feeds:
-                accs[mid].add(mod, args[0], got_f.pop(mid, None))
-            if mid == last:
-                raise _Stop
-
-        hooks.append(p.module.register_forward_pre_hook(on_q))
-        if method.needs_float_inputs:
-
-            def on_f(_mod, args, mid=mid):
-                if mid in feeds:
-                    got_f[mid] = args[0]
-                if mid == last:
-                    raise _Stop
-
-            hooks.append(ftwin[mid].register_forward_pre_hook(on_f))
-    try:
-        with torch.no_grad():
-            for i, call in enumerate(quant_calls):
-                if method.needs_float_inputs:
-                    _run_until_stop(fblock, float_calls[i], xs_f[i], placement)
-                _run_until_stop(block, call, xs_q[i], placement)
-    finally:
-        for h in hooks:
-            h.remove()
-    return accs
+def _first_block_calls(model, first_block, batches, placement, first_block_input) -> list[BlockCall]:
+    """What the first block receives for each batch: captured from the model's forward, or (``"model"``) the
+    batches themselves."""
+    if first_block_input == "model":
+        return [BlockCall((b,), {}) for b in batches]
+    return capture_block_inputs(model, first_block, batches, placement)
 
 
-def _solve_block(method, block, fblock, plans, names, refit_ids, quant_calls, xs_q, xs_f, placement) -> dict:
-    """For block-level methods (``method.block_level``): every layer's QTensor of the block at once, from the
-    block run on the quantized stream against the float block's outputs on the float stream; else {}."""
-    if not getattr(method, "block_level", False):
+def _quantize_outside_blocks(model: nn.Module, outside: list[LayerPlan], method: Method, recipe: Recipe) -> None:
+    """Layers outside the blocks (embeddings, LM head, pooler, ...) take the method's own solve when it needs no
+    data, else RTN; their static input scales are calibrated on the finished model."""
+    data_free = method if not method.needs_calibration else RTN.from_recipe(recipe)
+    for p in outside:
+        new = make_quant_module(p, recipe, qweight=data_free.quantize_layer(p), defer_static=True)
+        set_module(model, p.name, new)
+        p.module, p.method = new, f"{data_free.name} (outside blocks)"
+
+
+def _open_block(block: nn.Module, todo: dict[int, LayerPlan], placement: Placement) -> OpenBlock | None:
+    """The block with its float twin on the compute device, or None when none of its layers is solved here. Its
+    plans leave ``todo`` (keyed by the ids of float originals that are about to be released, which later modules
+    may reuse)."""
+    inner = {todo[id(m)].name: n for n, m in block.named_modules() if id(m) in todo}
+    if not inner:
+        return None
+    plans = [todo.pop(id(m)) for m in block.modules() if id(m) in todo]
+    float_block = placement.compute(copy.deepcopy(block))
+    return OpenBlock(placement.compute(block), float_block, plans, placement, inner)
+
+
+def _solve_whole_block(method: Method, job: OpenBlock, streams: Streams) -> dict[str, object]:
+    """{plan name: QTensor} of every quantized layer of the block from a ``solves_blocks`` method, else {}."""
+    if not method.solves_blocks:
         return {}
-    with torch.no_grad():
-        targets = [
-            placement.offload(_run_block(fblock, c, x, placement)) for c, x in zip(quant_calls, xs_f, strict=True)
-        ]
-    named = [
-        (names[id(p.module)], p.module, get_format(p.weight_format)) for p in plans if id(p.module) not in refit_ids
-    ]
-
-    def run(i: int, params: dict) -> torch.Tensor:
-        x = xs_q[i]
-        if x.dim() == 4:  # image batches: channels-last convolutions (and their backward) run faster on CPU
-            x = x.contiguous(memory_format=torch.channels_last)
-        args, kwargs = quant_calls[i].with_x(x)
-        return _first(functional_call(block, params, placement.compute(args), placement.compute(kwargs)))
-
-    return method.solve_block(named, run, targets)
+    targets = streams.float_outputs(job.float_block)
+    plans = [p for p in job.plans if p.quantized]
+    return method.solve_block(job.block, plans, job.inner, streams.inputs, targets)
 
 
-@torch.no_grad()
-def _calibrate_block_inputs(block, quant_calls, xs_q, placement) -> None:
-    """Calibrate the block's static input quantizers on the quantized stream (one pass), so the next blocks and
-    their solves see quantized activations."""
-    quants = [m for m in block.modules() if isinstance(m, ActQuantizer) and m.mode == "static" and m.bypass]
-    calibrate(quants, lambda: [_run_block(block, c, x, placement) for c, x in zip(quant_calls, xs_q, strict=True)])
-
-
-def _run_until_stop(block, call, x, placement) -> None:
-    try:
-        _run_block(block, call, x, placement)
-    except _Stop:
-        pass
-
-
-def _advance(block, fblock, quant_calls, xs_q, xs_f, qmods, placement, need_float, stats=None):
-    hooks = []
-    if stats is not None:
-        for m in block.modules():
-            if id(m) in qmods:
-                twin = qmods[id(m)][1]
-
-                def on_out(mod, args, out, twin=twin):
-                    ref = twin(args[0])
-                    s = stats[id(mod)]
-                    s[0] += float(ref.square().sum(dtype=torch.float64))  # squares in the stream's dtype,
-                    s[1] += float((out - ref).square().sum(dtype=torch.float64))  # sums in float64
-
-                hooks.append(m.register_forward_hook(on_out))
-    try:
-        with torch.no_grad():
-            new_q = [
-                placement.offload(_run_block(block, c, x, placement)) for c, x in zip(quant_calls, xs_q, strict=True)
-            ]
-            new_f = xs_f
-            if need_float:  # the float stream goes through the float twin (or the untouched block)
-                fb = fblock if fblock is not None else block
-                new_f = [
-                    placement.offload(_run_block(fb, c, x, placement)) for c, x in zip(quant_calls, xs_f, strict=True)
-                ]
-    finally:
-        for h in hooks:
-            h.remove()
-    return new_q, new_f
+def _solve_layer(model, job: OpenBlock, plan: LayerPlan, method: Method, recipe: Recipe, stats, solved) -> None:
+    """Solve one layer and install it (a layer kept in float is re-fitted instead)."""
+    if not plan.quantized:  # kept in float: its float weights absorb the upstream error
+        method.refit_float(plan.module, stats)
+        plan.method = f"{method.name} (float weights re-fit)"
+        return
+    qt = method.quantize_layer(plan, stats, solved)
+    # static input scales are calibrated once the block is done (Streams.calibrate_static_inputs)
+    job.install(model, plan, make_quant_module(plan, recipe, qweight=qt, defer_static=True))
+    plan.method = method.name

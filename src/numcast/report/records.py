@@ -1,4 +1,4 @@
-"""The quantization report: a JSON record (schema below) and a per-layer SQNR plot (PNG).
+"""The quantization report: a JSON record (schema below); model sizes and peak memory per phase.
 
 report.json: ``model``, ``description``, ``recipe``, ``metrics`` {``float``, ``quantized``} (each a dict of
 metric -> value), ``primary_metric``, ``higher_is_better``, ``size_bytes`` {``float``, ``packed``},
@@ -65,11 +65,11 @@ class PhasePeaks:
 def model_sizes(model: nn.Module) -> dict[str, float]:
     """Bytes of the model stored in float32 vs packed (quantized layers at their QTensor size, every other stored
     tensor as it is; tied tensors counted once), and bits per quantized parameter (scales included)."""
-    from numcast.nn.modules import _QuantWeightMixin
+    from numcast.nn.modules import QuantWeightModule
 
     q_params = q_bytes = 0
     for m in model.modules():
-        if isinstance(m, _QuantWeightMixin):
+        if isinstance(m, QuantWeightModule):
             q_params += m.weight.numel()
             q_bytes += m.qweight.nbytes
     seen: set[int] = set()
@@ -91,25 +91,3 @@ def write_report(record: dict, out_dir: Path) -> Path:
     path = out_dir / "report.json"
     path.write_text(json.dumps(record, indent=2, default=str))
     return path
-
-
-def plot_sqnr(layers: list[dict], out_path: Path, title: str) -> Path | None:
-    """Bar chart of per-layer output SQNR (dB), in model order; None when no layer has one."""
-    pts = [(r["name"], r["sqnr_db"]) for r in layers if r.get("sqnr_db") is not None and math.isfinite(r["sqnr_db"])]
-    if not pts:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(pts)), 4))
-    ax.bar(range(len(pts)), [v for _, v in pts], color="#3b6ea5")
-    ax.set_xticks(range(len(pts)))
-    ax.set_xticklabels([n for n, _ in pts], rotation=90, fontsize=6)
-    ax.set_ylabel("output SQNR (dB)")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=120)
-    plt.close(fig)
-    return out_path

@@ -1,4 +1,5 @@
-"""Per-layer accumulator analysis of a quantized model: the bits each layer needs (exact, A2Q rule, A2Q+ rule,
+"""Per-layer accumulator analysis of a quantized model (the model-level use of :mod:`numcast.accumulator`, which
+stays pure integer math): the bits each layer needs (exact, A2Q rule, A2Q+ rule,
 data-type bound) and the overflow events a P-bit accumulator would see, on real calibration inputs and on
 adversarial ones (``numcast accumulator``).
 
@@ -13,17 +14,16 @@ negative. Real inputs are simulated in ``mode`` (wrap by default), in sequential
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.utils import skip_init
 
-from numcast.accumulator.bounds import datatype_bound_bits, min_accumulator_bits
+from numcast.accumulator.bounds import as_int64, datatype_bound_bits, min_accumulator_bits
 from numcast.accumulator.codes import integer_codes, integer_sum_reason
-from numcast.accumulator.simulate import accumulate, adversarial_inputs, conv_input_rows
+from numcast.accumulator.simulate import accumulate, adversarial_inputs
 from numcast.formats.qtensor import QTensor
-from numcast.nn.observe import call_model, observe_inputs
+from numcast.nn.observe import call_model, layer_inputs_2d, observe_inputs
 
 
 @dataclass
@@ -141,8 +141,15 @@ def analyze_model(model: nn.Module, batches: list, input_bits: int, accumulator_
     return rows, skipped
 
 
+def conv_input_rows(x_int: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """Integer conv/linear inputs as the rows a layer's dot products read: ``[groups, rows, K]`` int64, columns
+    in the order of the weight view ``[out, in/groups·Πk]`` (zero padding is exact: it adds 0-terms)."""
+    rows = layer_inputs_2d(module, as_int64(x_int, "x_int").to(torch.float64))
+    return rows.round().to(torch.int64)
+
+
 def _geometry(m: nn.Module) -> nn.Module:
-    """A float module with ``m``'s geometry, for :func:`numcast.accumulator.simulate.conv_input_rows`."""
+    """A float module with ``m``'s geometry, for :func:`conv_input_rows`."""
     if not hasattr(m, "kernel_size"):
         return skip_init(nn.Linear, 1, 1)  # skip_init: the global RNG stays untouched
     cls = nn.Conv2d if len(m.kernel_size) == 2 else nn.Conv1d
@@ -155,30 +162,3 @@ def _geometry(m: nn.Module) -> nn.Module:
 
 def rows_to_records(rows: list[LayerAccumulator]) -> list[dict]:
     return [asdict(r) for r in rows]
-
-
-def plot_accumulator(rows: list[LayerAccumulator], P: int, out_path: Path, title: str) -> Path | None:
-    """Grouped bars per layer: exact, A2Q+ rule, A2Q rule and data-type bits, with the accumulator width P."""
-    if not rows:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(rows)), 4))
-    idx = torch.arange(len(rows)).double()
-    series = [("exact", "exact_bits", "#3b6ea5"), ("A2Q+ rule", "a2q_plus_bits", "#6aa84f"),
-              ("A2Q rule", "a2q_bits", "#e69138"), ("data type", "datatype_bits", "#999999")]  # fmt: skip
-    for i, (label, key, color) in enumerate(series):
-        ax.bar((idx + (i - 1.5) * 0.2).tolist(), [getattr(r, key) for r in rows], 0.2, label=label, color=color)
-    ax.axhline(P, color="red", linestyle="--", linewidth=1, label=f"P = {P}")
-    ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels([r.name for r in rows], rotation=90, fontsize=6)
-    ax.set_ylabel("accumulator bits needed")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=120)
-    plt.close(fig)
-    return out_path

@@ -1,0 +1,138 @@
+"""The cast engine: the one computation behind ``cast``, ``quantize``, ``QTensor.dequantize`` and the compiled
+path.
+
+Exposed to the rest of numcast (internal to the library; the public API is :mod:`numcast.formats.ops`):
+
+- :func:`check_input`: the input checks every cast makes.
+- :func:`grid_cast` → :class:`GridCast`: the element values (element units, rows layout) and the scales of a
+  tensor in a format, the core every operation shares, so ``quantize(x).dequantize() == cast(x)`` bit for bit.
+- :func:`dequantize_rows`: element values × scales (− zero point), the multiply ``cast`` and ``dequantize``
+  share.
+- :func:`cast_unchunked`: ``grid_cast`` and back in one call (what the compiled path fuses).
+- :func:`saturated_rows`: which inputs were clipped to the grid's range (statistics, clipped STE).
+
+Imports only the modules below it (spec, layout, rounding, element, scale); ``ops``, ``qtensor`` and
+``fused`` import it, never the reverse.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from numcast.formats.element import cast_element, work_dtype
+from numcast.formats.layout import Layout
+from numcast.formats.rounding import make_noise, round_to_int
+from numcast.formats.scale import Scales, compute_scales
+from numcast.formats.spec import Format
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass
+class GridCast:
+    """A tensor cast onto a format's grid, before the scales are multiplied back (rows layout, ``[rows, n]``).
+
+    - ``layout``: how the tensor maps to rows that share one scale.
+    - ``element_input``: x / scale (+ zero point) in the work dtype, what the element cast rounded.
+    - ``values``: the element grid values (element units) it rounded to.
+    - ``scales``: the per-row scales (and tensor scale, zero points).
+    - ``work``: the dtype the arithmetic ran in (float32 where exact, else float64).
+    """
+
+    layout: Layout
+    element_input: torch.Tensor
+    values: torch.Tensor
+    scales: Scales
+    work: torch.dtype
+
+    def output(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The dequantized tensor (what ``cast`` returns)."""
+        out = dequantize_rows(self.values, self.scales, self.work)
+        return self.layout.from_rows(out).reshape(shape).to(dtype)
+
+    def rows_to_tensor(self, rows: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        """A rows-layout tensor (e.g. a mask) back in the input's shape."""
+        return self.layout.from_rows(rows).reshape(shape)
+
+
+def check_input(x: torch.Tensor) -> None:
+    """``TypeError`` unless ``x`` is a floating torch tensor numcast casts."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"numcast casts floating tensors (float32, float16, bfloat16, float64), got {x.dtype}")
+
+
+def grid_cast(
+    x: torch.Tensor,
+    fmt: Format,
+    rounding: str | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    scales: Scales | None = None,
+) -> GridCast:
+    """Element values and scales of ``x`` in ``fmt`` (``rounding`` overrides the format's).
+
+    ``scales`` fixes the scales (one per row of ``Layout.of(x.shape, fmt.scaling)``) instead of deriving
+    them from ``x``: the solvers that quantize a weight column by column (GPTQ, Error Diffusion) fix a
+    block's scale before its elements are rounded."""
+    check_input(x)
+    rounding = rounding or fmt.rounding
+    elem, scaling = fmt.element, fmt.scaling
+    work = work_dtype(elem, scaling, x.dtype)
+    layout = Layout.of(x.shape, scaling)
+    rows = layout.to_rows(x.to(work))
+    noise = None
+    if rounding == "stochastic":
+        noise = make_noise(rows.shape, rows.device, generator, seed)
+    if not scaling.scaled:
+        scales = Scales(None)
+        y = rows
+    else:
+        scales = scales if scales is not None else compute_scales(rows, elem, scaling)
+        if scaling.rule != "amax":
+            y = rows * (1.0 / scales.scale).to(work)[:, None]  # exact: power of two
+        elif scaling.tensor_scale:  # s_b·s_t needs ~28 bits: divide in float64, round once to `work`
+            y = (rows.double() / scales.effective()[:, None]).to(work)
+        else:
+            y = rows / scales.effective().to(work)[:, None]
+        if scales.zero_point is not None:
+            # q = clamp(round(x/s) + z, 0, qmax): round first, then shift (PyTorch's fake_quantize order)
+            zp = scales.zero_point.to(work)[:, None]
+            q = round_to_int(y, rounding, noise) + zp
+            values = torch.where(torch.isfinite(y), q.clamp(0, elem.qmax), torch.full_like(q, math.nan))
+            return GridCast(layout, y + zp, values, scales, work)
+    values = cast_element(y, elem, rounding, noise, fmt.saturate)
+    return GridCast(layout, y, values, scales, work)
+
+
+def dequantize_rows(values: torch.Tensor, scales: Scales, work: torch.dtype) -> torch.Tensor:
+    """Element values × scale (− zero point), in the work dtype (float64 for two-level scales, whose
+    product q·s_b·s_t is exact there and is rounded once, to the output dtype)."""
+    s = scales.effective()
+    if s is None:
+        return values
+    if scales.tensor_scale is not None:
+        return values.double() * s[:, None]
+    if scales.zero_point is not None:
+        values = values - scales.zero_point.to(work)[:, None]
+    return values * s.to(work)[:, None]
+
+
+def cast_unchunked(
+    x: torch.Tensor, fmt: Format, rounding: str | None = None, generator=None, seed=None
+) -> torch.Tensor:
+    """``x`` cast to ``fmt`` in one piece (same shape and dtype)."""
+    return grid_cast(x, fmt, rounding, generator, seed).output(x.shape, x.dtype)
+
+
+def saturated_rows(r: GridCast, fmt: Format) -> torch.Tensor:
+    """Boolean rows mask of finite inputs clipped to the grid's range."""
+    elem = fmt.element
+    if fmt.scaling.zero_point:
+        return (r.element_input < 0) | (r.element_input > elem.qmax)
+    lo = elem.qmin * 2.0**-elem.frac_bits if elem.kind == "int" else -elem.max
+    return torch.isfinite(r.element_input) & ((r.element_input > elem.max) | (r.element_input < lo))

@@ -1,0 +1,77 @@
+"""The statistics a weight solver gathers from a layer's calibration inputs, batch by batch (so memory does not
+grow with the number of tokens), in float64.
+
+Convolutions are seen as matrix products: inputs unfolded to ``[groups, tokens, C_in/g·Πk]``
+(:func:`numcast.nn.observe.layer_inputs_2d`), weights viewed as ``[out, C_in/g·Πk]``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from numcast.nn.observe import layer_inputs_2d
+
+
+def _row_steps(module: nn.Module, x: torch.Tensor, chunk: int) -> tuple[range, int]:
+    """(sample offsets, step) keeping one step's unfolded inputs near ``chunk`` elements (a 3×3 conv on 112²
+    maps unfolds 9× its input); a Linear takes the whole batch."""
+    per_sample = max(1, x[0].numel() * (9 if x.dim() > 2 else 1))
+    step = x.shape[0] if isinstance(module, nn.Linear) else max(1, chunk // per_sample)
+    return range(0, x.shape[0], step), step
+
+
+class HessianStatistics:
+    """H = 2/n Σ xᵀx over calibration tokens, per group (float64)."""
+
+    CHUNK = 1 << 24  # unfolded elements per step
+
+    def __init__(self) -> None:
+        self.h: torch.Tensor | None = None
+        self.n = 0
+
+    def add(self, module: nn.Module, x_quant: torch.Tensor, x_float: torch.Tensor | None = None) -> None:
+        x = x_quant.detach()
+        starts, step = _row_steps(module, x, self.CHUNK)
+        for i in starts:
+            rows = layer_inputs_2d(module, x[i : i + step]).double()
+            hb = rows.transpose(1, 2) @ rows
+            self.h = hb if self.h is None else self.h + hb
+            self.n += rows.shape[1]
+
+    def result(self) -> torch.Tensor:
+        if self.h is None or self.n == 0:
+            raise ValueError("no calibration inputs reached this layer")
+        return 2.0 * self.h / self.n
+
+
+class GramStatistics:
+    """Error Diffusion's statistics per group (float64): G = ÂᵀA and H = ÂᵀÂ over calibration tokens, Â the
+    layer's inputs in the quantized network and A in the float network (the same tokens, in lock step)."""
+
+    CHUNK = 1 << 23  # unfolded elements per step and stream
+
+    def __init__(self) -> None:
+        self.g: torch.Tensor | None = None
+        self.h: torch.Tensor | None = None
+        self.n = 0
+
+    def add(self, module: nn.Module, x_quant: torch.Tensor, x_float: torch.Tensor | None) -> None:
+        if x_float is None:
+            raise RuntimeError("Error Diffusion needs the float stream's inputs of every layer it solves")
+        xq, xf = x_quant.detach(), x_float.detach()
+        if xq.shape != xf.shape:
+            raise RuntimeError(f"float and quantized inputs differ in shape: {tuple(xf.shape)} vs {tuple(xq.shape)}")
+        starts, step = _row_steps(module, xq, self.CHUNK)
+        for i in starts:
+            rq = layer_inputs_2d(module, xq[i : i + step]).double()
+            rf = layer_inputs_2d(module, xf[i : i + step]).double()
+            gb, hb = rq.transpose(1, 2) @ rf, rq.transpose(1, 2) @ rq
+            self.g = gb if self.g is None else self.g + gb
+            self.h = hb if self.h is None else self.h + hb
+            self.n += rq.shape[1]
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.g is None or self.n == 0:
+            raise ValueError("no calibration inputs reached this layer")
+        return self.g / self.n, self.h / self.n
