@@ -47,11 +47,12 @@ def test_rtn_model_overflows_in_the_worst_case_and_on_real_inputs(tiny, tmp_path
     assert signs["stem"] == "int8" and signs["blocks.1.0"] == "uint8"  # the image is signed, post-ReLU is not
 
 
-def test_weights_that_are_not_integer_sums_are_listed_not_analysed(tiny, tmp_path, capsys):  # noqa: F811
-    rec = _run(capsys, ["accumulator", "tiny-cnn", "--weights", "mxfp4", "--input-bits", "8", "--accumulator-bits",
-                        "16", "--out", str(tmp_path / "m")])  # fmt: skip
-    assert rec["layers"] == [] and len(rec["skipped"]) == 4
-    assert "not integers with one scale" in rec["skipped"][0]["reason"]
+def test_a_model_with_no_integer_sum_layer_is_an_error_not_a_proof(tiny, tmp_path, capsys):  # noqa: F811
+    code = main(["accumulator", "tiny-cnn", "--weights", "mxfp4", "--input-bits", "8", "--accumulator-bits", "16",
+                 "--out", str(tmp_path / "m")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 2 and "no layer could be analysed" in out and "not integers with one scale" in out
+    assert not (tmp_path / "m" / "accumulator.json").exists()
 
 
 def test_tiled_analysis_needs_fewer_inner_bits_and_the_simulator_agrees(tiny, tmp_path, capsys):  # noqa: F811

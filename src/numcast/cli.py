@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -15,7 +14,9 @@ from rich.console import Console
 from numcast.formats.ops import cast_stats, quantize
 from numcast.formats.registry import get_format, list_formats
 from numcast.formats.spec import ROUNDINGS
+from numcast.io import MARKER, write_atomic
 from numcast.pipeline.methods import METHODS
+from numcast.report.records import json_text
 from numcast.report.tables import (
     STATS_COLUMNS,
     formats_markdown,
@@ -30,26 +31,33 @@ console = Console(width=200)
 
 
 def _load_tensors(path: Path, key: str | None) -> dict[str, torch.Tensor]:
-    """Floating tensors of a .pt, .npy or .safetensors file (``key`` picks one)."""
+    """Floating tensors of a .pt, .npy or .safetensors file (``key`` picks one); errors name the file."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     suffix = path.suffix.lower()
-    if suffix == ".npy":
-        import numpy as np
-
-        tensors = {"array": torch.from_numpy(np.load(path, allow_pickle=False))}
-    elif suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(path))
-    elif suffix in (".pt", ".pth", ".bin"):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        tensors = {"tensor": obj} if isinstance(obj, torch.Tensor) else dict(obj)
-    else:
+    if suffix not in (".npy", ".safetensors", ".pt", ".pth", ".bin"):
         raise ValueError(f"{path}: unsupported input type {suffix!r}; use .pt, .npy or .safetensors")
+    try:
+        if suffix == ".npy":
+            import numpy as np
+
+            obj = {"array": torch.from_numpy(np.load(path, allow_pickle=False))}
+        elif suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - each reader raises its own types for a damaged or foreign file
+        raise ValueError(f"{path}: not a readable {suffix} tensor file ({type(exc).__name__}: {exc})") from exc
+    if isinstance(obj, torch.Tensor):
+        obj = {"tensor": obj}
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}; numcast casts a tensor or a dict of named tensors")
+    tensors = obj
     if key is not None:
         if key not in tensors:
-            raise KeyError(f"{path}: no tensor named {key!r}; it has {', '.join(list(tensors)[:20])}")
+            raise KeyError(f"{path}: no tensor named {key!r}; it has {', '.join(map(str, list(tensors)[:20]))}")
         tensors = {key: tensors[key]}
     floats = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
     if not floats:
@@ -60,7 +68,7 @@ def _load_tensors(path: Path, key: str | None) -> dict[str, torch.Tensor]:
 def cmd_formats(args: argparse.Namespace) -> int:
     fmts = list_formats()
     if args.json:
-        print(json.dumps([f.figures() for f in fmts], indent=2))
+        print(json_text([f.figures() for f in fmts]))
     elif args.markdown:
         print(formats_markdown(fmts))
     else:
@@ -73,6 +81,10 @@ def cmd_cast(args: argparse.Namespace) -> int:
     tensors = _load_tensors(Path(args.input), args.key)
     if args.out:
         out = Path(args.out)
+        if out.is_dir():
+            raise IsADirectoryError(f"--out {out} is a directory; give the name of the .safetensors file to write")
+        if not out.parent.is_dir():
+            raise FileNotFoundError(f"--out {out}: the directory {out.parent} does not exist")
         if out.exists() and not args.overwrite:
             raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
         if len(tensors) != 1:
@@ -87,7 +99,7 @@ def cmd_cast(args: argparse.Namespace) -> int:
         if args.out:
             qt.save(args.out, overwrite=args.overwrite)
     if args.json:
-        print(json.dumps(records, indent=2))
+        print(json_text(records))
     else:
         print_table(
             make_table(f"cast to {fmt.label} ({args.rounding or fmt.rounding})", ("tensor",) + STATS_COLUMNS[1:], rows),
@@ -125,7 +137,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.markdown:
         print(markdown_table(STATS_COLUMNS, [r[:-1] for r in rows]))
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(records, indent=2))
+        write_atomic(args.json_out, lambda tmp: tmp.write_text(json_text(records)))
     if args.model:
         from numcast.jobs import run_ptq
         from numcast.pipeline.recipe import Recipe
@@ -136,7 +148,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"\nquantizing {args.model} to {recipe.weights} with GPTQ ({recipe.calibration} calibration samples)"
         )
         with console.status("starting") as status:
-            own = (out / "report.json").is_file() and (out / "model.safetensors").is_file()  # a previous demo's
+            own = (out / MARKER).is_file() and (out / "report.json").is_file()  # an earlier demo's (or run's) output
             rec = run_ptq(args.model, recipe, out, overwrite=args.overwrite or own, progress=False,
                           stage=lambda t: status.update(t))  # fmt: skip
         print_ptq(rec, recipe, str(out))
@@ -191,7 +203,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         rec = run_ptq(args.model, recipe, Path(args.out), overwrite=args.overwrite, progress=not args.no_progress,
                       stage=lambda t: status.update(t))  # fmt: skip
     if args.json:
-        print(json.dumps({k: v for k, v in rec.items() if k != "layers"}, indent=2))
+        print(json_text({k: v for k, v in rec.items() if k != "layers"}))
         return 0
     print_ptq(rec, recipe, args.out)
     return 0
@@ -223,15 +235,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     with console.status("starting") as status:
         res = run_evaluate(Path(args.dir), stage=lambda t: status.update(t))
     if args.json:
-        print(json.dumps(res, indent=2))
-        return 0
+        print(json_text(res))
+        return 0 if res["stored"] is None or res["same"] else 1
     rows = _metric_rows(res["stored"], res["measured"])
     print_table(make_table(f"{res['model']} reloaded from {args.dir}", ("metric", "at quantization", "reloaded"),
                            rows), console)  # fmt: skip
-    if res["stored"] is not None:
-        same = all(res["stored"].get(k) == v for k, v in res["measured"].items())
-        console.print("reload is bit-exact: identical metrics" if same else "[red]metrics differ from the report[/red]")
-    return 0
+    if res["stored"] is None:
+        console.print("[yellow]no report.json beside the model: nothing to compare the metrics with[/yellow]")
+        return 0
+    if res["same"]:
+        console.print("reload is bit-exact: identical metrics")
+        return 0
+    console.print("[red]error: the reloaded model's metrics differ from report.json[/red]")
+    return 1
 
 
 def cmd_accumulator(args: argparse.Namespace) -> int:
@@ -243,7 +259,7 @@ def cmd_accumulator(args: argparse.Namespace) -> int:
                               overwrite=args.overwrite, tile=args.tile, tile_bits=args.tile_bits,
                               stage=lambda t: status.update(t))  # fmt: skip
     if args.json:
-        print(json.dumps(rec, indent=2))
+        print(json_text(rec))
         return 0
     P = rec["accumulator_bits"]
     cols = ("layer", "K", "input", "exact", "A2Q+ rule", "A2Q rule", "data type", f"real overflows @P={P}",
@@ -292,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--weights", default="nvfp4", help="weight format of that quantization")
     d.add_argument("--calibration", type=int, default=64, help="calibration samples of that quantization")
     d.add_argument("--out", default="out/demo", help="where that quantization writes its report")
-    d.add_argument("--overwrite", action="store_true", help="replace --out even if numcast did not write it")
+    d.add_argument("--overwrite", action="store_true", help="replace an earlier numcast output in --out")
     d.set_defaults(func=cmd_demo)
     q = sub.add_parser("quantize", help="quantize a model, measure it, write report + packed model")
     q.add_argument("model", help="model name (minilm-l6, smollm2-135m, mobilenet-v2, efficientnet-lite0, fmnist-cnn) "
@@ -340,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "default) or the --activations format as given")
     q.add_argument("--recipe", help="recipe file (.yaml/.json); flags given here override its fields")
     q.add_argument("--out", required=True, help="output directory")
-    q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier numcast output in --out (never a directory numcast did not write)")
     q.add_argument("--no-progress", action="store_true")
     q.add_argument("--json", action="store_true", help="print the report (without layers) as JSON")
     q.set_defaults(func=cmd_quantize)
@@ -370,7 +387,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+    except KeyboardInterrupt:
+        console.print("interrupted: no output was written (partial outputs are removed)", highlight=False)
+        return 130
+    except (ValueError, TypeError, KeyError, OSError, RuntimeError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         console.print(f"[red]error:[/red] {msg}", highlight=False)
         return 2

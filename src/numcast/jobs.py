@@ -3,33 +3,31 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
+from numcast.accumulator.bounds import check_bits
+from numcast.io import OutputDir, write_atomic
 from numcast.pipeline.export import MODEL_FILE, load_quantized, read_metadata, save_quantized
 from numcast.pipeline.recipe import Recipe
 from numcast.pipeline.runner import quantize_blockwise
 from numcast.report.plots import plot_accumulator, plot_sqnr
-from numcast.report.records import PhasePeaks, model_sizes, write_report
+from numcast.report.records import PhasePeaks, json_safe, json_text, model_sizes, write_report
 from numcast.workloads import load_workload
-
-
-def prepare_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def run_ptq(model_name: str, recipe: Recipe, out: Path, *, overwrite: bool = False, progress: bool = True,
             stage=lambda text: None) -> dict:  # fmt: skip
     """Quantize ``model_name`` by ``recipe``; write report.json, sqnr.png, model.safetensors and recipe.yaml
-    into ``out``; return the report record."""
+    into ``out`` (atomically, :class:`numcast.io.OutputDir`: built beside it and renamed over it only when the
+    run succeeded; ``overwrite`` replaces only an earlier numcast output); return the report record."""
     if recipe.calibration < 1:
         raise ValueError("the calibration set is empty: pass --calibration N with N >= 1")
-    prepare_out_dir(out, overwrite)
+    with OutputDir(out, overwrite) as d:
+        return _run_ptq(model_name, recipe, d.tmp, progress, stage)
+
+
+def _run_ptq(model_name: str, recipe: Recipe, tmp: Path, progress: bool, stage) -> dict:
     mem = PhasePeaks()
     t_start = time.perf_counter()
     stage(f"loading {model_name}")
@@ -84,12 +82,12 @@ def run_ptq(model_name: str, recipe: Recipe, out: Path, *, overwrite: bool = Fal
     }
     stage("writing the report and the packed model")
     with mem.phase("export"):
-        save_quantized(w.model, out, w.name, recipe)  # a path is stored resolved
-        recipe.save(out / "recipe.yaml", overwrite=True)
-        plot_sqnr(layers, out / "sqnr.png", f"{model_name} {recipe.weights} {recipe.method}: per-layer output SQNR")
+        save_quantized(w.model, tmp, w.name, recipe)  # a path is stored resolved
+        recipe.save(tmp / "recipe.yaml", overwrite=True)
+        plot_sqnr(layers, tmp / "sqnr.png", f"{model_name} {recipe.weights} {recipe.method}: per-layer output SQNR")
     record["peak_rss_mb"] = mem.total
     record["peak_rss_exact_phases"] = mem.exact
-    write_report(record, out)
+    write_report(record, tmp)
     return record
 
 
@@ -108,7 +106,8 @@ def run_evaluate(out: Path, stage=lambda text: None) -> dict:
     measured = w.evaluate(w.model)
     report = path.parent / "report.json"
     stored = json.loads(report.read_text())["metrics"]["quantized"] if report.is_file() else None
-    return {"model": model_name, "stored": stored, "measured": measured, "primary_metric": w.primary}
+    same = stored is not None and all(stored.get(k) == json_safe(v) for k, v in measured.items())
+    return {"model": model_name, "stored": stored, "measured": measured, "primary_metric": w.primary, "same": same}
 
 
 def run_accumulator(target: str, input_bits: int, accumulator_bits: int, *, weights: str = "int8_channel",
@@ -124,6 +123,13 @@ def run_accumulator(target: str, input_bits: int, accumulator_bits: int, *, weig
 
     if samples < 1:
         raise ValueError("the analysis needs calibration samples: pass --samples N with N >= 1")
+    check_bits("--input-bits", input_bits, 1, 32)
+    check_bits("--accumulator-bits", accumulator_bits, 2, 62)
+    if (tile is None) != (tile_bits is None):
+        raise ValueError("--tile and --tile-bits go together (tiles of T inputs summed in registers of B bits)")
+    if tile is not None:
+        check_bits("--tile", tile, 1, 1 << 30)
+        check_bits("--tile-bits", tile_bits, 2, 62)
     path = Path(target)
     packed = path / MODEL_FILE if path.is_dir() else path
     if packed.is_file() and packed.suffix == ".safetensors":
@@ -149,6 +155,11 @@ def run_accumulator(target: str, input_bits: int, accumulator_bits: int, *, weig
     stage("simulating the accumulators")
     rows, skipped = analyze_model(w.model, batches, input_bits, accumulator_bits, mode=mode, tile=tile,
                                   tile_bits=tile_bits)  # fmt: skip
+    if not rows:
+        why = "; ".join(f"{n}: {r}" for n, r in skipped[:3]) or "the model has no quantized linear/conv layer"
+        raise ValueError(f"no layer could be analysed, so nothing is proven ({len(skipped)} quantized layers skipped: "
+                         f"{why}); the accumulator analysis needs integer weights with one scale per output channel "
+                         "or tensor (e.g. int8_channel)")
     records = rows_to_records(rows)
     record = {
         "model": w.name,
@@ -162,7 +173,8 @@ def run_accumulator(target: str, input_bits: int, accumulator_bits: int, *, weig
         "layers": records,
         "skipped": [{"name": n, "reason": r} for n, r in skipped],
     }
-    files[0].write_text(json.dumps(record, indent=2))
-    plot_accumulator(records, accumulator_bits, files[1], f"{w.name}: accumulator bits per layer ({source})")
+    write_atomic(files[0], lambda tmp: tmp.write_text(json_text(record)))
+    title = f"{w.name}: accumulator bits per layer ({source})"
+    write_atomic(files[1], lambda tmp: plot_accumulator(records, accumulator_bits, tmp, title))
     record["files"] = [str(f) for f in files if f.exists()]
     return record

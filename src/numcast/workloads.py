@@ -176,6 +176,8 @@ def _fmnist() -> Workload:
 
     def calibration(n: int) -> list:
         x, _ = load_fashion_mnist("train")
+        if n > x.shape[0]:
+            raise ValueError(f"fmnist-cnn calibrates on the {x.shape[0]} training images; {n} were asked for")
         return _batches(x[:n], CALIB_BATCH["fmnist-cnn"])
 
     def evaluate(m) -> dict[str, float]:

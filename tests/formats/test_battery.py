@@ -242,3 +242,26 @@ def test_chunked_eager_path_equals_whole_tensor_path(name, monkeypatch):
         ref = cast(x.t().contiguous(), on_rows)
         monkeypatch.setattr(ops, "CHUNK_ELEMENTS", 100)
         assert_bitwise(cast(x.t().contiguous(), on_rows), ref, f"{name} axis 0")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("name", FORMATS)
+def test_nonfinite_inputs_follow_one_policy_in_cast_quantize_and_the_file(name, bad, tmp_path):
+    """The non-finite policy, the same everywhere: ``cast`` never hides a non-finite value (NaN stays NaN, inf
+    stays inf where the format has inf, a scaled block holding one is NaN); ``quantize`` stores exactly what
+    ``cast`` returns, through the packed bytes and the saved file, or refuses with ``ValueError`` where the
+    format has no code for it (unscaled integers, FP4/FP6)."""
+    fmt = by_name[name]
+    x = sample(fmt, (4, 64), seed=11)
+    x[1, 5] = bad
+    y = cast(x, name)
+    assert not torch.isfinite(y[1, 5])
+    try:
+        qt = quantize(x, name)
+    except ValueError as exc:
+        assert not fmt.scaling.scaled and not fmt.element.has_nan, f"{name}: refused although it has a code: {exc}"
+        assert "cannot be encoded" in str(exc)
+        return
+    assert_bitwise(qt.dequantize(), y, name)
+    qt.save(tmp_path / "q.safetensors")
+    assert_bitwise(QTensor.load(tmp_path / "q.safetensors").dequantize(), y, name)

@@ -97,10 +97,16 @@ def test_nvfp4_equals_two_level_reference():
         assert_bitwise(cast(torch.from_numpy(x), "nvfp4"), torch.from_numpy(ref), "nvfp4")
 
 
-def test_nvfp4_nonfinite_tensor_is_all_nan():
-    x = torch.randn(4, 16)
-    x[1, 2] = float("inf")
-    assert torch.isnan(cast(x, "nvfp4")).all()
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_nvfp4_nonfinite_value_makes_only_its_block_nan(bad):
+    """The README's policy: a block holding NaN/inf is NaN; the other blocks (and the FP32 tensor scale, taken
+    over the finite blocks) are what they are without it."""
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    x[1, 2] = bad
+    y = cast(x, "nvfp4")
+    assert torch.isnan(y[1]).all()
+    keep = [0, 2, 3]
+    assert_bitwise(y[keep], cast(x[keep], "nvfp4"), "nvfp4")
 
 
 @pytest.mark.parametrize("bits,block", [(8, 16), (6, 16), (4, 16), (8, 32)])

@@ -12,11 +12,12 @@ from numcast.algorithms.rtn import rtn
 from numcast.formats.qtensor import storage_nbytes
 from numcast.formats.registry import get_format
 from numcast.pipeline.export import load_quantized, save_quantized
-from numcast.pipeline.mixed_precision import LayerMeasure, budget_bits, measure_layers
+from numcast.pipeline.mixed_precision import LayerMeasure, measure_layers
 from numcast.pipeline.plan import plan_layers
 from numcast.pipeline.quantize_model import quantize_model
 from numcast.pipeline.recipe import Recipe
 from numcast.pipeline.runner import quantize_blockwise
+from numcast.pipeline.settings import budget_bits
 
 CANDIDATES = ["int2_g64", "int3_g64", "int4_g128", "int8_channel"]
 
@@ -26,9 +27,10 @@ def test_budget_parsing():
     assert budget_bits("3 bits", 10) == 30
     assert budget_bits("250kB", 1) == 2_000_000
     assert budget_bits("1MiB", 1) == 8 * 1024**2
-    assert budget_bits("1000", 1) == 8000
-    with pytest.raises(ValueError, match="bits per parameter"):
-        budget_bits("four bits", 10)
+    assert budget_bits("1000B", 1) == 8000
+    for bad in ("four bits", "1000", "3.5"):  # a number without its unit: bits per parameter, or bytes?
+        with pytest.raises(ValueError, match="bits per parameter"):
+            budget_bits(bad, 10)
 
 
 @pytest.mark.parametrize("strategy", ["lcl", "sensitivity"])

@@ -9,6 +9,7 @@ stored. ``QTensor`` stores ceil(L/B) scales per row.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -69,8 +70,9 @@ class Layout:
             if self.padded:
                 xm = F.pad(xm, (0, self.padded))
             return xm.reshape(-1, self.block)
-        if self.granularity == "channel":
-            return x.movedim(self.axis, 0).reshape(self.shape[self.axis], -1)
+        if self.granularity == "channel":  # explicit row length: an empty tensor has no -1 to infer
+            c = self.shape[self.axis]
+            return x.movedim(self.axis, 0).reshape(c, math.prod(self.shape) // c if c else 0)
         return x.reshape(1, -1)
 
     def from_rows(self, rows: torch.Tensor) -> torch.Tensor:

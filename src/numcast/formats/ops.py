@@ -11,6 +11,7 @@ multiply, so ``quantize(x).dequantize() == cast(x)`` bit for bit. Imports go one
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import replace
 
 import torch
@@ -55,6 +56,29 @@ def _cast_eager(x: torch.Tensor, fmt: Format, rounding: str | None = None, gener
     return layout.from_rows(out).reshape(x.shape)
 
 
+def _warn_if_scales_saturate(x: torch.Tensor, fmt: Format) -> None:
+    """A scale stored in a narrow format (FP16 group scales: at most 65504) cannot represent amax/max_elem for
+    very large inputs: those blocks saturate below their amax (int4_g128 turns 1e6 into 458528). Warn with the
+    count of such blocks; the values stay what the format gives (numcast never changes a format silently)."""
+    sc, el = fmt.scaling, fmt.element
+    if not sc.scaled or sc.rule != "amax" or sc.tensor_scale or x.numel() == 0:
+        return
+    limit = el.max * sc.scale_format.max  # the largest amax whose scale the scale format holds
+    if limit >= torch.finfo(x.dtype).max:
+        return
+    finite = torch.where(torch.isfinite(x), x.abs(), torch.zeros((), dtype=x.dtype, device=x.device))
+    if float(finite.max()) <= limit:
+        return
+    rows = Layout.of(x.shape, sc).to_rows(finite)
+    n = int((rows.amax(dim=-1).double() > limit).sum())
+    warnings.warn(
+        f"{fmt.label}: {n} of {rows.shape[0]} scale blocks hold values beyond {limit:.6g} (= {el.max:g} x the "
+        f"largest {fmt.scale_format_name} scale {sc.scale_format.max:g}); their scale saturates and those values are "
+        "clipped. Use a format with a wider scale (e.g. an FP32 per-channel scale) for such tensors.",
+        stacklevel=3,
+    )
+
+
 def cast(
     x: torch.Tensor,
     fmt: FormatLike,
@@ -82,6 +106,8 @@ def cast(
         raise ValueError(f"out must match x: {tuple(x.shape)} {x.dtype} {x.device}, got "
                          f"{tuple(out.shape)} {out.dtype} {out.device}")  # fmt: skip
     mode = rounding or fmt.rounding
+    check_input(x)
+    _warn_if_scales_saturate(x, fmt)
     if backend == "compiled" and mode != "stochastic":
         check_input(x)
         res = compiled_cast_fn(fmt, mode)(x)
@@ -100,6 +126,8 @@ def quantize(
 ) -> QTensor:
     """Quantize ``x`` to a :class:`~numcast.formats.qtensor.QTensor` (codes + scales + format)."""
     fmt = get_format(fmt)
+    check_input(x)
+    _warn_if_scales_saturate(x, fmt)
     return QTensor.from_grid_cast(grid_cast(x, fmt, rounding, generator, seed), fmt, tuple(x.shape), x.dtype)
 
 
@@ -137,10 +165,22 @@ def cast_ste(
     return _STE.apply(x, get_format(fmt), rounding, generator, seed, mask_outside)
 
 
+def _sqnr_db(signal: float, noise: float) -> float:
+    if noise == 0:
+        return math.inf
+    if noise == math.inf or signal == 0:
+        return -math.inf
+    return 10 * math.log10(signal / noise)
+
+
 def cast_stats(x: torch.Tensor, fmt: FormatLike, **kw) -> tuple[torch.Tensor, dict]:
     """``cast`` plus error figures: MSE, SQNR (dB), max abs error, fractions saturated and flushed to zero,
-    NaN/inf counts of input and output. Non-finite positions are excluded from the error figures."""
+    NaN/inf counts of input and output, and ``finite_to_nonfinite``: finite inputs whose output is NaN/inf (the
+    rest of a block holding a NaN, an overflow without saturation). Those make the error unbounded: MSE and max
+    error are inf, SQNR −inf. Positions whose input is already non-finite are excluded from the error figures."""
     fmt = get_format(fmt)
+    check_input(x)
+    _warn_if_scales_saturate(x, fmt)
     r = grid_cast(x, fmt, kw.get("rounding"), kw.get("generator"), kw.get("seed"))
     out = r.output(x.shape, x.dtype)
     sat = r.rows_to_tensor(saturated_rows(r, fmt), x.shape)
@@ -148,15 +188,17 @@ def cast_stats(x: torch.Tensor, fmt: FormatLike, **kw) -> tuple[torch.Tensor, di
     fin = torch.isfinite(xd) & torch.isfinite(od)
     err = (od - xd)[fin]
     sig = xd[fin]
-    mse = float(err.square().mean()) if err.numel() else 0.0
+    lost = int((torch.isfinite(xd) & ~torch.isfinite(od)).sum())
+    mse = math.inf if lost else (float(err.square().mean()) if err.numel() else 0.0)
     p_sig = float(sig.square().mean()) if sig.numel() else 0.0
     n = max(x.numel(), 1)
     stats = {
         "format": fmt.label,
         "numel": x.numel(),
         "mse": mse,
-        "sqnr_db": 10 * math.log10(p_sig / mse) if mse > 0 and p_sig > 0 else (math.inf if mse == 0 else -math.inf),
-        "max_abs_err": float(err.abs().max()) if err.numel() else 0.0,
+        "sqnr_db": _sqnr_db(p_sig, mse),
+        "max_abs_err": math.inf if lost else (float(err.abs().max()) if err.numel() else 0.0),
+        "finite_to_nonfinite": lost,
         "frac_saturated": float(sat.sum()) / n,
         "frac_flushed_to_zero": float(((xd != 0) & torch.isfinite(xd) & (od == 0)).sum()) / n,
         "nan_in": int(torch.isnan(xd).sum()),

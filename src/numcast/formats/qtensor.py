@@ -22,6 +22,7 @@ from numcast.formats.layout import Layout
 from numcast.formats.packing import pack_bits, packed_nbytes, unpack_bits
 from numcast.formats.scale import Scales
 from numcast.formats.spec import Format
+from numcast.io import load_safetensors, save_safetensors
 
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
 
@@ -130,9 +131,8 @@ class QTensor:
         return QTensor(codes, sc, zp, ts, fmt, shape, dtype)
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
-        """Write the packed tensor to a safetensors file, the format in its metadata."""
-        from safetensors.torch import save_file
-
+        """Write the packed tensor to a safetensors file (atomically; the format, shape and dtype in its metadata,
+        with checksums of the bytes and the metadata, :func:`numcast.io.save_safetensors`)."""
         if os.path.exists(path) and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
         data = (
@@ -146,20 +146,15 @@ class QTensor:
             "shape": json.dumps(list(self.shape)),
             "dtype": str(self.dtype),
         }
-        save_file({"packed": data}, str(path), metadata=meta)
+        save_safetensors({"packed": data}, path, meta)
 
     @staticmethod
     def load(path: str | os.PathLike) -> QTensor:
-        """Read a tensor written by :meth:`save`; errors name the file, never return garbage."""
-        from safetensors import safe_open
-
+        """Read a tensor written by :meth:`save`; a damaged or altered file (bytes or metadata) raises
+        ``ValueError`` naming it, never returns other values."""
+        tensors, meta = load_safetensors(path, "numcast QTensor file")
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                packed = f.get_tensor("packed")
-        except Exception as exc:  # safetensors raises several types for corrupted headers
-            raise ValueError(f"{path}: not a readable numcast safetensors file ({exc})") from exc
-        try:
+            packed = tensors["packed"]
             fmt = Format.from_json(meta["numcast_format"])
             if meta.get("numcast_format_name"):
                 fmt = fmt.with_(name=meta["numcast_format_name"])

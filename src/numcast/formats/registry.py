@@ -115,11 +115,30 @@ def get_format(fmt: FormatLike) -> Format:
     return parse_format(key)
 
 
+_NAME = re.compile(r"[a-z0-9][a-z0-9_.+-]*")
+
+
 def register_format(name: str, fmt: Format, *, overwrite: bool = False) -> Format:
-    """Add a user format under ``name``; it then joins ``list_formats()`` and the test battery."""
+    """Add a user format under ``name``; it then joins ``list_formats()`` and the test battery. A name is letters,
+    digits and ``_ . + -``; a name the grammar already gives a meaning (``int5_g64``) is refused, since the
+    registered format would silently shadow it."""
+    if not isinstance(name, str):
+        raise TypeError(f"a format name is a string, got {type(name).__name__} {name!r}")
+    if not isinstance(fmt, Format):
+        raise TypeError(f"register_format needs a numcast Format, got {type(fmt).__name__}")
     key = name.strip().lower()
+    if not _NAME.fullmatch(key):
+        raise ValueError(f"format name {name!r}: use letters, digits and _ . + - (starting with a letter or digit)")
     if key in _REGISTRY and not overwrite:
         raise ValueError(f"format {name!r} is already registered (pass overwrite=True to replace it)")
+    if key not in _REGISTRY:
+        try:
+            meaning = parse_format(key)
+        except ValueError:
+            meaning = None
+        if meaning is not None:
+            raise ValueError(f"format name {name!r} already means {meaning.label} in numcast's name grammar; "
+                             "choose a name the grammar does not parse")  # fmt: skip
     fmt = fmt.with_(name=key)
     _REGISTRY[key] = fmt
     return fmt

@@ -52,6 +52,8 @@ def make_noise(
             raise ValueError(
                 "stochastic rounding needs an explicit torch.Generator or seed (the global RNG is never used)"
             )
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+            raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
         generator = torch.Generator(device=device)
-        generator.manual_seed(int(seed))
+        generator.manual_seed(seed)
     return torch.rand(shape, generator=generator, device=device, dtype=torch.float32)

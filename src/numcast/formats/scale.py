@@ -47,7 +47,11 @@ class Scales:
 
 
 def row_range(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(amax, min, max) per row in float64; amax is NaN if the row has NaN, inf if it has ±inf."""
+    """(amax, min, max) per row in float64; amax is NaN if the row has NaN, inf if it has ±inf; rows of length 0
+    (an empty tensor's channels) have range 0."""
+    if rows.shape[-1] == 0:
+        z = rows.new_zeros(rows.shape[:-1], dtype=torch.float64)
+        return z, z, z
     mn, mx = torch.aminmax(rows, dim=-1)
     mn, mx = mn.double(), mx.double()
     amax = torch.maximum(mx, -mn)
@@ -56,7 +60,9 @@ def row_range(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def row_amax(rows: torch.Tensor) -> torch.Tensor:
-    """max |x| per row (NaN propagates), in the rows' dtype."""
+    """max |x| per row (NaN propagates), in the rows' dtype; 0 for rows of length 0."""
+    if rows.shape[-1] == 0:
+        return rows.new_zeros(rows.shape[:-1])
     return rows.abs().amax(dim=-1)
 
 
@@ -84,10 +90,13 @@ def compute_scales(
         tensor_scale = torch.as_tensor(tensor_scale, dtype=torch.float64, device=amax.device)
         denom = elem.max * tensor_scale
     else:  # a 0-dim float64 tensor holding an FP32 value (no host sync: compiles whole)
-        t_amax = amax.max() if amax.numel() else amax.new_zeros(())
+        # over the finite blocks only: a block holding NaN/inf gets the NaN scale (that block is NaN), the others
+        # keep the tensor scale they would have without it
+        finite = torch.where(bad, torch.zeros_like(amax), amax)
+        t_amax = finite.max() if finite.numel() else finite.new_zeros(())
         t = (t_amax / (elem.max * sf.max)).float().double()
         t = torch.where(t == 0, torch.full_like(t, math.ldexp(1.0, -149)), t)  # FP32 underflow: smallest
-        tensor_scale = torch.where(t_amax == 0, torch.ones_like(t), t)  # NaN/inf amax -> NaN/inf -> NaN rows
+        tensor_scale = torch.where(t_amax == 0, torch.ones_like(t), t)
         denom = elem.max * tensor_scale
     zp = None
     if scaling.zero_point:

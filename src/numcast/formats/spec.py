@@ -138,6 +138,14 @@ class FloatElement:
             raise ValueError("float element: policy 'fnu' (E8M0 style) needs signed=False and mbits=0")
         if not self.signed and self.policy != "fnu":
             raise ValueError("float element: only policy 'fnu' is unsigned")
+        if not isinstance(self.bias, int) or isinstance(self.bias, bool):
+            raise ValueError(f"float element: bias must be an int, got {self.bias!r}")
+        if self.policy == "ieee" and (self.mbits < 1 or self.ebits < 2):
+            raise ValueError(
+                f"float element: policy 'ieee' reserves the top exponent for inf (mantissa 0) and NaN (mantissa != 0), "
+                f"so it needs >= 1 mantissa bit and >= 2 exponent bits, got e{self.ebits}m{self.mbits}; use policy "
+                "'fn', 'fnuz' or 'finite'"
+            )
         if self.policy == "ieee" and self.ebits == 1:
             raise ValueError("float element: an 'ieee' format needs >= 2 exponent bits (one field is reserved)")
         if self.policy == "fn" and self.ebits + self.mbits < 2:
@@ -235,6 +243,9 @@ class Scaling:
     zero_point: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.scale_format, FloatElement):
+            raise TypeError(f"scaling: scale_format must be a FloatElement (e.g. numcast.formats.E8M0, FP16), got "
+                            f"{type(self.scale_format).__name__} {self.scale_format!r}")  # fmt: skip
         if self.granularity not in ("none", "tensor", "channel", "block"):
             raise ValueError(f"scaling: unknown granularity {self.granularity!r}")
         if self.granularity == "block":
@@ -274,6 +285,11 @@ class Format:
     name: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.element, (IntElement, FloatElement)):
+            raise TypeError(f"format: element must be an IntElement or FloatElement, got {type(self.element).__name__} "
+                            f"{self.element!r} (a format name goes through numcast.get_format)")  # fmt: skip
+        if not isinstance(self.scaling, Scaling):
+            raise TypeError(f"format: scaling must be a Scaling, got {type(self.scaling).__name__}")
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"format: unknown rounding {self.rounding!r}; one of {ROUNDINGS}")
         if self.scaling.zero_point and (self.element.kind != "int" or self.element.signed):
@@ -347,17 +363,30 @@ class Format:
 
     @staticmethod
     def from_dict(d: dict) -> Format:
-        d = dict(d)
-        el = dict(d.pop("element"))
-        kind = el.pop("kind")
-        element: Element = IntElement(**el) if kind == "int" else FloatElement(**el)
-        sc = dict(d.pop("scaling"))
-        sc["scale_format"] = FloatElement(**sc["scale_format"])
-        return Format(element=element, scaling=Scaling(**sc), **d)
+        """The format of :meth:`to_dict`; ``ValueError`` naming what is missing or wrong otherwise."""
+        try:
+            d = dict(d)
+            el = dict(d.pop("element"))
+            kind = el.pop("kind")
+            if kind not in ("int", "float"):
+                raise ValueError(f"element kind {kind!r} is neither 'int' nor 'float'")
+            element: Element = IntElement(**el) if kind == "int" else FloatElement(**el)
+            sc = dict(d.pop("scaling"))
+            sc["scale_format"] = FloatElement(**sc["scale_format"])
+            return Format(element=element, scaling=Scaling(**sc), **d)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"not a numcast format description ({type(exc).__name__}: {exc}); expected the keys "
+                             "'element' (with 'kind'), 'scaling' (with 'scale_format'), 'rounding'") from exc
 
     @staticmethod
     def from_json(s: str) -> Format:
-        return Format.from_dict(json.loads(s))
+        try:
+            d = json.loads(s)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not a numcast format description: invalid JSON ({exc})") from exc
+        if not isinstance(d, dict):
+            raise ValueError(f"not a numcast format description: a JSON object is expected, got {type(d).__name__}")
+        return Format.from_dict(d)
 
     def with_(self, **changes) -> Format:
         """A copy with fields changed (``rounding``, ``saturate``, ``scaling``...); the name is dropped

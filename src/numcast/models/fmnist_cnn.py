@@ -6,12 +6,12 @@ deterministic recipe that produced it (``python -m numcast.training.fmnist OUT``
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from numcast.io import write_atomic
 
 FMNIST_CNN_FORMAT = "numcast.fmnist-cnn.v1"  # the ``format`` metadata entry of a checkpoint file
 FMNIST_CNN_CHECKPOINT = Path(__file__).parent / "weights" / "fmnist-cnn-v1.safetensors"
@@ -90,20 +90,13 @@ def fmnist_blocks(model: FmnistCNN) -> list[nn.Module]:
 
 
 def save_fmnist_cnn(model: FmnistCNN, path: Path, metadata: dict[str, str]) -> None:
-    """Write ``model``'s state dict with ``metadata`` to a temporary file beside ``path``, then ``os.replace`` it
-    into place (an interrupted write leaves nothing behind)."""
+    """Write ``model``'s state dict with ``metadata`` to ``path`` atomically (an interrupted write leaves nothing
+    behind, :func:`numcast.io.write_atomic`)."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": FMNIST_CNN_FORMAT, **metadata})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FMNIST_CNN_FORMAT, **metadata}))
 
 
 def load_fmnist_cnn(path: Path | str | None = None) -> FmnistCNN:

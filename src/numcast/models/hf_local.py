@@ -75,19 +75,41 @@ def gguf_float_folder(src: Path, cache: Path | None = None, name: str | None = N
     return convert_gguf(src, folder)
 
 
-def model_kind(folder: Path) -> str:
-    """'causal-lm' or 'encoder', from the folder's config.json."""
-    from transformers import AutoConfig
+SUPPORTED = ("causal language models (any architecture transformers loads with AutoModelForCausalLM: Llama, "
+             "Qwen2, Gemma, GPT-2, Phi, Mistral, ...) and text encoders with a masked-LM head (BERT, RoBERTa, "
+             "MiniLM, ...)")
 
-    config = AutoConfig.from_pretrained(folder)
+
+def model_kind(folder: Path) -> str:
+    """'causal-lm' or 'encoder', from the folder's config.json: a causal LM by its declared architecture (one
+    of transformers' causal-LM classes, e.g. ``GPT2LMHeadModel``) or ``is_decoder``; an encoder by a model
+    type with a masked-LM head (BERT-like). Anything else (seq2seq, vision, audio) is refused naming it."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{folder}/config.json: not a readable Hugging Face config ({exc})") from exc
     archs = config.architectures or []
-    if any(a.endswith("ForCausalLM") for a in archs) or getattr(config, "is_decoder", False):
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if any(a in causal for a in archs) or getattr(config, "is_decoder", False):
         return "causal-lm"
-    return "encoder"
+    if not archs and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in \
+            MODEL_FOR_MASKED_LM_MAPPING_NAMES:  # fmt: skip
+        return "causal-lm"
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "encoder"
+    raise ValueError(f"{folder}: a {config.model_type!r} model ({', '.join(archs) or 'no architectures listed'}) "
+                     f"is not supported yet; numcast quantizes {SUPPORTED}")
 
 
 def load_local_model(path: str | Path) -> tuple[nn.Module, object, str, Path]:
-    """(model in float32 eval mode, tokenizer, kind, folder) for a HF folder or a .gguf file."""
+    """(model in float32 eval mode, tokenizer, kind, folder) for a HF folder or a .gguf file; errors name the
+    folder and what is wrong (no config, no weights, unsupported architecture)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -97,9 +119,21 @@ def load_local_model(path: str | Path) -> tuple[nn.Module, object, str, Path]:
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"{p}: not a Hugging Face model folder (no config.json) nor a .gguf file")
     kind = model_kind(p)
+    weights = [f for f in p.iterdir() if f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json")]
+    if not weights:
+        raise FileNotFoundError(f"{p}: no weights (model.safetensors, pytorch_model.bin or a sharded index) beside "
+                                "config.json")  # fmt: skip
     auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
-    model = auto.from_pretrained(p, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(p), kind, p
+    try:
+        model = auto.from_pretrained(p, dtype=torch.float32).eval()
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{p}: transformers could not load the weights ({type(exc).__name__}: {exc})") from exc
+    try:
+        tok = AutoTokenizer.from_pretrained(p)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{p}: no usable tokenizer beside the model ({exc}); numcast measures text models on "
+                         "text, so it needs the tokenizer files") from exc
+    return model, tok, kind, p
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:

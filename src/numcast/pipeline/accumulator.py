@@ -17,6 +17,8 @@ Weight formats must be integers with one scale per output channel or per tensor 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -54,6 +56,26 @@ def layer_budget(plan, settings: AccumulatorSettings) -> tuple[float, int]:
     return l1_budget(settings.rule, settings.bits, n, signed), m
 
 
+def smallest_workable_bits(plan, settings: AccumulatorSettings) -> int:
+    """The smallest accumulator width whose budget lets the layer keep any non-zero weight (T ≥ 1)."""
+    n, signed = input_spec(plan.activation_format)
+    for bits in range(2, 63):
+        if l1_budget(settings.rule, bits, n, signed) >= 1:
+            return bits
+    return 63
+
+
+def check_budgets(plans: list, settings: AccumulatorSettings) -> None:
+    """``ValueError`` when the accumulator width leaves some layer a budget below one integer step (every weight
+    would round to zero), naming each such layer and the smallest width that works for it."""
+    starved = [p for p in plans if layer_budget(p, settings)[0] < 1]
+    if starved:
+        need = ", ".join(f"{p.name} ({p.activation_format} inputs): P >= {smallest_workable_bits(p, settings)}"
+                         for p in starved[:6])  # fmt: skip
+        raise ValueError(f"a {settings.bits}-bit accumulator leaves {len(starved)} layer(s) no room for a single "
+                         f"non-zero weight under the {settings.rule} rule: {need}")  # fmt: skip
+
+
 def ep_init_qweight(plan, settings: AccumulatorSettings) -> QTensor:
     """EP-init as PTQ: the layer's float weights in units of its format's own per-channel scale (absmax / qmax),
     projected onto its budget and rounded within it."""
@@ -68,7 +90,13 @@ def within_budget(plan, qt: QTensor, settings: AccumulatorSettings) -> QTensor:
     """A solver's QTensor with its integer codes fitted into the layer's budget (scales unchanged; rows already
     within the budget stay as solved); records the bits the result needs in ``plan.accumulator_bits``."""
     T, m = layer_budget(plan, settings)
-    q = fit_budget(integer_codes(qt), m, T, settings.rule, settings.rounding)
+    codes = integer_codes(qt)
+    q = fit_budget(codes, m, T, settings.rule, settings.rounding)
+    zeros, before = float((q == 0).double().mean()), float((codes == 0).double().mean())
+    if zeros > 0.5 and zeros > before:
+        warnings.warn(f"{plan.name}: the {settings.bits}-bit accumulator budget sets {100 * zeros:.0f} % of its "
+                      f"weights to zero ({100 * before:.0f} % before); a wider accumulator keeps more of the layer",
+                      stacklevel=2)  # fmt: skip
     fitted = qtensor_from_codes(q, qt.scales(), plan.weight_format)
     plan.accumulator_bits = accumulator_needs(fitted, plan.activation_format)
     return fitted

@@ -3,9 +3,11 @@
 ``DIR/model.safetensors`` holds every quantized layer's packed QTensor bytes (``<layer>.qweight``, uint8)
 and every other tensor of the model's state dict (biases, norms, embeddings kept in float, calibrated
 activation ranges); the header metadata records each quantized layer's format, shape and class, the model
-name and the recipe. Tied tensors (a shared embedding / LM head) are stored once. ``DIR/recipe.yaml`` is the
-recipe. Reloading rebuilds the same modules from the float model and these bytes, so the quantized weights
-are bit-identical; a truncated or foreign file raises an error naming it.
+name and the recipe, and a SHA-256 of every tensor and of the metadata (:mod:`numcast.io`): identical runs
+write identical bytes, and a damaged or altered file is refused naming the tensor. Tied tensors (a shared
+embedding / LM head) are stored once. ``DIR/recipe.yaml`` is the recipe. Reloading rebuilds the same modules
+from the float model and these bytes, so the quantized weights are bit-identical; a truncated or foreign file
+raises an error naming it.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from numcast.formats.qtensor import QTensor
 from numcast.formats.spec import Format
+from numcast.io import load_safetensors, save_safetensors
 from numcast.nn.modules import QuantWeightModule
 from numcast.nn.surgery import set_module
 from numcast.pipeline.plan import make_quant_module, plan_layers
@@ -51,12 +53,10 @@ def save_quantized(model: nn.Module, out_dir: Path, model_name: str, recipe: Rec
     meta = {
         "numcast_model": model_name,
         "numcast_recipe": recipe.model_dump_json(),
-        "numcast_layers": json.dumps(layers),
-        "numcast_aliases": json.dumps(aliases),
+        "numcast_layers": json.dumps(layers, sort_keys=True),
+        "numcast_aliases": json.dumps(aliases, sort_keys=True),
     }
-    path = out_dir / MODEL_FILE
-    save_file(tensors, str(path), metadata=meta)
-    return path
+    return save_safetensors(tensors, out_dir / MODEL_FILE, meta)
 
 
 def read_metadata(path: Path) -> tuple[str, Recipe]:
@@ -73,10 +73,8 @@ def read_metadata(path: Path) -> tuple[str, Recipe]:
 
 def load_quantized(model: nn.Module, path: Path) -> nn.Module:
     """Turn the float ``model`` (freshly loaded, same architecture) into the saved quantized model, in place."""
+    tensors, meta = load_safetensors(path, "numcast packed model")  # checksums verified: names a damaged tensor
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
         layers = json.loads(meta["numcast_layers"])
         aliases = json.loads(meta["numcast_aliases"])
         recipe = Recipe.model_validate_json(meta["numcast_recipe"])

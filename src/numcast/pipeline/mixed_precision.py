@@ -27,7 +27,6 @@ recipe, so ``recipe.yaml`` replays it).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -38,22 +37,7 @@ from numcast.algorithms.rtn import rtn
 from numcast.formats.qtensor import storage_nbytes
 from numcast.formats.registry import get_format
 from numcast.nn.observe import call_model
-from numcast.pipeline.settings import MixedPrecisionSettings
-
-_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
-
-
-def budget_bits(text: str, params: int) -> float:
-    """Total bits allowed for ``params`` quantized weights: ``"4.5bits"`` (average bits per parameter, scales
-    included) or a size in bytes (``"250000"``, ``"250kB"``, ``"1.5MiB"``)."""
-    t = text.strip().lower().replace(" ", "")
-    m = re.fullmatch(r"([0-9]*\.?[0-9]+)(bits?|bpp)", t)
-    if m:
-        return float(m.group(1)) * params
-    m = re.fullmatch(r"([0-9]*\.?[0-9]+)([kmg]i?b|b)?", t)
-    if not m:
-        raise ValueError(f"budget {text!r}: give average bits per parameter ('4.5bits') or bytes ('250kB')")
-    return float(m.group(1)) * _UNITS[m.group(2) or "b"] * 8
+from numcast.pipeline.settings import MixedPrecisionSettings, budget_bits
 
 
 def _view_shape(module: nn.Module) -> tuple[int, int]:

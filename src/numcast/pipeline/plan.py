@@ -13,14 +13,16 @@ recipe are derived from the final plans in one place at the end.
 
 from __future__ import annotations
 
+import fnmatch
 import warnings
 from dataclasses import asdict, dataclass, field
 
+import torch
 from torch import nn
 
 from numcast.nn.act_quant import ActQuantizer
 from numcast.nn.surgery import quant_class, why_not_quantizable
-from numcast.pipeline.accumulator import check_weight_format, resolve_input_signs
+from numcast.pipeline.accumulator import check_budgets, check_weight_format, resolve_input_signs
 from numcast.pipeline.layer_plan import LayerPlan, LayerReport
 from numcast.pipeline.mixed_precision import resolve_mixed_precision
 from numcast.pipeline.recipe import LayerOverride, Recipe
@@ -77,20 +79,43 @@ def plan_layers(model: nn.Module, recipe: Recipe) -> list[LayerPlan]:
             else:
                 plan.qcls, plan.weight_format = qcls, w
                 plan.activation_format = None if isinstance(module, nn.Embedding) else a
+    _check_patterns(recipe, [p.name for p in plans])
     return plans
+
+
+def _check_patterns(recipe: Recipe, names: list[str]) -> None:
+    """Every include/exclude/override glob must match a module that holds parameters: one that matches none
+    does nothing, which is an error (a typo would otherwise quantize what the user meant to keep, or not)."""
+    patterns = [("include", p) for p in recipe.include if p != "*"] + [("exclude", p) for p in recipe.exclude]
+    patterns += [("override", o.pattern) for o in recipe.overrides]
+    for kind, pat in patterns:
+        if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+            shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+            raise ValueError(f"{kind} pattern {pat!r} matches no layer of the model (layers with parameters: "
+                             f"{shown}; `*` matches dots too)")  # fmt: skip
 
 
 def resolve_plans(model: nn.Module, plans: list[LayerPlan], recipe: Recipe, batches: list) -> None:
     """The decisions taken on the float model before any layer is quantized (module docstring, step 2); they
     change the plans only."""
     todo = [p for p in plans if p.quantized]
-    if recipe.mixed_precision.strategy is not None:
+    if not todo:
+        why = "; ".join(f"{p.name}: {p.reason}" for p in plans[:4]) or "the model holds no parameters"
+        raise ValueError(f"nothing to quantize: all {len(plans)} modules with parameters stay in float ({why}"
+                         f"{'; ...' if len(plans) > 4 else ''})")  # fmt: skip
+    for p in todo:
+        bad = int((~torch.isfinite(p.module.weight.detach())).sum())
+        if bad:
+            raise ValueError(f"{p.name}: {bad} weight(s) are NaN or inf; numcast does not quantize a broken layer "
+                             "(exclude it, or fix the checkpoint)")  # fmt: skip
+    if recipe.mixed_precision.strategy is not None and not recipe.mixed_precision.decided:
         resolve_mixed_precision(model, todo, recipe.mixed_precision, batches)
     if recipe.accumulator.bits is not None:
         for p in todo:
             check_weight_format(p.name, p.weight_format)
         if recipe.accumulator.input_sign == "auto":
             resolve_input_signs(model, todo, batches)
+        check_budgets(todo, recipe.accumulator)
 
 
 def make_quant_module(plan: LayerPlan, recipe: Recipe, qweight=None, defer_static: bool = False) -> nn.Module:
@@ -118,7 +143,7 @@ def resolved_recipe(recipe: Recipe, plans: list[LayerPlan]) -> Recipe:
     """The recipe that rebuilds the same model: ``recipe`` (not modified) with the formats decided while planning
     as per-layer overrides (every layer's weights when mixed precision chose them, the inputs whose sign was
     resolved), and those decisions marked as taken."""
-    mixed = recipe.mixed_precision.strategy is not None
+    mixed = recipe.mixed_precision.strategy is not None and not recipe.mixed_precision.decided
     signs = recipe.accumulator.bits is not None and recipe.accumulator.input_sign == "auto"
     if not (mixed or signs):
         return recipe
@@ -135,7 +160,7 @@ def resolved_recipe(recipe: Recipe, plans: list[LayerPlan]) -> Recipe:
         return recipe
     resolved = recipe.with_overrides(extra)
     if mixed:
-        resolved.mixed_precision.strategy = None  # decided: the saved recipe replays these formats as they are
+        resolved.mixed_precision.decided = True  # the saved recipe replays these formats as they are
     if signs:
         resolved.accumulator.input_sign = "format"
     return resolved

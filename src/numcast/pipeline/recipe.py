@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from numcast.accumulator.codes import integer_input_format
+from numcast.io import write_atomic
 from numcast.pipeline.methods import METHODS, Method, check_method
 from numcast.pipeline.settings import (
     AccumulatorSettings,
@@ -132,9 +133,9 @@ class Recipe(BaseModel):
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
         data = self.model_dump(mode="json")
         if path.suffix.lower() in (".yaml", ".yml"):
-            path.write_text(yaml.safe_dump(data, sort_keys=False))
+            write_atomic(path, lambda tmp: tmp.write_text(yaml.safe_dump(data, sort_keys=False)))
         elif path.suffix.lower() == ".json":
-            path.write_text(json.dumps(data, indent=2))
+            write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2)))
         else:
             raise ValueError(f"{path}: recipes are .yaml, .yml or .json")
 
@@ -143,13 +144,13 @@ class Recipe(BaseModel):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such recipe file")
-        text = path.read_text()
-        if path.suffix.lower() in (".yaml", ".yml"):
-            data = yaml.safe_load(text)
-        elif path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
+        if path.suffix.lower() not in (".yaml", ".yml", ".json"):
             raise ValueError(f"{path}: recipes are .yaml, .yml or .json")
+        try:
+            text = path.read_text()
+            data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        except (UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: not a valid recipe file ({exc})") from exc
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a recipe is a mapping of settings")
         return Recipe.model_validate(data)

@@ -6,6 +6,7 @@ can be configured by them without importing the recipe, which validates its meth
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -78,18 +79,45 @@ class AttentionRoundSettings(BaseModel):
     time_budget_s: float | None = Field(None, gt=0)
 
 
+_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+
+
+def budget_bits(text: str, params: int) -> float:
+    """Total bits allowed for ``params`` quantized weights: ``"4.5bits"`` (average bits per parameter, scales
+    included) or a size with its unit (``"250000B"``, ``"250kB"``, ``"1.5MiB"``). A number without a unit is
+    refused (bits per parameter or bytes would differ by 8 × params)."""
+    t = text.strip().lower().replace(" ", "")
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)(bits?|bpp)", t)
+    if m:
+        return float(m.group(1)) * params
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)([kmg]i?b|b)", t)
+    if not m:
+        raise ValueError(f"budget {text!r}: give average bits per parameter ('4.5bits') or a size with its unit "
+                         "('250kB', '1.5MiB', '250000B')")  # fmt: skip
+    return float(m.group(1)) * _UNITS[m.group(2)] * 8
+
+
 class MixedPrecisionSettings(BaseModel):
     """Per-layer weight formats under a size budget (:mod:`numcast.pipeline.mixed_precision`): ``strategy``
     ``lcl`` (relative output noise weighted by the outputs' lossy coding length) or ``sensitivity`` (relative
     output noise alone), each minimised exactly under the budget; ``candidates`` the formats to choose from;
     ``budget`` average bits per parameter (``"4.5bits"``) or bytes (``"250kB"``); ``eps`` the relative
-    distortion at which ``lcl`` measures the coding length."""
+    distortion at which ``lcl`` measures the coding length. ``decided``: the formats were chosen and are in the
+    recipe's per-layer overrides (a saved recipe replays them instead of allocating again)."""
 
     model_config = ConfigDict(extra="forbid")
     strategy: Literal["lcl", "sensitivity"] | None = None
     candidates: list[str] = Field(default_factory=list)
     budget: str | None = None
     eps: float = Field(0.1, gt=0)
+    decided: bool = False
+
+    @field_validator("budget")
+    @classmethod
+    def _budget_with_unit(cls, v: str | None) -> str | None:
+        if v is not None:
+            budget_bits(v, 1)  # raises ValueError naming the accepted forms
+        return v
 
     @field_validator("candidates")
     @classmethod
@@ -102,6 +130,9 @@ class MixedPrecisionSettings(BaseModel):
     def _complete(self) -> MixedPrecisionSettings:
         if self.strategy is not None and (len(self.candidates) < 2 or not self.budget):
             raise ValueError("mixed precision needs at least two candidate formats and a budget (e.g. 4.5bits)")
+        if self.strategy is None and (self.candidates or self.budget):
+            raise ValueError("candidates / budget do nothing without a mixed-precision strategy (--mixed-precision "
+                             "lcl or sensitivity)")  # fmt: skip
         return self
 
 

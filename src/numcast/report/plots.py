@@ -29,7 +29,7 @@ def plot_sqnr(layers: list[dict], out_path: Path, title: str) -> Path | None:
     ax.set_ylabel("output SQNR (dB)")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=120)
+    fig.savefig(out_path, dpi=120, format="png")
     plt.close(fig)
     return out_path
 
@@ -52,6 +52,6 @@ def plot_accumulator(rows: list[dict], P: int, out_path: Path, title: str) -> Pa
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    fig.savefig(out_path, dpi=120)
+    fig.savefig(out_path, dpi=120, format="png")
     plt.close(fig)
     return out_path

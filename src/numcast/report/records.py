@@ -87,7 +87,23 @@ def model_sizes(model: nn.Module) -> dict[str, float]:
     }
 
 
+def json_safe(obj):
+    """``obj`` with every non-finite float replaced by None, so the JSON is valid (no NaN/Infinity tokens)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def json_text(record) -> str:
+    """Valid JSON of a record (non-finite numbers as null, :func:`json_safe`)."""
+    return json.dumps(json_safe(record), indent=2, default=str, allow_nan=False)
+
+
 def write_report(record: dict, out_dir: Path) -> Path:
     path = out_dir / "report.json"
-    path.write_text(json.dumps(record, indent=2, default=str))
+    path.write_text(json_text(record))
     return path
