@@ -161,6 +161,17 @@ def test_an_accumulator_too_narrow_for_any_weight_is_refused_naming_the_width_th
     assert code == 2 and "no room for a single non-zero weight" in text and "P >= " in text
 
 
+@pytest.mark.parametrize("method", ["ep-init", "rtn"])
+def test_a_budget_that_zeroes_most_weights_warns_naming_the_layer(method):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(256, 8))
+    recipe = Recipe(weights="int8_channel", activations="int8", method=method, accumulator={"bits": 12},
+                    calibration=1)  # fmt: skip
+    with pytest.warns(UserWarning, match=r"0: the 12-bit accumulator budget sets \d+ % of its weights to zero"):
+        quantize_model(model, recipe, [torch.randn(4, 256)])
+
+
 def test_a_saturating_group_scale_warns_with_counts():
     x = torch.zeros(2, 128)
     x[0, :2] = torch.tensor([1e6, -1e6])

@@ -82,8 +82,19 @@ def ep_init_qweight(plan, settings: AccumulatorSettings) -> QTensor:
     T, m = layer_budget(plan, settings)
     w = plan.module.weight.detach().reshape(plan.module.weight.shape[0], -1).float()
     s = grid_cast(w, get_format(plan.weight_format)).scales.scale
-    q = fit_budget(w.double() / per_row(s, w.shape[0])[:, None], m, T, settings.rule, settings.rounding)
+    y = w.double() / per_row(s, w.shape[0])[:, None]
+    q = fit_budget(y, m, T, settings.rule, settings.rounding)
+    _warn_if_starved(plan, y.round(), q, settings)
     return qtensor_from_codes(q, s, plan.weight_format)
+
+
+def _warn_if_starved(plan, unconstrained: torch.Tensor, fitted: torch.Tensor, settings: AccumulatorSettings) -> None:
+    """Warn when the budget sets more than half of a layer's weights to zero (and more than without it)."""
+    zeros, before = float((fitted == 0).double().mean()), float((unconstrained == 0).double().mean())
+    if zeros > 0.5 and zeros > before:
+        warnings.warn(f"{plan.name}: the {settings.bits}-bit accumulator budget sets {100 * zeros:.0f} % of its "
+                      f"weights to zero ({100 * before:.0f} % without it); a wider accumulator keeps more of the "
+                      "layer", stacklevel=3)  # fmt: skip
 
 
 def within_budget(plan, qt: QTensor, settings: AccumulatorSettings) -> QTensor:
@@ -92,11 +103,7 @@ def within_budget(plan, qt: QTensor, settings: AccumulatorSettings) -> QTensor:
     T, m = layer_budget(plan, settings)
     codes = integer_codes(qt)
     q = fit_budget(codes, m, T, settings.rule, settings.rounding)
-    zeros, before = float((q == 0).double().mean()), float((codes == 0).double().mean())
-    if zeros > 0.5 and zeros > before:
-        warnings.warn(f"{plan.name}: the {settings.bits}-bit accumulator budget sets {100 * zeros:.0f} % of its "
-                      f"weights to zero ({100 * before:.0f} % before); a wider accumulator keeps more of the layer",
-                      stacklevel=2)  # fmt: skip
+    _warn_if_starved(plan, codes, q, settings)
     fitted = qtensor_from_codes(q, qt.scales(), plan.weight_format)
     plan.accumulator_bits = accumulator_needs(fitted, plan.activation_format)
     return fitted
