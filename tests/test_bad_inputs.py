@@ -21,7 +21,7 @@ from numcast.formats import E8M0, FloatElement, Format, Scaling, register_format
 from numcast.formats.ops import cast_stats
 from numcast.formats.qtensor import QTensor
 from numcast.io import MARKER, safetensors_bytes
-from numcast.pipeline.quantize_model import quantize_model
+from numcast.pipeline.data_free import quantize_data_free
 from numcast.pipeline.recipe import Recipe
 
 QUANTIZE = ["quantize", "tiny-cnn", "--weights", "int4_g32", "--calibration", "8", "--no-progress"]
@@ -138,7 +138,7 @@ def test_causal_lm_is_recognised_from_its_config_and_others_are_named(tmp_path):
 
 def test_a_run_that_quantizes_nothing_is_an_error(tiny, tmp_path, capsys):  # noqa: F811
     with pytest.raises(ValueError, match="nothing to quantize"):
-        quantize_model(nn.Sequential(nn.LayerNorm(8)), Recipe(weights="int8"))
+        quantize_data_free(nn.Sequential(nn.LayerNorm(8)), Recipe(weights="int8"))
     code, text = cli(capsys, [*QUANTIZE, "--exclude", "*", "--out", str(tmp_path / "q")])
     assert code == 2 and "nothing to quantize" in text and not (tmp_path / "q").exists()
 
@@ -169,7 +169,7 @@ def test_a_budget_that_zeroes_most_weights_warns_naming_the_layer(method):
     recipe = Recipe(weights="int8_channel", activations="int8", method=method, accumulator={"bits": 12},
                     calibration=1)  # fmt: skip
     with pytest.warns(UserWarning, match=r"0: the 12-bit accumulator budget sets \d+ % of its weights to zero"):
-        quantize_model(model, recipe, [torch.randn(4, 256)])
+        quantize_data_free(model, recipe, [torch.randn(4, 256)])
 
 
 def test_a_saturating_group_scale_warns_with_counts():

@@ -11,10 +11,12 @@ from numcast.formats import (
     quantize,
     register_format,
 )
+from numcast.pipeline.quantize_model import quantize_model
+from numcast.pipeline.recipe import Recipe
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Format", "QTensor", "__version__", "cast", "cast_stats", "cast_ste", "get_format", "list_formats",
-    "quantize", "register_format",
+    "Format", "QTensor", "Recipe", "__version__", "cast", "cast_stats", "cast_ste", "get_format", "list_formats",
+    "quantize", "quantize_model", "register_format",
 ]  # fmt: skip

@@ -119,7 +119,7 @@ def run_accumulator(target: str, input_bits: int, accumulator_bits: int, *, weig
     ``accumulator.json`` and ``accumulator.png`` into ``out`` (default: the quantize directory, or
     ``out/accumulator-<model>``); existing files of those names are replaced only with ``overwrite``."""
     from numcast.evaluate.accumulator import analyze_model, rows_to_records
-    from numcast.pipeline.quantize_model import quantize_model
+    from numcast.pipeline.data_free import quantize_data_free
 
     if samples < 1:
         raise ValueError("the analysis needs calibration samples: pass --samples N with N >= 1")
@@ -143,7 +143,7 @@ def run_accumulator(target: str, input_bits: int, accumulator_bits: int, *, weig
         stage(f"loading {target}")
         w = load_workload(target)
         stage(f"quantizing the weights to {weights} (RTN)")
-        quantize_model(w.model, Recipe(weights=weights), inplace=True)
+        quantize_data_free(w.model, Recipe(weights=weights), inplace=True)
         source = f"{w.name} ({weights} weights, RTN)"
         out = out or Path("out") / f"accumulator-{w.name}"
     out.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,8 @@ from numcast.accumulator.bounds import min_accumulator_bits
 from numcast.accumulator.codes import integer_codes
 from numcast.accumulator.simulate import accumulate, adversarial_inputs
 from numcast.nn.act_quant import ActQuantizer
+from numcast.pipeline.data_free import quantize_data_free
 from numcast.pipeline.export import load_quantized, save_quantized
-from numcast.pipeline.quantize_model import quantize_model
 from numcast.pipeline.recipe import Recipe
 from numcast.pipeline.runner import quantize_blockwise
 
@@ -82,7 +82,7 @@ def test_every_method_meets_the_budget_through_the_runner(method, rule):
 def test_without_the_constraint_the_same_model_overflows():
     P = 13
     recipe = Recipe(weights="int4_channel", activations="uint4_tensor", activation_mode="static", calibration=4)
-    model = quantize_model(TinyCNN(), recipe, images()).model
+    model = quantize_data_free(TinyCNN(), recipe, images()).model
     assert _overflows_adversarially(model.body[0].qweight, model.body[0].input_quant.fmt, P)
 
 
@@ -104,10 +104,10 @@ def test_rows_within_budget_keep_the_solvers_codes():
     assert bool(over.any()) and torch.equal(changed, over)
 
 
-def test_ep_init_through_quantize_model_matches_the_runner_and_reloads_bit_exactly(tmp_path):
+def test_ep_init_through_quantize_data_free_matches_the_runner_and_reloads_bit_exactly(tmp_path):
     recipe = Recipe(weights="int4_channel", activations="int8", method="ep-init", calibration=4,
                     accumulator={"bits": 14})  # fmt: skip
-    a = quantize_model(TinyCNN(), recipe, images())
+    a = quantize_data_free(TinyCNN(), recipe, images())
     model = TinyCNN()
     b = quantize_blockwise(model, [model.stem, model.body, model.head], images(), recipe, progress=False,
                            first_block_input="model")  # fmt: skip
@@ -153,4 +153,4 @@ def test_bad_recipes_are_refused(kw, match):
 def test_weight_formats_without_per_channel_integers_are_refused_by_name():
     recipe = Recipe(weights="mxfp4", activations="int8", method="ep-init", accumulator={"bits": 16}, calibration=4)
     with pytest.raises(ValueError, match="stem.0: accumulator-aware quantization needs signed integer weights"):
-        quantize_model(TinyCNN(), recipe, images())
+        quantize_data_free(TinyCNN(), recipe, images())

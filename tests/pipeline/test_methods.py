@@ -9,8 +9,8 @@ from torch import nn
 
 from numcast.algorithms.rtn import rtn
 from numcast.cli import build_parser
+from numcast.pipeline.data_free import quantize_data_free
 from numcast.pipeline.methods import METHODS, RTN, register_method
-from numcast.pipeline.quantize_model import quantize_model
 from numcast.pipeline.recipe import Recipe
 from numcast.pipeline.runner import quantize_blockwise
 
@@ -43,13 +43,13 @@ def test_the_recipe_and_the_cli_read_the_table(halved):
     assert list(choices) == list(METHODS) and halved.name in choices
 
 
-def test_a_registered_method_runs_in_quantize_model_and_the_runner(halved):
+def test_a_registered_method_runs_without_and_with_the_runner(halved):
     recipe = Recipe(weights="int8_channel", method=halved.name)
     ref = tiny_mlp()
     want = [rtn(m.weight / 2, "int8_channel").dequantize() for m in (ref[0], ref[2])]
     seq = tiny_mlp()
     results = [
-        quantize_model(tiny_mlp(), recipe),
+        quantize_data_free(tiny_mlp(), recipe),
         quantize_blockwise(seq, [seq], [torch.randn(4, 32)], recipe, progress=False, first_block_input="model"),
     ]
     for res in results:
@@ -75,7 +75,7 @@ def test_declared_capabilities_are_enforced():
         Recipe(weights="int4_channel", method="gptq", calibration=0)
     assert Recipe(weights="int4_channel", method="rtn", calibration=0).calibration == 0
     with pytest.raises(ValueError, match="layer-wise calibration pipeline"):
-        quantize_model(tiny_mlp(), Recipe(weights="int4_channel", method="gptq"))
+        quantize_data_free(tiny_mlp(), Recipe(weights="int4_channel", method="gptq"))
     for name, cls in METHODS.items():
         m = Recipe(weights="int4_channel", activations="int4", method=name, accumulator={"bits": 16}).make_method()
         assert m.name == name and isinstance(m, cls)

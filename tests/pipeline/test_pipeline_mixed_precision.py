@@ -11,10 +11,10 @@ from numcast.algorithms.mixed_precision import FeatureGram
 from numcast.algorithms.rtn import rtn
 from numcast.formats.qtensor import storage_nbytes
 from numcast.formats.registry import get_format
+from numcast.pipeline.data_free import quantize_data_free
 from numcast.pipeline.export import load_quantized, save_quantized
 from numcast.pipeline.mixed_precision import LayerMeasure, measure_layers
 from numcast.pipeline.plan import plan_layers
-from numcast.pipeline.quantize_model import quantize_model
 from numcast.pipeline.recipe import Recipe
 from numcast.pipeline.runner import quantize_blockwise
 from numcast.pipeline.settings import budget_bits
@@ -38,7 +38,7 @@ def test_budget_parsing():
 def test_budget_met_to_within_one_step_and_replayed_on_reload(strategy, budget, tmp_path):
     mp = {"strategy": strategy, "candidates": CANDIDATES, "budget": f"{budget}bits"}
     recipe = Recipe(weights="int4_channel", calibration=4, mixed_precision=mp)
-    res = quantize_model(TinyCNN(), recipe, images())
+    res = quantize_data_free(TinyCNN(), recipe, images())
     q = [r for r in res.layers if r.action == "quantized"]
     mods = dict(res.model.named_modules())
     params = sum(mods[r.name].weight.numel() for r in q)
@@ -77,11 +77,11 @@ def test_refusals():
     recipe = Recipe(weights="int4_channel", mixed_precision={"strategy": "sensitivity", "candidates": CANDIDATES,
                                                              "budget": "3bits"})  # fmt: skip
     with pytest.raises(ValueError, match="needs calibration batches"):
-        quantize_model(TinyCNN(), recipe)
+        quantize_data_free(TinyCNN(), recipe)
     recipe = Recipe(weights="int4_channel", mixed_precision={"strategy": "lcl", "candidates": CANDIDATES,
                                                              "budget": "1bits"})  # fmt: skip
     with pytest.raises(ValueError, match="below the cheapest"):
-        quantize_model(TinyCNN(), recipe)
+        quantize_data_free(TinyCNN(), recipe)
 
 
 def _measure(rows: torch.Tensor) -> LayerMeasure:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from numcast.models.assets import cache_root
+from numcast.pipeline.blocks import repeated_layers
 
 KINDS = ("causal-lm", "encoder")
 
@@ -137,12 +138,9 @@ def load_local_model(path: str | Path) -> tuple[nn.Module, object, str, Path]:
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated layers in order: the largest ``nn.ModuleList`` whose children all share one type
-    (Llama ``model.layers``, BERT ``encoder.layer``, GPT-2 ``transformer.h``, ...)."""
-    best: list[nn.Module] = []
-    for m in model.modules():
-        if isinstance(m, nn.ModuleList) and len(m) > len(best) and len({type(c) for c in m}) == 1:
-            best = list(m)
+    """The model's repeated layers in order (:func:`numcast.pipeline.blocks.repeated_layers`: Llama
+    ``model.layers``, BERT ``encoder.layer``, GPT-2 ``transformer.h``, ...)."""
+    best = repeated_layers(model)
     if not best:
         raise ValueError(f"{type(model).__name__}: found no list of repeated layers to quantize block by block")
     return best

@@ -55,7 +55,7 @@ class Method:
     class attributes, or in ``__init__`` when they depend on the recipe):
 
     - ``needs_calibration``: it only runs in the block-wise runner, on calibration data (False: it solves a
-      layer from its weights alone, also in :func:`numcast.pipeline.quantize_model.quantize_model`).
+      layer from its weights alone, also in :func:`numcast.pipeline.data_free.quantize_data_free`).
     - ``needs_accumulator_bits``: the recipe must set an accumulator width.
     - ``needs_inputs``: the runner feeds every layer's quantized-stream inputs to :meth:`statistics`.
     - ``needs_float_inputs``: ... and the float stream's inputs of the same tokens, in lock step (the runner then

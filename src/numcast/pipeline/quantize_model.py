@@ -1,68 +1,98 @@
-"""``quantize_model``: swap a model's layers for numcast's quantized ones by recipe, with a method that needs no
-calibration statistics (RTN, EP-init), and say what happened to every module that holds parameters (no layer
-is skipped silently). Methods that learn from calibration data run in :mod:`numcast.pipeline.runner`."""
+"""``quantize_model``: the one call from Python (the ``quantize_(model, config)`` habit): a model, a format name
+or a :class:`~numcast.pipeline.recipe.Recipe`, calibration batches; the model is changed in place and the result
+says what happened to every layer.
+
+Methods that need no data (RTN, EP-init) run layer by layer (:func:`numcast.pipeline.data_free.quantize_data_free`);
+the others block by block (:func:`numcast.pipeline.runner.quantize_blockwise`) over ``blocks="auto"``
+(:func:`numcast.pipeline.blocks.find_blocks`) or the blocks you pass. Block inputs always come from the model's
+own forward (:mod:`numcast.pipeline.block_inputs`), so code between blocks runs as written.
+"""
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
-from numcast.nn.act_quant import ActQuantizer, calibrate
-from numcast.nn.observe import call_model
-from numcast.nn.surgery import set_module
-from numcast.pipeline.plan import (
-    QuantizationResult,
-    layer_reports,
-    make_quant_module,
-    plan_layers,
-    resolve_plans,
-    resolved_recipe,
-)
+from numcast.formats.spec import Format
+from numcast.pipeline.blocks import find_blocks
+from numcast.pipeline.data_free import quantize_data_free
+from numcast.pipeline.plan import QuantizationResult
 from numcast.pipeline.recipe import Recipe
+from numcast.pipeline.runner import Placement, quantize_blockwise
+
+
+def count_samples(batches: list) -> int:
+    """Calibration samples in ``batches`` (the leading dimension of each batch's first tensor)."""
+
+    def first_tensor(obj):
+        if isinstance(obj, torch.Tensor):
+            return obj
+        values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else ()
+        return next((t for t in map(first_tensor, values) if t is not None), None)
+
+    return sum(t.shape[0] if (t := first_tensor(b)) is not None and t.dim() else 1 for b in batches)
+
+
+def make_recipe(recipe_or_format: Recipe | str | Format, method: str | None = None, **fields) -> Recipe:
+    """A recipe from a format name (or Format) and recipe fields, or a recipe with ``method``/``fields`` applied."""
+    if isinstance(recipe_or_format, Recipe):
+        data = recipe_or_format.model_dump()
+    elif isinstance(recipe_or_format, (str, Format)):
+        fmt = recipe_or_format
+        if isinstance(fmt, Format):
+            if not fmt.name:
+                raise ValueError("a Format passed to quantize_model needs a name: register it first "
+                                 "(numcast.register_format)")  # fmt: skip
+            fmt = fmt.name
+        data = {"weights": fmt}
+    else:
+        raise TypeError(f"quantize_model takes a format name or a Recipe, got {type(recipe_or_format).__name__}")
+    if method is not None:
+        data["method"] = method
+    for key, value in fields.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return Recipe.model_validate(data)
 
 
 def quantize_model(
     model: nn.Module,
-    recipe: Recipe,
+    recipe_or_format: Recipe | str | Format,
     calibration: Iterable | None = None,
     *,
-    inplace: bool = False,
+    method: str | None = None,
+    blocks: str | Sequence[nn.Module] = "auto",
+    progress: bool = False,
+    placement: Placement | None = None,
+    **recipe_fields,
 ) -> QuantizationResult:
-    """Quantize ``model`` by ``recipe`` with a method that solves each layer from its weights alone (``rtn``,
-    ``ep-init``; any ``recipe.accumulator`` constraint also applies, see :mod:`numcast.pipeline.accumulator`).
+    """Quantize ``model`` in place and say what happened to every layer.
 
-    ``calibration`` (an iterable of model inputs: tensors, tuples or dicts of keyword arguments) is needed
-    for static activation scales, input signs and mixed precision; it is checked before any work. Methods that
-    need calibration statistics (GPTQ, ...) are refused here, naming the block-wise runner."""
-    method = recipe.make_method()
-    if method.needs_calibration:
-        raise ValueError(f"method {recipe.method!r} runs in the layer-wise calibration pipeline, not in quantize_model")
-    static = recipe.activations is not None and recipe.activation_mode == "static"
+    ``recipe_or_format``: a format name (``"mxfp4"``) or a Recipe; ``method`` and ``recipe_fields`` (any Recipe
+    field: ``activations="mxfp8_e4m3"``, ``exclude=["lm_head"]``, ``gptq={"damp": 0.05}``, ...) override it.
+    ``calibration``: the model's inputs, one batch each (tensors, tuples of positional arguments, or dicts of
+    keyword arguments such as a tokenizer's output); needed by every method but RTN/EP-init and by static
+    activation scales. ``blocks``: ``"auto"`` or the model's blocks in execution order. The result's ``recipe``
+    replays the run (``recipe.save("recipe.yaml")``); the packed form is written by
+    :func:`numcast.pipeline.export.save_quantized`.
+    """
     batches = list(calibration) if calibration is not None else []
-    if static and not batches:
-        raise ValueError("static activation scales need calibration data (got none)")
-    if not inplace:
-        model = copy.deepcopy(model)
-    plans = plan_layers(model, recipe)
-    resolve_plans(model, plans, recipe, batches)
-    for plan in plans:
-        if plan.quantized:
-            new = make_quant_module(plan, recipe, qweight=method.quantize_layer(plan))
-            set_module(model, plan.name, new)
-            plan.module, plan.method = new, method.name
-    if static:
-        calibrate_activations(model, batches)
-    return QuantizationResult(model, layer_reports(plans), recipe=resolved_recipe(recipe, plans))
-
-
-@torch.no_grad()
-def calibrate_activations(model: nn.Module, batches: list, only_uncalibrated: bool = False) -> None:
-    """Calibrate every static activation quantizer of ``model`` (or only those not calibrated yet) on
-    ``batches`` (one pass)."""
-    quants = [m for m in model.modules() if isinstance(m, ActQuantizer) and m.mode == "static"]
-    if only_uncalibrated:
-        quants = [q for q in quants if not q.calibrated]
-    calibrate(quants, lambda: [call_model(model, b) for b in batches])
+    if batches:
+        recipe_fields.setdefault("calibration", count_samples(batches))
+    recipe = make_recipe(recipe_or_format, method, **recipe_fields)
+    solver = recipe.make_method()
+    if not solver.needs_calibration:
+        return quantize_data_free(model, recipe, batches, inplace=True)
+    if not batches:
+        raise ValueError(f"method {recipe.method!r} learns from calibration data: pass calibration=[batch, ...] "
+                         "(the model's inputs)")  # fmt: skip
+    if isinstance(blocks, str):
+        if blocks != "auto":
+            raise ValueError(f"blocks is 'auto' or a list of the model's blocks, got {blocks!r}")
+        with torch.no_grad():
+            blocks = find_blocks(model, (placement or Placement()).compute(batches[0]))
+    return quantize_blockwise(model, list(blocks), batches, recipe, progress=progress, placement=placement)

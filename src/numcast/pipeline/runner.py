@@ -28,6 +28,7 @@ import copy
 import math
 import time
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -35,8 +36,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from numcast.nn.act_quant import ActQuantizer, calibrate
-from numcast.nn.observe import call_model
 from numcast.nn.surgery import set_module
+from numcast.pipeline.block_inputs import (
+    DIRECT,
+    GLUE,
+    BlockCall,
+    Placement,
+    Stop,
+    capture_block_inputs,
+    first_output,
+    probe_transitions,
+    recapture_block_inputs,
+)
+from numcast.pipeline.data_free import calibrate_activations
 from numcast.pipeline.methods import RTN, Method
 from numcast.pipeline.plan import (
     LayerPlan,
@@ -47,86 +59,7 @@ from numcast.pipeline.plan import (
     resolve_plans,
     resolved_recipe,
 )
-from numcast.pipeline.quantize_model import calibrate_activations
 from numcast.pipeline.recipe import Recipe
-
-
-def _move(obj, device: torch.device | str):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_move(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [_move(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _move(v, device) for k, v in obj.items()}
-    return obj
-
-
-@dataclass
-class Placement:
-    """Where a block computes; everything else is offloaded to the CPU."""
-
-    device: torch.device | str = "cpu"
-
-    def compute(self, obj):
-        return obj.to(self.device) if isinstance(obj, nn.Module) else _move(obj, self.device)
-
-    def offload(self, obj):
-        return obj.to("cpu") if isinstance(obj, nn.Module) else _move(obj, "cpu")
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once what it needed has been seen."""
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-@dataclass
-class BlockCall:
-    """The arguments one calibration batch passes to a block (the stream tensor is ``args[0]`` or
-    ``kwargs['hidden_states']``)."""
-
-    args: tuple
-    kwargs: dict
-
-    @property
-    def x(self) -> torch.Tensor:
-        return self.args[0] if self.args else self.kwargs["hidden_states"]
-
-    def with_x(self, x: torch.Tensor | None) -> tuple[tuple, dict]:
-        if self.args:
-            return (x,) + tuple(self.args[1:]), self.kwargs
-        return (), {**self.kwargs, "hidden_states": x}
-
-    def without_x(self) -> BlockCall:
-        """The call with its stream tensor dropped (the streams hold it; ``with_x`` puts it back)."""
-        return BlockCall(*self.with_x(None))
-
-
-def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list, placement: Placement) -> list[BlockCall]:
-    """The arguments ``block`` receives for each batch (the model's forward is stopped there)."""
-    calls: list[BlockCall] = []
-
-    def hook(_mod, args, kwargs):
-        calls.append(BlockCall(placement.offload(tuple(args)), placement.offload(dict(kwargs))))
-        raise _Stop
-
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for b in batches:
-                try:
-                    call_model(model, placement.compute(b))
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
-    if len(calls) != len(batches):
-        raise RuntimeError(f"the first block was reached by {len(calls)} of {len(batches)} calibration batches")
-    return calls
 
 
 @dataclass
@@ -187,6 +120,34 @@ class Streams:
     def __init__(self, calls: list[BlockCall], quant: list[torch.Tensor], float_: list[torch.Tensor],
                  placement: Placement) -> None:  # fmt: skip
         self.calls, self.quant, self.float, self.placement = calls, quant, float_, placement
+        self.outputs: dict[str, list] = {"quant": [], "float": []}  # the last block's whole outputs, per batch
+        self.kept: dict[str, list[list]] | None = None  # every finished block's outputs (models with glue code)
+
+    def keep_all_outputs(self) -> None:
+        """Keep every finished block's outputs: the model computes a block's inputs from earlier ones (glue)."""
+        self.kept = {"quant": [], "float": []}
+
+    @torch.no_grad()
+    def enter(self, i: int, kind: str, model: nn.Module, blocks_now: list[nn.Module], batches: list,
+              float_outside) -> None:  # fmt: skip
+        """Set the streams to block i's inputs. ``direct``: they already are (the previous block's outputs, the
+        same other arguments). Otherwise the model's own forward computes them, with blocks 0..i−1 replayed
+        (:mod:`numcast.pipeline.block_inputs`); the float stream runs with the float originals of layers outside
+        the blocks (``float_outside``: a context manager)."""
+        if i == 0 or kind == DIRECT:
+            return
+
+        def replay(stream: str):
+            if kind == GLUE:
+                return lambda j, b: self.kept[stream][j][b]
+            return lambda j, b: self.outputs[stream][b]  # direct-x: only block i−1's output reaches block i
+
+        calls = recapture_block_inputs(model, blocks_now, i, batches, replay("quant"), self.placement)
+        self.calls, self.quant = [c.without_x() for c in calls], [c.x for c in calls]
+        if self.float:
+            with float_outside():
+                f_calls = recapture_block_inputs(model, blocks_now, i, batches, replay("float"), self.placement)
+            self.float = [c.x for c in f_calls]
 
     @classmethod
     def start(cls, quant_calls: list[BlockCall], float_calls: list[BlockCall] | None, placement: Placement) -> Streams:
@@ -201,12 +162,23 @@ class Streams:
 
     def run(self, block: nn.Module, i: int, x: torch.Tensor) -> torch.Tensor:
         args, kwargs = self.inputs(i, x)
-        return _first(block(*args, **kwargs))
+        return first_output(block(*args, **kwargs))
+
+    def _output(self, block: nn.Module, i: int, x: torch.Tensor):
+        args, kwargs = self.inputs(i, x)
+        return block(*args, **kwargs)
+
+    def _set(self, stream: str, outputs: list) -> None:
+        """A block's whole outputs become the stream (their first tensors) and, for replays, are remembered."""
+        self.outputs[stream] = outputs
+        setattr(self, stream, [first_output(o) for o in outputs])
+        if self.kept is not None:
+            self.kept[stream].append(outputs)
 
     def _run_until_stop(self, block: nn.Module, i: int, x: torch.Tensor) -> None:
         try:
             self.run(block, i, x)
-        except _Stop:
+        except Stop:
             pass
 
     @torch.no_grad()
@@ -253,7 +225,7 @@ class Streams:
                 if key in recorded:
                     stats[key].add(mod, args[0], float_in.pop(key, None))
                 if key == last:
-                    raise _Stop
+                    raise Stop
 
             hooks.append(p.module.register_forward_pre_hook(on_quant))
             if method.needs_float_inputs:
@@ -262,7 +234,7 @@ class Streams:
                     if key in recorded:
                         float_in[key] = args[0]
                     if key == last:
-                        raise _Stop
+                        raise Stop
 
                 hooks.append(job.twin(p).register_forward_pre_hook(on_float))
         try:
@@ -304,10 +276,10 @@ class Streams:
 
         hooks = [m.register_forward_hook(on_out) for m in block.modules() if id(m) in installed]
         try:
-            self.quant = [self.placement.offload(self.run(block, i, x)) for i, x in enumerate(self.quant)]
+            self._set("quant", [self.placement.offload(self._output(block, i, x)) for i, x in enumerate(self.quant)])
             if self.float:  # the float stream goes through the float twin (or the untouched block)
                 fb = float_block if float_block is not None else block
-                self.float = [self.placement.offload(self.run(fb, i, x)) for i, x in enumerate(self.float)]
+                self._set("float", [self.placement.offload(self._output(fb, i, x)) for i, x in enumerate(self.float)])
         finally:
             for h in hooks:
                 h.remove()
@@ -351,15 +323,21 @@ def quantize_blockwise(
     plans = plan_layers(model, recipe)
     resolve_plans(model, plans, recipe, batches)
     in_blocks = {id(m) for b in blocks for m in b.modules()}
+    captured = first_block_input == "capture"
+    kinds = probe_transitions(model, blocks, batches[0], placement) if captured else [DIRECT] * len(blocks)
     float_calls = quant_calls = _first_block_calls(model, blocks[0], batches, placement, first_block_input)
     outside = [p for p in plans if p.quantized and id(p.module) not in in_blocks]
+    float_outside = _quantize_outside_blocks(model, outside, method, recipe)
     if outside:  # the quantized stream starts after them
-        _quantize_outside_blocks(model, outside, method, recipe)
         quant_calls = _first_block_calls(model, blocks[0], batches, placement, first_block_input)
     streams = Streams.start(quant_calls, float_calls if method.needs_float_inputs else None, placement)
+    if GLUE in kinds:
+        streams.keep_all_outputs()
     todo = {id(p.module): p for p in plans if id(p.module) in in_blocks and _solved_here(p, method)}
+    blocks_now = list(blocks)  # what the model calls for each block (a block that is a bare layer gets replaced)
     bar = tqdm(blocks, desc=f"{method.name} blocks", disable=not progress, leave=False)
-    for block in bar:
+    for i, block in enumerate(bar):
+        streams.enter(i, kinds[i], model, blocks_now, batches, float_outside)
         job = _open_block(block, todo, placement)
         if job is None:
             streams.advance(block)
@@ -373,7 +351,7 @@ def quantize_blockwise(
                 _solve_layer(model, job, plan, method, recipe, stats.get(id(plan.module)), solved.get(plan.name))
         streams.calibrate_static_inputs(job.block)
         streams.advance(job.block, job.float_block, job.installed)
-        placement.offload(job.block)
+        blocks_now[i] = placement.offload(job.block)
         del job  # the float twin and the float originals go with it (memory ~ one model)
     if recipe.activations is not None and recipe.activation_mode == "static":
         calibrate_activations(model, batches, only_uncalibrated=True)  # layers outside the blocks
@@ -395,14 +373,29 @@ def _first_block_calls(model, first_block, batches, placement, first_block_input
     return capture_block_inputs(model, first_block, batches, placement)
 
 
-def _quantize_outside_blocks(model: nn.Module, outside: list[LayerPlan], method: Method, recipe: Recipe) -> None:
+def _quantize_outside_blocks(model: nn.Module, outside: list[LayerPlan], method: Method, recipe: Recipe):
     """Layers outside the blocks (embeddings, LM head, pooler, ...) take the method's own solve when it needs no
-    data, else RTN; their static input scales are calibrated on the finished model."""
+    data, else RTN; their static input scales are calibrated on the finished model. Returns a context manager
+    that puts their float originals back for a while (the float stream's forward through the model)."""
     data_free = method if not method.needs_calibration else RTN.from_recipe(recipe)
+    swaps = []
     for p in outside:
         new = make_quant_module(p, recipe, qweight=data_free.quantize_layer(p), defer_static=True)
+        swaps.append((p.name, p.module, new))
         set_module(model, p.name, new)
         p.module, p.method = new, f"{data_free.name} (outside blocks)"
+
+    @contextmanager
+    def float_outside():
+        for name, original, _ in swaps:
+            set_module(model, name, original)
+        try:
+            yield
+        finally:
+            for name, _, new in swaps:
+                set_module(model, name, new)
+
+    return float_outside
 
 
 def _open_block(block: nn.Module, todo: dict[int, LayerPlan], placement: Placement) -> OpenBlock | None:

@@ -1,4 +1,4 @@
-"""quantize_model: every parameter-holding module is reported, recipes are honoured, outputs are exact."""
+"""quantize_data_free: every parameter-holding module is reported, recipes are honoured, outputs are exact."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 from numcast.formats.ops import cast
 from numcast.nn import QuantConv2d, QuantEmbedding, QuantLinear
-from numcast.pipeline.quantize_model import quantize_model
+from numcast.pipeline.data_free import quantize_data_free
 from numcast.pipeline.recipe import Recipe
 
 
@@ -32,7 +32,7 @@ class Tiny(nn.Module):
 
 def test_every_module_with_parameters_is_reported():
     with pytest.warns(UserWarning, match="vol"):
-        res = quantize_model(Tiny(), Recipe(weights="mxfp4"))
+        res = quantize_data_free(Tiny(), Recipe(weights="mxfp4"))
     owners = {n for n, m in Tiny().named_modules() if any(True for _ in m.parameters(recurse=False))}
     assert {r.name for r in res.layers} == owners
     by = {r.name: r for r in res.layers}
@@ -53,7 +53,7 @@ def test_opt_in_embeddings_lm_head_overrides_and_exactness():
         overrides=[{"pattern": "body.2", "weights": "nvfp4"}],
     )
     with pytest.warns(UserWarning):
-        res = quantize_model(model, recipe)
+        res = quantize_data_free(model, recipe)
     q = res.model
     assert isinstance(q.embed, QuantEmbedding) and isinstance(q.lm_head, QuantLinear)
     assert q.body[2].weight_format.name == "nvfp4"
@@ -71,9 +71,9 @@ def test_static_activations_need_calibration_and_get_calibrated():
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
     recipe = Recipe(weights="int8_channel", activations="int8_tensor", activation_mode="static")
     with pytest.raises(ValueError, match="calibration data"):
-        quantize_model(model, recipe)
+        quantize_data_free(model, recipe)
     data = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    res = quantize_model(model, recipe, calibration=data)
+    res = quantize_data_free(model, recipe, calibration=data)
     first = res.model[0].input_quant
     assert float(first.amax) == float(torch.cat(data).abs().max())
     assert res.model(data[0]).shape == (8, 4)
@@ -81,4 +81,4 @@ def test_static_activations_need_calibration_and_get_calibrated():
 
 def test_gptq_is_refused_here_with_the_reason():
     with pytest.raises(ValueError, match="calibration pipeline"):
-        quantize_model(nn.Linear(4, 4), Recipe(weights="mxfp4", method="gptq"))
+        quantize_data_free(nn.Linear(4, 4), Recipe(weights="mxfp4", method="gptq"))
