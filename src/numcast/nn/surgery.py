@@ -32,6 +32,8 @@ def why_not_quantizable(module: nn.Module) -> str:
     name = type(module).__name__
     if any(k in name for k in FLOAT_BY_DESIGN):
         return f"{name} stays in float (normalisation layers are not quantized)"
+    if "Router" in name:
+        return f"{name} stays in float (a mixture-of-experts router picks the experts; it is not quantized)"
     if isinstance(module, (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
         return f"{name} is not supported by numcast yet"
     return f"{name} has parameters but no numcast quantized counterpart"

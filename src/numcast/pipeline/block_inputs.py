@@ -66,24 +66,54 @@ def first_output(out):
 
 @dataclass
 class BlockCall:
-    """The arguments one calibration batch passes to a block (the stream tensor is ``args[0]`` or
-    ``kwargs['hidden_states']``)."""
+    """The arguments one calibration batch passes to a block. The stream tensor is ``args[0]``, else
+    ``kwargs['hidden_states']``, else the first tensor among the keyword arguments (a whole model called with
+    ``input_ids=...``)."""
 
     args: tuple
     kwargs: dict
 
     @property
+    def stream_key(self) -> str | None:
+        """None for ``args[0]``, else the keyword that carries the stream."""
+        if self.args:
+            return None
+        if "hidden_states" in self.kwargs:
+            return "hidden_states"
+        for k, v in self.kwargs.items():
+            if isinstance(v, torch.Tensor):
+                return k
+        raise ValueError("a block called with no positional argument and no tensor keyword argument: numcast cannot "
+                         "tell which argument is the activation stream")
+
+    @property
     def x(self) -> torch.Tensor:
-        return self.args[0] if self.args else self.kwargs["hidden_states"]
+        key = self.stream_key
+        return self.args[0] if key is None else self.kwargs[key]
 
     def with_x(self, x: torch.Tensor | None) -> tuple[tuple, dict]:
-        if self.args:
+        key = self.stream_key
+        if key is None:
             return (x,) + tuple(self.args[1:]), self.kwargs
-        return (), {**self.kwargs, "hidden_states": x}
+        return (), {**self.kwargs, key: x}
 
     def without_x(self) -> BlockCall:
         """The call with its stream tensor dropped (the streams hold it; ``with_x`` puts it back)."""
-        return BlockCall(*self.with_x(None))
+        key = self.stream_key
+        if key is None:
+            return BlockCall((None,) + tuple(self.args[1:]), self.kwargs)
+        return _KeyedCall((), {**self.kwargs, key: None}, key)
+
+
+@dataclass
+class _KeyedCall(BlockCall):
+    """A call whose stream keyword is fixed (its value may be None once the stream was taken out)."""
+
+    key: str = "hidden_states"
+
+    @property
+    def stream_key(self) -> str:
+        return self.key
 
 
 def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list, placement: Placement) -> list[BlockCall]:
@@ -153,12 +183,7 @@ def probe_transitions(model: nn.Module, blocks: list[nn.Module], batch, placemen
             kinds.append(DIRECT)
             continue
         prev, call = calls[i - 1][0], calls[i][0]
-        try:
-            x = call.x
-        except (IndexError, KeyError):
-            raise ValueError(f"block {i} ({type(blocks[i]).__name__}) takes no positional input and no "
-                             "hidden_states: numcast cannot tell which argument is the activation stream") from None
-        if x is not first_output(outs[i - 1]):
+        if call.x is not first_output(outs[i - 1]):
             kinds.append(GLUE)
         elif _same(call.without_x().args, prev.without_x().args) and _same(call.without_x().kwargs,
                                                                             prev.without_x().kwargs):

@@ -21,10 +21,12 @@ from numcast.nn.observe import call_model
 
 
 def repeated_layers(model: nn.Module) -> list[nn.Module]:
-    """The largest ``nn.ModuleList`` of at least two entries of one type, or [] (module docstring, rule 1)."""
+    """The largest ``nn.ModuleList`` whose entries (parameter-holding, at least one) share one type, or []
+    (module docstring, rule 1)."""
     best: list[nn.Module] = []
     for m in model.modules():
-        if isinstance(m, nn.ModuleList) and len(m) >= 2 and len(m) > len(best) and len({type(c) for c in m}) == 1:
+        if isinstance(m, nn.ModuleList) and len(m) > len(best) and len({type(c) for c in m}) == 1 and \
+                _holds_parameters(m):  # fmt: skip
             best = list(m)
     return best
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from numcast.nn.act_quant import ActQuantizer, calibrate
+from numcast.nn.convert import make_quantizable
 from numcast.nn.observe import call_model
 from numcast.nn.surgery import set_module
 from numcast.pipeline.plan import (
@@ -48,6 +49,7 @@ def quantize_data_free(
         raise ValueError("static activation scales need calibration data (got none)")
     if not inplace:
         model = copy.deepcopy(model)
+    make_quantizable(model)
     plans = plan_layers(model, recipe)
     resolve_plans(model, plans, recipe, batches)
     for plan in plans:

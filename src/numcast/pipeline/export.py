@@ -22,6 +22,7 @@ from torch import nn
 from numcast.formats.qtensor import QTensor
 from numcast.formats.spec import Format
 from numcast.io import load_safetensors, save_safetensors
+from numcast.nn.convert import make_quantizable
 from numcast.nn.modules import QuantWeightModule
 from numcast.nn.surgery import set_module
 from numcast.pipeline.plan import make_quant_module, plan_layers
@@ -80,6 +81,7 @@ def load_quantized(model: nn.Module, path: Path) -> nn.Module:
         recipe = Recipe.model_validate_json(meta["numcast_recipe"])
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for damaged files
         raise ValueError(f"{path}: unreadable or not a numcast packed model ({exc})") from exc
+    make_quantizable(model)
     plans = {p.name: p for p in plan_layers(model, recipe) if p.quantized}
     for name, info in layers.items():
         if name not in plans:

@@ -47,7 +47,9 @@ class HessianStatistics:
 
 class GramStatistics:
     """Error Diffusion's statistics per group (float64): G = ÂᵀA and H = ÂᵀÂ over calibration tokens, Â the
-    layer's inputs in the quantized network and A in the float network (the same tokens, in lock step)."""
+    layer's inputs in the quantized network and A in the float network (the same tokens, in lock step). A
+    mixture-of-experts expert can be sent different tokens by the two streams (the router sees different
+    inputs): for such a batch A is taken as Â (``unpaired_batches`` counts them)."""
 
     CHUNK = 1 << 23  # unfolded elements per step and stream
 
@@ -55,13 +57,15 @@ class GramStatistics:
         self.g: torch.Tensor | None = None
         self.h: torch.Tensor | None = None
         self.n = 0
+        self.unpaired_batches = 0  # batches whose float and quantized inputs were not the same tokens
 
     def add(self, module: nn.Module, x_quant: torch.Tensor, x_float: torch.Tensor | None) -> None:
         if x_float is None:
             raise RuntimeError("Error Diffusion needs the float stream's inputs of every layer it solves")
         xq, xf = x_quant.detach(), x_float.detach()
-        if xq.shape != xf.shape:
-            raise RuntimeError(f"float and quantized inputs differ in shape: {tuple(xf.shape)} vs {tuple(xq.shape)}")
+        if xq.shape != xf.shape:  # a routed expert: the two streams sent it different tokens
+            xf = xq  # no float input for these tokens: the quantized input is the target (GPTQ's objective)
+            self.unpaired_batches += 1
         starts, step = _row_steps(module, xq, self.CHUNK)
         for i in starts:
             rq = layer_inputs_2d(module, xq[i : i + step]).double()

@@ -13,6 +13,7 @@ every solution into the layer's budget (:mod:`numcast.pipeline.accumulator`).
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -163,6 +164,10 @@ class ErrorDiffusion(Method):
     def solve(self, plan: LayerPlan, stats: GramStatistics) -> QTensor:
         st = self.settings
         g, h = stats.result()
+        if stats.unpaired_batches:
+            warnings.warn(f"{plan.name}: the float and the quantized stream routed different tokens to this layer in "
+                          f"{stats.unpaired_batches} batch(es); for those, Error Diffusion targets the quantized "
+                          "stream's inputs (GPTQ's objective)", stacklevel=2)  # fmt: skip
         return error_diffusion(_weight_2d(plan.module), g, h, get_format(plan.weight_format),
                                scale_rule=st.scale_rule, order=st.order).qtensor  # fmt: skip
 

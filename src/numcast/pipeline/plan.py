@@ -64,12 +64,12 @@ def plan_layers(model: nn.Module, recipe: Recipe) -> list[LayerPlan]:
         plan = LayerPlan(name, module, type(module).__name__, own)
         plans.append(plan)
         qcls = quant_class(module)
-        if qcls is None:
+        if isinstance(module, nn.Embedding) and not recipe.quantize_embeddings:
+            plan.reason = "embeddings stay in float (quantize_embeddings=False)"
+        elif qcls is None:
             plan.reason = why_not_quantizable(module)
             if "not supported" in plan.reason or "no numcast" in plan.reason:
                 warnings.warn(f"numcast cannot quantize {name} ({plan.reason})", stacklevel=3)
-        elif isinstance(module, nn.Embedding) and not recipe.quantize_embeddings:
-            plan.reason = "embeddings stay in float (quantize_embeddings=False)"
         elif _is_lm_head(name) and not recipe.quantize_lm_head:
             plan.reason = "LM head stays in float (quantize_lm_head=False)"
         else:

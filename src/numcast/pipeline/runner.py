@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from numcast.nn.act_quant import ActQuantizer, calibrate
+from numcast.nn.convert import make_quantizable
 from numcast.nn.surgery import set_module
 from numcast.pipeline.block_inputs import (
     DIRECT,
@@ -317,9 +319,32 @@ def quantize_blockwise(
         raise ValueError("no blocks to quantize")
     if first_block_input not in ("capture", "model"):
         raise ValueError(f"first_block_input must be 'capture' or 'model', got {first_block_input!r}")
+    with _without_kv_cache(model):
+        return _quantize_blockwise(model, blocks, batches, recipe, placement, true_sequential, progress,
+                                   first_block_input, share_inputs)  # fmt: skip
+
+
+@contextmanager
+def _without_kv_cache(model: nn.Module):
+    """Hugging Face models keep a KV cache across calls when ``config.use_cache``: a block run twice on the same
+    batch would see its own earlier keys. Calibration runs without it (restored afterwards)."""
+    config = getattr(model, "config", None)
+    before = getattr(config, "use_cache", None)
+    if before:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if before:
+            config.use_cache = before
+
+
+def _quantize_blockwise(model, blocks, batches, recipe, placement, true_sequential, progress, first_block_input,
+                        share_inputs) -> QuantizationResult:  # fmt: skip
     t0 = time.perf_counter()
     method = recipe.make_method(progress=progress)
     model.eval()
+    make_quantizable(model)
     plans = plan_layers(model, recipe)
     resolve_plans(model, plans, recipe, batches)
     in_blocks = {id(m) for b in blocks for m in b.modules()}
@@ -421,11 +446,18 @@ def _solve_whole_block(method: Method, job: OpenBlock, streams: Streams) -> dict
 
 def _solve_layer(model, job: OpenBlock, plan: LayerPlan, method: Method, recipe: Recipe, stats, solved) -> None:
     """Solve one layer and install it (a layer kept in float is re-fitted instead)."""
+    unreached = method.needs_inputs and solved is None and getattr(stats, "n", 0) == 0
     if not plan.quantized:  # kept in float: its float weights absorb the upstream error
-        method.refit_float(plan.module, stats)
-        plan.method = f"{method.name} (float weights re-fit)"
+        if not unreached:
+            method.refit_float(plan.module, stats)
+            plan.method = f"{method.name} (float weights re-fit)"
         return
+    name = method.name
+    if unreached:  # an expert no calibration token was routed to: RTN, said out loud
+        warnings.warn(f"{plan.name}: no calibration input reached this layer (an expert no token was routed to?); "
+                      f"it gets RTN instead of {method.name}", stacklevel=2)  # fmt: skip
+        method, name = RTN.from_recipe(recipe), "rtn (no calibration inputs)"
     qt = method.quantize_layer(plan, stats, solved)
     # static input scales are calibrated once the block is done (Streams.calibrate_static_inputs)
     job.install(model, plan, make_quant_module(plan, recipe, qweight=qt, defer_static=True))
-    plan.method = method.name
+    plan.method = name
