@@ -201,7 +201,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args)
     with console.status("starting") as status:
         rec = run_ptq(args.model, recipe, Path(args.out), overwrite=args.overwrite, progress=not args.no_progress,
-                      stage=lambda t: status.update(t))  # fmt: skip
+                      stage=lambda t: status.update(t), calibration_data=args.calibration_data,
+                      eval_data=args.eval_data)  # fmt: skip
     if args.json:
         print(json_text({k: v for k, v in rec.items() if k != "layers"}))
         return 0
@@ -233,7 +234,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from numcast.jobs import run_evaluate
 
     with console.status("starting") as status:
-        res = run_evaluate(Path(args.dir), stage=lambda t: status.update(t))
+        res = run_evaluate(Path(args.dir), stage=lambda t: status.update(t), eval_data=args.eval_data)
     if args.json:
         print(json_text(res))
         return 0 if res["stored"] is None or res["same"] else 1
@@ -241,7 +242,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print_table(make_table(f"{res['model']} reloaded from {args.dir}", ("metric", "at quantization", "reloaded"),
                            rows), console)  # fmt: skip
     if res["stored"] is None:
-        console.print("[yellow]no report.json beside the model: nothing to compare the metrics with[/yellow]")
+        console.print("[yellow]nothing to compare with: no report.json beside the model, or it was measured on "
+                      "other evaluation data[/yellow]")
         return 0
     if res["same"]:
         console.print("reload is bit-exact: identical metrics")
@@ -354,6 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--input-sign", dest="accumulator_input_sign", choices=("auto", "format"),
                    help="accumulator-aware: unsigned inputs where the calibration inputs are never negative (auto, "
                         "default) or the --activations format as given")
+    q.add_argument("--calibration-data", dest="calibration_data",
+                   help="your calibration data: .txt / .jsonl / folder of .txt (text models), an image folder "
+                        "(image models), or .pt / .safetensors model inputs (any model)")
+    q.add_argument("--eval-data", dest="eval_data", help="your evaluation data (the same kinds as --calibration-data)")
     q.add_argument("--recipe", help="recipe file (.yaml/.json); flags given here override its fields")
     q.add_argument("--out", required=True, help="output directory")
     q.add_argument("--overwrite", action="store_true",
@@ -377,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_accumulator)
     e = sub.add_parser("evaluate", help="reload a packed model bit-exactly and re-measure it")
     e.add_argument("dir", help="directory written by `numcast quantize`")
+    e.add_argument("--eval-data", dest="eval_data", help="measure on your data instead (see `quantize --eval-data`)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_evaluate)
     return p

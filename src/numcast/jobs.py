@@ -17,22 +17,25 @@ from numcast.workloads import load_workload
 
 
 def run_ptq(model_name: str, recipe: Recipe, out: Path, *, overwrite: bool = False, progress: bool = True,
-            stage=lambda text: None) -> dict:  # fmt: skip
+            stage=lambda text: None, calibration_data: str | None = None,
+            eval_data: str | None = None) -> dict:  # fmt: skip
     """Quantize ``model_name`` by ``recipe``; write report.json, sqnr.png, model.safetensors and recipe.yaml
     into ``out`` (atomically, :class:`numcast.io.OutputDir`: built beside it and renamed over it only when the
-    run succeeded; ``overwrite`` replaces only an earlier numcast output); return the report record."""
+    run succeeded; ``overwrite`` replaces only an earlier numcast output); return the report record.
+    ``calibration_data`` / ``eval_data``: paths of the user's data (:mod:`numcast.models.user_data`), recorded
+    in the report's ``data``."""
     if recipe.calibration < 1:
         raise ValueError("the calibration set is empty: pass --calibration N with N >= 1")
     with OutputDir(out, overwrite) as d:
-        return _run_ptq(model_name, recipe, d.tmp, progress, stage)
+        return _run_ptq(model_name, recipe, d.tmp, progress, stage, calibration_data, eval_data)
 
 
-def _run_ptq(model_name: str, recipe: Recipe, tmp: Path, progress: bool, stage) -> dict:
+def _run_ptq(model_name: str, recipe: Recipe, tmp: Path, progress: bool, stage, calibration_data, eval_data) -> dict:
     mem = PhasePeaks()
     t_start = time.perf_counter()
     stage(f"loading {model_name}")
     with mem.phase("load"):
-        w = load_workload(model_name)
+        w = load_workload(model_name, calibration_data, eval_data)
     t_load = time.perf_counter() - t_start
     stage("measuring the float model")
     t0 = time.perf_counter()
@@ -78,6 +81,7 @@ def _run_ptq(model_name: str, recipe: Recipe, tmp: Path, progress: bool, stage) 
         "peak_rss_mb": None,  # filled after the export
         "peak_rss_mb_by_phase": mem.peaks,
         "notes": notes,
+        "data": w.data,
         "layers": layers,
     }
     stage("writing the report and the packed model")
@@ -91,21 +95,26 @@ def _run_ptq(model_name: str, recipe: Recipe, tmp: Path, progress: bool, stage) 
     return record
 
 
-def run_evaluate(out: Path, stage=lambda text: None) -> dict:
-    """Reload ``out/model.safetensors`` onto a fresh float model and re-measure; returns
-    {"model", "stored": report metrics or None, "measured": metrics}."""
+def run_evaluate(out: Path, stage=lambda text: None, eval_data: str | None = None) -> dict:
+    """Reload ``out/model.safetensors`` onto a fresh float model and re-measure (on ``eval_data`` when given);
+    returns {"model", "stored": report metrics or None (None too when the data differs from the report's),
+    "measured": metrics, "same"}."""
     path = out / MODEL_FILE if out.is_dir() else out
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no packed model (run `numcast quantize ... --out DIR` first)")
     model_name, _recipe = read_metadata(path)
     stage(f"loading {model_name}")
-    w = load_workload(model_name)
+    w = load_workload(model_name, eval_data=eval_data)
     stage("loading the packed weights")
     load_quantized(w.model, path)
     stage("measuring")
     measured = w.evaluate(w.model)
     report = path.parent / "report.json"
-    stored = json.loads(report.read_text())["metrics"]["quantized"] if report.is_file() else None
+    stored = None
+    if report.is_file():
+        rec = json.loads(report.read_text())
+        if (rec.get("data") or {}).get("evaluation") == w.data.get("evaluation"):  # the same evaluation data
+            stored = rec["metrics"]["quantized"]
     same = stored is not None and all(stored.get(k) == json_safe(v) for k, v in measured.items())
     return {"model": model_name, "stored": stored, "measured": measured, "primary_metric": w.primary, "same": same}
 

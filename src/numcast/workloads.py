@@ -22,6 +22,7 @@ The float reference of every metric is measured on the float model before quanti
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from numcast.models.user_data import UserData
 
 CALIB_BATCH = {"minilm-l6": 16, "smollm2-135m": 2, "mobilenet-v2": 32, "efficientnet-lite0": 32, "fmnist-cnn": 128}
 
@@ -48,15 +51,36 @@ class Workload:
     description: str
     notes: Callable[[str], str | None] = field(default=lambda fmt: None)
     first_block_input: str = "capture"  # "model": the calibration tensors feed the first block directly
+    data: dict = field(default_factory=dict)  # the user's data used (report records), empty for the shipped
 
 
 def _batches(items, size: int) -> list:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _encoder(name: str, model: nn.Module, tok, blocks, description: str) -> Workload:
+Data = tuple[UserData | None, UserData | None] | None  # (calibration, evaluation) data of the user, or None
+
+
+def _texts(data: UserData | None, model: str) -> list[str] | None:
+    """The user's texts, or None without data; ``ValueError`` for images given to a text model."""
+    if data is None or data.kind == "tensors":
+        return None
+    if data.kind != "text":
+        raise ValueError(f"{data.path}: {data.kind} data for {model}, which takes text (.txt, a folder of .txt, "
+                         ".jsonl) or tensors")  # fmt: skip
+    return data.texts
+
+
+def _window_count(tok, texts: list[str], seq_len: int) -> int:
+    bos = getattr(tok, "bos_token_id", None)
+    ids = tok("\n\n".join(texts), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    return ids.numel() // (seq_len - (1 if bos is not None else 0))
+
+
+def _encoder(name: str, model: nn.Module, tok, blocks, description: str, data: Data = None) -> Workload:
     """Sentence-embedding protocol: mean-pooled, L2-normalised last hidden states
-    (:func:`numcast.models.minilm.embed`)."""
+    (:func:`numcast.models.minilm.embed`). User text: calibration chunks of its words; evaluation: the mean
+    cosine of each text's embedding to the float one."""
     import copy
 
     from numcast.evaluate.text import encoder_metrics, wiki_split
@@ -71,25 +95,43 @@ def _encoder(name: str, model: nn.Module, tok, blocks, description: str) -> Work
             cache[key] = embed(ref, tok, texts)
         return cache[key]
 
+    cal, ev = data or (None, None)
+    cal_texts = _texts(cal, name) or wiki_split()[0]
+    eval_texts = _texts(ev, name)
+
     def calibration(n: int) -> list:
-        words = " ".join(wiki_split()[0]).split()
+        words = " ".join(cal_texts).split()
         chunks = [" ".join(words[i : i + 48]) for i in range(0, 48 * n, 48)][:n]
         if len(chunks) < n:
-            raise ValueError(f"the calibration articles hold {len(chunks)} chunks, {n} were asked for")
+            src = cal.path if cal is not None else "the calibration articles"
+            raise ValueError(f"{src} holds {len(chunks)} chunks of 48 words, {n} were asked for")
         return [tokenize(tok, b) for b in _batches(chunks, CALIB_BATCH["minilm-l6"])]
 
     def evaluate(m) -> dict[str, float]:
+        if eval_texts:
+            got = embed(m, tok, eval_texts)
+            return {"embedding_cosine": float((got * ref_embed(eval_texts)).sum(1).mean())}
         return encoder_metrics(lambda t: embed(m, tok, t), ref_embed)
 
     return Workload(name, model, blocks, calibration, evaluate, "embedding_cosine", True, description)
 
 
-def _causal_lm(name: str, model: nn.Module, tok, blocks, description: str, notes=lambda fmt: None) -> Workload:
-    """Perplexity protocol: 512-token windows of the calibration articles; 8 × 512 evaluation tokens."""
+def _causal_lm(name: str, model: nn.Module, tok, blocks, description: str, notes=lambda fmt: None,
+               data: Data = None) -> Workload:  # fmt: skip
+    """Perplexity protocol: 512-token windows of the calibration articles; 8 × 512 evaluation tokens. User text:
+    the same windows of it (evaluation: up to 8 windows, as many as it holds)."""
     from numcast.evaluate.text import perplexity, token_windows, wiki_split
 
+    user_cal, user_ev = data or (None, None)
     cal, ev = wiki_split()
-    eval_windows = token_windows(tok, ev, 8, 512)
+    cal = _texts(user_cal, name) or cal
+    if user_ev is not None and user_ev.kind == "text":
+        windows = _window_count(tok, user_ev.texts, 512)
+        if windows < 1:
+            raise ValueError(f"{user_ev.path}: too short for one evaluation window of 512 tokens")
+        eval_windows = token_windows(tok, user_ev.texts, min(8, windows), 512)
+    else:
+        eval_windows = token_windows(tok, ev, 8, 512)
 
     def calibration(n: int) -> list:
         win = token_windows(tok, cal, n, 512)
@@ -99,15 +141,15 @@ def _causal_lm(name: str, model: nn.Module, tok, blocks, description: str, notes
                     "perplexity", False, description, notes)  # fmt: skip
 
 
-def _minilm() -> Workload:
+def _minilm(data: Data = None) -> Workload:
     from numcast.models.minilm import load_minilm, minilm_blocks
 
     model, tok = load_minilm()
     return _encoder("minilm-l6", model, tok, minilm_blocks,
-                    "all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, 22.7 M params, fp32)")  # fmt: skip
+                    "all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, 22.7 M params, fp32)", data)  # fmt: skip
 
 
-def _smollm2() -> Workload:
+def _smollm2(data: Data = None) -> Workload:
     from numcast.models.smollm2 import GGUF_GRID_NOTE, load_smollm2, smollm2_blocks
 
     model, tok = load_smollm2()
@@ -120,10 +162,10 @@ def _smollm2() -> Workload:
         return GGUF_GRID_NOTE if grid else None
 
     return _causal_lm("smollm2-135m", model, tok, smollm2_blocks,
-                      "SmolLM2-135M (Llama, 30 layers, 134.5 M params; GGUF Q4_1 -> fp32)", notes)  # fmt: skip
+                      "SmolLM2-135M (Llama, 30 layers, 134.5 M params; GGUF Q4_1 -> fp32)", notes, data)  # fmt: skip
 
 
-def _local(path: str) -> Workload:
+def _local(path: str, data: Data = None) -> Workload:
     """A local HF folder or .gguf file: the causal-LM or the encoder protocol by the model's kind."""
     from numcast.models.hf_local import load_local_model, transformer_blocks
 
@@ -131,11 +173,36 @@ def _local(path: str) -> Workload:
     n = sum(p.numel() for p in model.parameters()) / 1e6
     desc = f"{type(model).__name__} from {path} ({n:.1f} M params, fp32)"
     name = str(Path(path).expanduser().resolve())
-    make = _causal_lm if kind == "causal-lm" else _encoder
-    return make(name, model, tok, transformer_blocks, desc)
+    if kind == "causal-lm":
+        return _causal_lm(name, model, tok, transformer_blocks, desc, data=data)
+    return _encoder(name, model, tok, transformer_blocks, desc, data)
 
 
-def _imagenet(name: str) -> Workload:
+def _images(data: UserData | None, model: str) -> UserData | None:
+    """The user's images, or None without them; ``ValueError`` for text given to an image model."""
+    if data is None or data.kind == "tensors":
+        return None
+    if data.kind != "images":
+        raise ValueError(f"{data.path}: {data.kind} data for {model}, which takes images (a folder, with class "
+                         "subfolders for labels) or tensors")  # fmt: skip
+    return data
+
+
+def _classifier_eval(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None, batch_size: int = 64):
+    """(evaluate, primary): top-1 accuracy where labels exist (plus agreement/KL to float), else agreement/KL."""
+    from numcast.evaluate.vision import agreement_and_kl, logits_of, top1_accuracy
+
+    ref = logits_of(model, images, batch_size=batch_size)
+
+    def evaluate(m) -> dict[str, float]:
+        lg = logits_of(m, images, batch_size=batch_size)
+        out = agreement_and_kl(ref, lg)
+        return {"top1_accuracy": top1_accuracy(lg, labels), **out} if labels is not None else out
+
+    return evaluate, ("top1_accuracy" if labels is not None else "top1_agreement")
+
+
+def _imagenet(name: str, data: Data = None) -> Workload:
     from numcast.evaluate.vision import agreement_and_kl, logits_of
     from numcast.models.data import image_crops, natural_photos
 
@@ -154,64 +221,110 @@ def _imagenet(name: str) -> Workload:
 
         desc = "EfficientNet-Lite0 (ImageNet, 4.65 M params, fp32)"
     model = load()
+    cal, ev = data or (None, None)
+    cal, ev = _images(cal, name), _images(ev, name)
     photos = natural_photos()
-    eval_images = image_crops(photos, 256, mean=mean, std=std, seed=0)
-    ref = logits_of(model, eval_images)
+    if ev is not None:  # the user's photos: the standard centre crop of each
+        crops = image_crops(ev.images, len(ev.images), mean=mean, std=std)
+        evaluate, primary = _classifier_eval(model, crops, ev.labels)
+    else:
+        eval_images = image_crops(photos, 256, mean=mean, std=std, seed=0)
+        ref = logits_of(model, eval_images)
+        evaluate, primary = (lambda m: agreement_and_kl(ref, logits_of(m, eval_images))), "top1_agreement"
 
     def calibration(n: int) -> list:
+        if cal is not None:
+            if n > len(cal.images):
+                raise ValueError(f"{cal.path} holds {len(cal.images)} images; {n} were asked for")
+            return _batches(image_crops(cal.images, n, mean=mean, std=std), CALIB_BATCH[name])
         return _batches(image_crops(photos, n, mean=mean, std=std, seed=1), CALIB_BATCH[name])
 
-    return Workload(name, model, blocks, calibration, lambda m: agreement_and_kl(ref, logits_of(m, eval_images)),
-                    "top1_agreement", True, desc, first_block_input="model")  # fmt: skip
+    return Workload(name, model, blocks, calibration, evaluate, primary, True, desc, first_block_input="model")
 
 
-def _fmnist() -> Workload:
-    from numcast.evaluate.vision import agreement_and_kl, logits_of, top1_accuracy
-    from numcast.models.fashion_mnist import load_fashion_mnist
+def _fmnist(data: Data = None) -> Workload:
+    from numcast.models.fashion_mnist import grayscale_28, load_fashion_mnist
     from numcast.models.fmnist_cnn import fmnist_blocks, load_fmnist_cnn
 
     model = load_fmnist_cnn()
-    x_test, y_test = load_fashion_mnist("test")
-    ref = logits_of(model, x_test, batch_size=1000)
+    cal, ev = data or (None, None)
+    cal, ev = _images(cal, "fmnist-cnn"), _images(ev, "fmnist-cnn")
+    if ev is not None:
+        x_test, y_test = grayscale_28(ev.images), ev.labels
+    else:
+        x_test, y_test = load_fashion_mnist("test")
+    evaluate, primary = _classifier_eval(model, x_test, y_test, batch_size=1000)
 
     def calibration(n: int) -> list:
-        x, _ = load_fashion_mnist("train")
+        x = grayscale_28(cal.images) if cal is not None else load_fashion_mnist("train")[0]
         if n > x.shape[0]:
-            raise ValueError(f"fmnist-cnn calibrates on the {x.shape[0]} training images; {n} were asked for")
+            src = cal.path if cal is not None else f"fmnist-cnn calibrates on the {x.shape[0]} training images;"
+            raise ValueError(f"{src} {n} were asked for" if cal is None else f"{src} holds {x.shape[0]} images; "
+                             f"{n} were asked for")  # fmt: skip
         return _batches(x[:n], CALIB_BATCH["fmnist-cnn"])
 
-    def evaluate(m) -> dict[str, float]:
-        lg = logits_of(m, x_test, batch_size=1000)
-        return {"top1_accuracy": top1_accuracy(lg, y_test), **agreement_and_kl(ref, lg)}
-
-    return Workload("fmnist-cnn", model, fmnist_blocks, calibration, evaluate, "top1_accuracy", True,
+    return Workload("fmnist-cnn", model, fmnist_blocks, calibration, evaluate, primary, True,
                     "numcast's Fashion-MNIST ResNet-style CNN (trained deterministically, shipped)")  # fmt: skip
 
 
-LOADERS: dict[str, Callable[[], Workload]] = {
+def _with_tensors(w: Workload, cal: UserData | None, ev: UserData | None) -> Workload:
+    """Tensor data (model inputs, samples along dim 0) for any workload: calibration batches of it; evaluation:
+    the cosine of the model's output (first output tensor: logits, hidden states) to the float one."""
+    from numcast.evaluate.vision import output_cosine
+
+    if cal is not None and cal.kind == "tensors":
+        size = CALIB_BATCH.get(w.name, 8)
+        w.calibration = lambda n: cal.batches(n, size)
+    if ev is not None and ev.kind == "tensors":
+        inputs = ev.batches(ev.count, CALIB_BATCH.get(w.name, 8))
+        evaluate = output_cosine(w.model, inputs)
+        w.evaluate, w.primary, w.higher_is_better = evaluate, "output_cosine", True
+    return w
+
+
+LOADERS: dict[str, Callable[..., Workload]] = {
     "minilm-l6": _minilm,
     "smollm2-135m": _smollm2,
-    "mobilenet-v2": lambda: _imagenet("mobilenet-v2"),
-    "efficientnet-lite0": lambda: _imagenet("efficientnet-lite0"),
+    "mobilenet-v2": lambda data=None: _imagenet("mobilenet-v2", data),
+    "efficientnet-lite0": lambda data=None: _imagenet("efficientnet-lite0", data),
     "fmnist-cnn": _fmnist,
 }
 
 
-def load_workload(name: str) -> Workload:
+def _load(key: str, data: Data) -> Workload:
+    """A registered workload; one whose loader takes no data argument accepts only tensor data (applied by
+    :func:`_with_tensors`)."""
+    loader = LOADERS[key]
+    if data and inspect.signature(loader).parameters:
+        return loader(data)
+    for d in data or ():
+        if d is not None and d.kind != "tensors":
+            raise ValueError(f"{d.path}: the {key} workload takes only tensor data (.pt / .safetensors)")
+    return loader()
+
+
+def load_workload(name: str, calibration_data: str | Path | UserData | None = None,
+                  eval_data: str | Path | UserData | None = None) -> Workload:  # fmt: skip
     """The workload for a short model name, or for a path to a local Hugging Face model folder or ``.gguf``
     file (``KeyError``-free: unknown names raise ``ValueError`` listing the known ones; a missing model package
-    raises ``MissingAssetError`` with its install command). The caller's global RNG state is left unchanged."""
+    raises ``MissingAssetError`` with its install command). ``calibration_data`` / ``eval_data``: the user's
+    data (a path, :mod:`numcast.models.user_data`) instead of the shipped protocol's; ``Workload.data`` records
+    what was used. The caller's global RNG state is left unchanged."""
     from numcast.models.hf_local import is_model_path
+    from numcast.models.user_data import load_user_data
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cal = load_user_data(calibration_data) if isinstance(calibration_data, (str, Path)) else calibration_data
+    ev = load_user_data(eval_data) if isinstance(eval_data, (str, Path)) else eval_data
+    data = (cal, ev) if (cal or ev) else None
     key = name.strip().lower()
-    if key not in LOADERS and is_model_path(name):
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # module constructors draw from the global RNG
-            return _local(name)
-    if key not in LOADERS:
+    if key not in LOADERS and not is_model_path(name):
         close = difflib.get_close_matches(key, list(LOADERS), n=3, cutoff=0.4)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ValueError(f"unknown model {name!r}{hint}; known models: {', '.join(LOADERS)}, or a path to a "
                          "local Hugging Face model folder (with config.json) or a .gguf file")
     with torch.no_grad(), torch.random.fork_rng(devices=[]):  # module constructors draw from the global RNG
-        return LOADERS[key]()
+        w = _load(key, data) if key in LOADERS else _local(name, data)
+        w = _with_tensors(w, cal, ev)
+    w.data = {"calibration": cal.record() if cal else None, "evaluation": ev.record() if ev else None}
+    return w

@@ -1,7 +1,10 @@
 """Classifier metrics: labelled top-1 accuracy, and — where no labels ship offline (ImageNet) — top-1
-agreement and KL divergence of the quantized model's predictions against the float model's."""
+agreement and KL divergence of the quantized model's predictions against the float model's; for any model on
+the user's tensors, the cosine of its outputs to the float ones."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -45,3 +48,30 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     finally:
         model.train(was_training)
     return correct / images.shape[0]
+
+
+def _first_tensor(out) -> torch.Tensor:
+    for attr in ("logits", "last_hidden_state"):
+        if hasattr(out, attr):
+            return getattr(out, attr)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def output_cosine(model: nn.Module, inputs: list) -> Callable[[nn.Module], dict[str, float]]:
+    """A metric for any model on the user's inputs (tensors or dicts of keyword arguments): the cosine between
+    the flattened output (logits, last hidden state, or the output tensor) of a model and the float model's
+    (taken now), averaged over samples."""
+    ref = _outputs(model, inputs)
+
+    def evaluate(m) -> dict[str, float]:
+        got = _outputs(m, inputs)
+        pairs = zip(got, ref, strict=True)
+        cos = [F.cosine_similarity(g.flatten(1).double(), r.flatten(1).double(), dim=1) for g, r in pairs]
+        return {"output_cosine": float(torch.cat(cos).mean())}
+
+    return evaluate
+
+
+@torch.no_grad()
+def _outputs(model: nn.Module, inputs: list) -> list[torch.Tensor]:
+    return [_first_tensor(model(**b) if isinstance(b, dict) else model(b)).float() for b in inputs]

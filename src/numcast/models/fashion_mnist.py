@@ -76,3 +76,15 @@ def load_fashion_mnist(
     x = torch.from_numpy(images.astype(np.float32)).unsqueeze(1)  # astype copies: the cached array stays intact
     x = (x / 255.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
     return x, torch.from_numpy(labels.astype(np.int64))
+
+
+def grayscale_28(images: list[np.ndarray]) -> torch.Tensor:
+    """The user's images as Fashion-MNIST inputs ``[N, 1, 28, 28]``: RGB averaged to gray, bilinear resize to
+    28×28 (antialiased), scaled to [0, 1] and normalised like the training data."""
+    import torch.nn.functional as F
+
+    out = []
+    for img in images:
+        x = torch.from_numpy(np.ascontiguousarray(img)).float().div(255.0).mean(-1)[None, None]
+        out.append(F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False, antialias=True))
+    return (torch.cat(out) - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
