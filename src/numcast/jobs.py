@@ -95,16 +95,27 @@ def _run_ptq(model_name: str, recipe: Recipe, tmp: Path, progress: bool, stage, 
     return record
 
 
-def run_evaluate(out: Path, stage=lambda text: None, eval_data: str | None = None) -> dict:
+def run_evaluate(out: Path, stage=lambda text: None, eval_data: str | None = None, lm_eval_tasks=None,
+                 lm_eval_include: str | None = None, lm_eval_limit: int | None = None) -> dict:  # fmt: skip
     """Reload ``out/model.safetensors`` onto a fresh float model and re-measure (on ``eval_data`` when given);
     returns {"model", "stored": report metrics or None (None too when the data differs from the report's),
-    "measured": metrics, "same"}."""
+    "measured": metrics, "same"}, and with ``lm_eval_tasks`` {"lm_eval": {"float": ..., "quantized": ...}}
+    (:mod:`numcast.evaluate.lm_eval`, causal LMs)."""
     path = out / MODEL_FILE if out.is_dir() else out
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no packed model (run `numcast quantize ... --out DIR` first)")
     model_name, _recipe = read_metadata(path)
     stage(f"loading {model_name}")
     w = load_workload(model_name, eval_data=eval_data)
+    harness = {}
+    if lm_eval_tasks:
+        from numcast.evaluate.lm_eval import run_lm_eval
+
+        if w.tokenizer is None:
+            raise ValueError(f"{model_name}: lm-eval runs causal language models; this one is not")
+        stage("lm-eval on the float model")
+        kw = {"include_path": lm_eval_include, "limit": lm_eval_limit}
+        harness["float"] = run_lm_eval(w.model, w.tokenizer, lm_eval_tasks, **kw)
     stage("loading the packed weights")
     load_quantized(w.model, path)
     stage("measuring")
@@ -116,7 +127,11 @@ def run_evaluate(out: Path, stage=lambda text: None, eval_data: str | None = Non
         if (rec.get("data") or {}).get("evaluation") == w.data.get("evaluation"):  # the same evaluation data
             stored = rec["metrics"]["quantized"]
     same = stored is not None and all(stored.get(k) == json_safe(v) for k, v in measured.items())
-    return {"model": model_name, "stored": stored, "measured": measured, "primary_metric": w.primary, "same": same}
+    if lm_eval_tasks:
+        stage("lm-eval on the quantized model")
+        harness["quantized"] = run_lm_eval(w.model, w.tokenizer, lm_eval_tasks, **kw)
+    res = {"model": model_name, "stored": stored, "measured": measured, "primary_metric": w.primary, "same": same}
+    return {**res, "lm_eval": harness} if harness else res
 
 
 def run_accumulator(target: str, input_bits: int, accumulator_bits: int, *, weights: str = "int8_channel",

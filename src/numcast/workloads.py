@@ -52,6 +52,7 @@ class Workload:
     notes: Callable[[str], str | None] = field(default=lambda fmt: None)
     first_block_input: str = "capture"  # "model": the calibration tensors feed the first block directly
     data: dict = field(default_factory=dict)  # the user's data used (report records), empty for the shipped
+    tokenizer: object = None  # text models: the tokenizer (lm-eval needs it)
 
 
 def _batches(items, size: int) -> list:
@@ -138,7 +139,7 @@ def _causal_lm(name: str, model: nn.Module, tok, blocks, description: str, notes
         return [{"input_ids": b, "use_cache": False} for b in _batches(win, CALIB_BATCH["smollm2-135m"])]
 
     return Workload(name, model, blocks, calibration, lambda m: {"perplexity": perplexity(m, eval_windows)},
-                    "perplexity", False, description, notes)  # fmt: skip
+                    "perplexity", False, description, notes, tokenizer=tok)  # fmt: skip
 
 
 def _minilm(data: Data = None) -> Workload:
