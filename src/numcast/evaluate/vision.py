@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from numcast.nn.observe import call_model
+
 
 @torch.no_grad()
 def logits_of(model, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
@@ -74,4 +76,4 @@ def output_cosine(model: nn.Module, inputs: list) -> Callable[[nn.Module], dict[
 
 @torch.no_grad()
 def _outputs(model: nn.Module, inputs: list) -> list[torch.Tensor]:
-    return [_first_tensor(model(**b) if isinstance(b, dict) else model(b)).float() for b in inputs]
+    return [_first_tensor(call_model(model, b)).float() for b in inputs]

@@ -5,7 +5,7 @@ one calibration batch; ``layer_inputs_2d`` views a layer's input as the rows its
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -28,8 +28,9 @@ class InputStats:
 
 
 def call_model(model: nn.Module, batch) -> object:
-    """Run ``model`` on one calibration batch: a tensor, a tuple of arguments or a dict of keyword arguments."""
-    if isinstance(batch, dict):
+    """Run ``model`` on one calibration batch: a tensor, a tuple of arguments, or a mapping of keyword arguments
+    (a dict, a tokenizer's ``BatchEncoding``)."""
+    if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, (tuple, list)):
         return model(*batch)

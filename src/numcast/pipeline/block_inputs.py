@@ -18,7 +18,7 @@ transition is:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -37,7 +37,7 @@ def _move(obj, device: torch.device | str):
         return tuple(_move(o, device) for o in obj)
     if isinstance(obj, list):
         return [_move(o, device) for o in obj]
-    if isinstance(obj, dict):
+    if isinstance(obj, Mapping):  # a dict, or a tokenizer's BatchEncoding
         return {k: _move(v, device) for k, v in obj.items()}
     return obj
 

@@ -10,7 +10,7 @@ own forward (:mod:`numcast.pipeline.block_inputs`), so code between blocks runs 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ def count_samples(batches: list) -> int:
     def first_tensor(obj):
         if isinstance(obj, torch.Tensor):
             return obj
-        values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else ()
+        values = obj.values() if isinstance(obj, Mapping) else obj if isinstance(obj, (tuple, list)) else ()
         return next((t for t in map(first_tensor, values) if t is not None), None)
 
     return sum(t.shape[0] if (t := first_tensor(b)) is not None and t.dim() else 1 for b in batches)
