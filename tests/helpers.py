@@ -76,3 +76,20 @@ def standard_crops(names, size: int, mean, std):
 
     photos = data.natural_photos()
     return data.image_crops({k: photos[k] for k in names}, len(names), size=size, mean=mean, std=std)
+
+
+def tiny_llama_folder(folder):
+    """A 2-layer random-weight Llama (seeded, the global RNG untouched) saved with SmolLM2's shipped tokenizer:
+    a local Hugging Face folder for tests. Returns (folder, model, tokenizer)."""
+    import transformers as tf
+
+    from numcast.models.smollm2 import float_folder
+
+    tok = tf.AutoTokenizer.from_pretrained(float_folder())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                                                   num_attention_heads=4, intermediate_size=64))  # fmt: skip
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder, model.eval(), tok

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
+from helpers import tiny_llama_folder
 
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -c constraints.txt -e '.[eval]')")
 
@@ -43,19 +43,7 @@ metric_list:
 
 @pytest.fixture
 def llama_folder(tmp_path):
-    import transformers as tf
-
-    from numcast.models.smollm2 import float_folder
-
-    tok = tf.AutoTokenizer.from_pretrained(float_folder())
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
-                                                   num_attention_heads=4, intermediate_size=64))  # fmt: skip
-    folder = tmp_path / "llm"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder, model, tok
+    return tiny_llama_folder(tmp_path / "llm")
 
 
 def test_run_lm_eval_scores_a_local_task(task_dir, llama_folder):

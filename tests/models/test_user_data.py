@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_llama_folder
 from PIL import Image
 from test_cli_quantize import tiny  # noqa: F401  (fixture: the tiny-cnn workload)
 
@@ -123,19 +124,10 @@ def _text(tmp_path):
 
 
 def test_a_language_model_measures_perplexity_on_the_users_text(tmp_path):
-    import transformers as tf
-
     from numcast.evaluate.text import perplexity, token_windows
-    from numcast.models.smollm2 import float_folder
     from numcast.workloads import load_workload
 
-    tok = tf.AutoTokenizer.from_pretrained(float_folder())
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
-                                                   num_attention_heads=4, intermediate_size=64))  # fmt: skip
-    model.save_pretrained(tmp_path / "llm")
-    tok.save_pretrained(tmp_path / "llm")
+    _, _, tok = tiny_llama_folder(tmp_path / "llm")
     text = " ".join(f"Sentence number {i} talks about quantization of networks." for i in range(600))
     (tmp_path / "held.txt").write_text(text)
     w = load_workload(str(tmp_path / "llm"), calibration_data=tmp_path / "held.txt", eval_data=tmp_path / "held.txt")

@@ -159,37 +159,44 @@ def probe_transitions(model: nn.Module, blocks: list[nn.Module], batch, placemen
     into block i (``kinds[0]`` is ``"first"``), from one float forward of ``batch``. The first block must be
     called by the forward, and no block more than once (``ValueError`` naming it otherwise). A later block the
     forward never calls (a view over the model's modules, like a classifier head assembled for quantization)
-    reads the previous block's output (``direct``)."""
-    calls: dict[int, list] = {i: [] for i in range(len(blocks))}
-    outs: dict[int, object] = {}
+    reads the previous block's output (``direct``). Only the latest block's call and output are held while the
+    forward runs (memory of one block)."""
+    count = [0] * len(blocks)
+    kinds = ["first"] + [DIRECT] * (len(blocks) - 1)
+    held: dict[int, tuple[BlockCall, object]] = {}  # the latest finished block: its call and output
+    pending: dict[int, BlockCall] = {}
+
+    def pre(i: int, args, kwargs) -> None:
+        count[i] += 1
+        call = BlockCall(args, kwargs)
+        if count[i] == 1 and i - 1 in held:
+            prev, out = held[i - 1]
+            if call.x is not first_output(out):
+                kinds[i] = GLUE
+            elif not (_same(call.without_x().args, prev.without_x().args)
+                      and _same(call.without_x().kwargs, prev.without_x().kwargs)):  # fmt: skip
+                kinds[i] = DIRECT_X
+        pending[i] = call
+
+    def post(i: int, out) -> None:
+        held.clear()
+        held[i] = (pending.pop(i), out)
+
     hooks = []
     for i, b in enumerate(blocks):
-        hooks.append(b.register_forward_pre_hook(lambda _m, a, k, i=i: calls[i].append(BlockCall(a, k)),
-                                                 with_kwargs=True))  # fmt: skip
-        hooks.append(b.register_forward_hook(lambda _m, _a, out, i=i: outs.setdefault(i, out)))
+        hooks.append(b.register_forward_pre_hook(lambda _m, a, k, i=i: pre(i, a, k), with_kwargs=True))
+        hooks.append(b.register_forward_hook(lambda _m, _a, out, i=i: post(i, out)))
     try:
         call_model(model, placement.compute(batch))
     finally:
         for h in hooks:
             h.remove()
+        held.clear()
     for i, b in enumerate(blocks):
-        if len(calls[i]) != 1 and (calls[i] or i == 0):
-            how = "never called" if not calls[i] else f"called {len(calls[i])} times"
+        if count[i] > 1 or (i == 0 and count[i] == 0):
+            how = "never called" if not count[i] else f"called {count[i]} times"
             raise ValueError(f"block {i} ({type(b).__name__}) is {how} by the model's forward; numcast quantizes "
                              "blocks the model calls once per forward, in order (pass blocks=... explicitly)")
-    kinds = ["first"]
-    for i in range(1, len(blocks)):
-        if not calls[i] or not calls[i - 1]:  # a view the forward does not call: it chains as the caller says
-            kinds.append(DIRECT)
-            continue
-        prev, call = calls[i - 1][0], calls[i][0]
-        if call.x is not first_output(outs[i - 1]):
-            kinds.append(GLUE)
-        elif _same(call.without_x().args, prev.without_x().args) and _same(call.without_x().kwargs,
-                                                                            prev.without_x().kwargs):
-            kinds.append(DIRECT)
-        else:
-            kinds.append(DIRECT_X)
     return kinds
 
 
