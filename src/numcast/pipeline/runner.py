@@ -6,9 +6,12 @@
    arguments and stops the forward), once on the float model (float stream X) and once after the layers
    outside the blocks were quantized (quantized stream X̂; the same tensors when nothing before the first
    block changed). :class:`Streams` holds both.
-3. For each block in order (:class:`OpenBlock`: the block, its float twin, its layers in execution order):
-   per group of layers (``true sequential``: one layer, or the layers that read one tensor, like q/k/v), run
-   the block on X̂ with hooks that feed the group's inputs to the method's statistics (and, for methods that
+3. For each block in order, its inputs are what the model's own forward passes it (:meth:`Streams.enter`:
+   nothing to recompute when the previous block's output goes straight on with the same other arguments,
+   else the parent's forward with the finished blocks replayed, :mod:`numcast.pipeline.block_inputs`). Then
+   (:class:`OpenBlock`: the block, its float twin, its layers in execution order): per group of layers
+   (``true sequential``: one layer, or the layers that read one tensor, like q/k/v), run the block on X̂ with
+   hooks that feed the group's inputs to the method's statistics (and, for methods that
    diffuse error, the float block on X in lock step), solve, and swap in the quantized module; calibrate the
    block's static input quantizers on X̂; then advance both streams through the block, X̂ ← block(X̂) with the
    quantized layers, X ← float block(X), measuring each quantized layer's output SQNR against its float twin
@@ -163,8 +166,8 @@ class Streams:
         return self.placement.compute(args), self.placement.compute(kwargs)
 
     def run(self, block: nn.Module, i: int, x: torch.Tensor) -> torch.Tensor:
-        args, kwargs = self.inputs(i, x)
-        return first_output(block(*args, **kwargs))
+        """The block's stream output on batch i with stream input ``x``."""
+        return first_output(self._output(block, i, x))
 
     def _output(self, block: nn.Module, i: int, x: torch.Tensor):
         args, kwargs = self.inputs(i, x)
