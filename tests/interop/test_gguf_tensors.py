@@ -38,9 +38,9 @@ def test_the_reader_decodes_numcasts_weights_bit_for_bit(fmt, ggml):
     assert_bitwise(torch.from_numpy(np.ascontiguousarray(got)) + 0.0, qt.dequantize() + 0.0, fmt)
 
 
-@pytest.mark.parametrize("fmt, msg", [("int4_channel", "needs one FP16 scale per group"),
-                                      ("int4_g16", "don't tile"), ("mxfp8_e4m3", "no GGUF block type"),
-                                      ("uint4_g128_zp", "no GGUF block type"), ("int3_g64", "no GGUF block type")])  # fmt: skip
+@pytest.mark.parametrize("fmt, msg", [("int4_channel", "needs one FP16 scale per group"), ("int4_g16", "don't tile"),
+                                      ("mxfp8_e4m3", "no GGUF block type"), ("uint4_g128_zp", "no GGUF block type"),
+                                      ("int3_g64", "no GGUF block type")])  # fmt: skip
 def test_formats_gguf_cannot_store_are_refused_by_name(fmt, msg):
     with pytest.raises(ValueError, match=f"layer.0: .*{msg}"):
         pack_gguf(quantize(weight(), fmt), "layer.0")

@@ -14,8 +14,9 @@ view), blocks along ``in``:
 
 A group of G = 32·k values with one FP16 scale is written as k GGUF blocks with the same ``d``; the values are
 the same products, so ``gguf.quants.dequantize`` (× the tensor scale for NVFP4) equals ``QTensor.dequantize()``
-bit for bit (tested), up to the sign of zero: ggml's E2M1 table decodes the −0 code (8) as +0. Anything else (per-channel FP32 scales, FP8, zero points, blocks that are not whole, a NaN
-block) is refused naming the format and why.
+bit for bit (tested), up to the sign of zero: ggml's E2M1 table decodes the −0 code (8) as +0. Anything else
+(per-channel FP32 scales, FP8, zero points, blocks that are not whole, a NaN block) is refused naming the format
+and why.
 """
 
 from __future__ import annotations
