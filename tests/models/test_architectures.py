@@ -154,3 +154,21 @@ def test_tiny_architecture_through_the_cli(arch, method, folders, tmp_path, caps
     if method == "gptq":  # the packed model reloads onto a fresh float model (Conv1D / experts converted again)
         assert main(["evaluate", str(out)]) == 0
         assert "bit-exact" in capsys.readouterr().out
+
+
+def test_save_pretrained_writes_the_packed_model_not_a_checkpoint_missing_its_weights(tmp_path):
+    """transformers' own save_pretrained would drop the quantized layers' weights (packed codes, not parameters)
+    and from_pretrained would fill them with random values; on a numcast model it writes numcast's packed form."""
+    import transformers as tf
+
+    from numcast.pipeline.export import load_quantized
+
+    model = _tiny("llama")
+    data = _batches("llama")
+    numcast.quantize_model(model, "int4_g32", data, method="gptq")
+    model.save_pretrained(tmp_path / "saved")
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["model.safetensors", "recipe.yaml"]
+    again = load_quantized(_tiny("llama"), tmp_path / "saved" / "model.safetensors")
+    assert torch.equal(_output(again, data[0]), _output(model, data[0]))
+    with pytest.raises((OSError, ValueError)):
+        tf.AutoModelForCausalLM.from_pretrained(tmp_path / "saved")  # no config.json: refused, never random

@@ -11,6 +11,7 @@ own forward (:mod:`numcast.pipeline.block_inputs`), so code between blocks runs 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ from torch import nn
 from numcast.formats.spec import Format
 from numcast.pipeline.blocks import find_blocks
 from numcast.pipeline.data_free import quantize_data_free
+from numcast.pipeline.export import save_quantized
 from numcast.pipeline.plan import QuantizationResult
 from numcast.pipeline.recipe import Recipe
 from numcast.pipeline.runner import Placement, quantize_blockwise
@@ -78,7 +80,7 @@ def quantize_model(
     keyword arguments such as a tokenizer's output); needed by every method but RTN/EP-init and by static
     activation scales. ``blocks``: ``"auto"`` or the model's blocks in execution order. The result's ``recipe``
     replays the run (``recipe.save("recipe.yaml")``); the packed form is written by
-    :func:`numcast.pipeline.export.save_quantized`.
+    :func:`numcast.pipeline.export.save_quantized`, which a Hugging Face model's ``save_pretrained`` now calls.
     """
     batches = list(calibration) if calibration is not None else []
     if batches:
@@ -86,7 +88,7 @@ def quantize_model(
     recipe = make_recipe(recipe_or_format, method, **recipe_fields)
     solver = recipe.make_method()
     if not solver.needs_calibration:
-        return quantize_data_free(model, recipe, batches, inplace=True)
+        return _packed_save_pretrained(quantize_data_free(model, recipe, batches, inplace=True))
     if not batches:
         raise ValueError(f"method {recipe.method!r} learns from calibration data: pass calibration=[batch, ...] "
                          "(the model's inputs)")  # fmt: skip
@@ -95,4 +97,26 @@ def quantize_model(
             raise ValueError(f"blocks is 'auto' or a list of the model's blocks, got {blocks!r}")
         with torch.no_grad():
             blocks = find_blocks(model, (placement or Placement()).compute(batches[0]))
-    return quantize_blockwise(model, list(blocks), batches, recipe, progress=progress, placement=placement)
+    res = quantize_blockwise(model, list(blocks), batches, recipe, progress=progress, placement=placement)
+    return _packed_save_pretrained(res)
+
+
+def _packed_save_pretrained(res: QuantizationResult) -> QuantizationResult:
+    """A Hugging Face model's ``save_pretrained`` would write a checkpoint without the quantized layers' weights
+    (they are packed codes, not parameters), which ``from_pretrained`` then fills with random values. On the
+    quantized model it writes numcast's packed form instead (``model.safetensors`` with checksums and
+    ``recipe.yaml``, :func:`numcast.pipeline.export.save_quantized`; no ``config.json``, so ``from_pretrained``
+    refuses the folder rather than loading garbage); reload with :func:`numcast.pipeline.export.load_quantized`
+    onto the float model."""
+    model = res.model
+    if not callable(getattr(model, "save_pretrained", None)):
+        return res
+    name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
+
+    def save_pretrained(save_directory, *args, **kwargs) -> None:
+        out = Path(save_directory)
+        save_quantized(model, out, name, res.recipe)
+        res.recipe.save(out / "recipe.yaml", overwrite=True)
+
+    model.save_pretrained = save_pretrained
+    return res
