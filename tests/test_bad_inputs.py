@@ -104,7 +104,7 @@ def test_cast_out_is_written_atomically_and_checked(tmp_path, capsys, monkeypatc
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(numcast.io, "safetensors_bytes", boom)
+    monkeypatch.setattr(numcast.io, "_safetensors_parts", boom)
     code, _ = cli(capsys, ["cast", str(src), "-f", "mxfp4", "--out", str(tmp_path / "w.safetensors")])
     assert code == 130 and sorted(p.name for p in tmp_path.iterdir()) == ["adir", "w.pt"]
 

@@ -78,6 +78,12 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     """The bytes of a safetensors file with a canonical header: the same tensors and metadata give the same
     bytes whatever their insertion order. A SHA-256 of every tensor is added to the metadata
     (:data:`CHECKSUM_KEY`)."""
+    header, data = _safetensors_parts(tensors, metadata)
+    return header + bytes(data)
+
+
+def _safetensors_parts(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> tuple[bytes, memoryview]:
+    """(length + canonical header, the data section as a view of safetensors' own buffer: not copied)."""
     from safetensors.torch import save
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
@@ -90,14 +96,20 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     header = json.loads(raw[8 : 8 + n])
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
-    return struct.pack("<Q", len(text)) + text + raw[8 + n :]
+    return struct.pack("<Q", len(text)) + text, memoryview(raw)[8 + n :]
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                      metadata: dict[str, str] | None = None) -> Path:  # fmt: skip
     """Write :func:`safetensors_bytes` to ``path`` atomically."""
-    data = safetensors_bytes(tensors, metadata)
-    return write_atomic(path, lambda tmp: tmp.write_bytes(data))
+    header, data = _safetensors_parts(tensors, metadata)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            f.write(data)
+
+    return write_atomic(path, write)
 
 
 def load_safetensors(path: str | os.PathLike, what: str = "safetensors file") -> tuple[dict[str, torch.Tensor], dict]:
@@ -158,9 +170,19 @@ class OutputDir:
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
-        os.replace(self.tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(self.tmp, target)
+        except BaseException:
+            if old is not None:
+                os.replace(old, target)  # put the previous output back
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+        if old is None:
+            return
+        if (old / MARKER).is_file():
+            shutil.rmtree(old, ignore_errors=True)  # an earlier numcast output, replaced by this run
+        else:
+            old.rmdir()  # the empty directory the user named (rmdir refuses anything that is not empty)
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:

@@ -72,12 +72,6 @@ def _texts(data: UserData | None, model: str) -> list[str] | None:
     return data.texts
 
 
-def _window_count(tok, texts: list[str], seq_len: int) -> int:
-    bos = getattr(tok, "bos_token_id", None)
-    ids = tok("\n\n".join(texts), add_special_tokens=False, return_tensors="pt").input_ids[0]
-    return ids.numel() // (seq_len - (1 if bos is not None else 0))
-
-
 def _encoder(name: str, model: nn.Module, tok, blocks, description: str, data: Data = None) -> Workload:
     """Sentence-embedding protocol: mean-pooled, L2-normalised last hidden states
     (:func:`numcast.models.minilm.embed`). User text: calibration chunks of its words; evaluation: the mean
@@ -127,10 +121,10 @@ def _causal_lm(name: str, model: nn.Module, tok, blocks, description: str, notes
     cal, ev = wiki_split()
     cal = _texts(user_cal, name) or cal
     if user_ev is not None and user_ev.kind == "text":
-        windows = _window_count(tok, user_ev.texts, 512)
-        if windows < 1:
-            raise ValueError(f"{user_ev.path}: too short for one evaluation window of 512 tokens")
-        eval_windows = token_windows(tok, user_ev.texts, min(8, windows), 512)
+        try:
+            eval_windows = token_windows(tok, user_ev.texts, 8, 512, at_most=True)
+        except ValueError as exc:
+            raise ValueError(f"{user_ev.path}: too short for one evaluation window of 512 tokens ({exc})") from exc
     else:
         eval_windows = token_windows(tok, ev, 8, 512)
 

@@ -31,13 +31,16 @@ def wiki_split(frac_calibration: float = 0.8) -> tuple[list[str], list[str]]:
     return arts[:k], arts[k:]
 
 
-def token_windows(tok, texts: list[str], n: int, seq_len: int) -> torch.Tensor:
-    """``n`` windows [n, seq_len] of consecutive tokens of ``texts`` (BOS first when the tokenizer has one)."""
+def token_windows(tok, texts: list[str], n: int, seq_len: int, at_most: bool = False) -> torch.Tensor:
+    """``n`` windows [n, seq_len] of consecutive tokens of ``texts`` (BOS first when the tokenizer has one).
+    ``at_most``: as many as the text holds, up to ``n`` (at least one); else exactly ``n``."""
     bos = getattr(tok, "bos_token_id", None)
     body = seq_len - (1 if bos is not None else 0)
     ids = tok("\n\n".join(texts), add_special_tokens=False, return_tensors="pt").input_ids[0]
-    if ids.numel() < n * body:
-        raise ValueError(f"the text has {ids.numel()} tokens, {n} windows of {body} need {n * body}")
+    if at_most:
+        n = min(n, ids.numel() // body)
+    if n < 1 or ids.numel() < n * body:
+        raise ValueError(f"the text has {ids.numel()} tokens, {max(n, 1)} window(s) of {body} need {max(n, 1) * body}")
     win = ids[: n * body].reshape(n, body)
     if bos is not None:
         win = torch.cat([torch.full((n, 1), bos, dtype=win.dtype), win], dim=1)

@@ -66,6 +66,10 @@ def _warn_if_scales_saturate(x: torch.Tensor, fmt: Format) -> None:
     limit = el.max * sc.scale_format.max  # the largest amax whose scale the scale format holds
     if limit >= torch.finfo(x.dtype).max:
         return
+    lo, hi = torch.aminmax(x)  # one reduction, no temporary; NaN/inf take the careful path below
+    amax = max(-float(lo), float(hi))
+    if math.isfinite(amax) and amax <= limit:
+        return
     finite = torch.where(torch.isfinite(x), x.abs(), torch.zeros((), dtype=x.dtype, device=x.device))
     if float(finite.max()) <= limit:
         return

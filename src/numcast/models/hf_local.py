@@ -14,13 +14,12 @@ Nothing is fetched from a hub (``HF_HUB_OFFLINE=1``).
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from numcast.io import OutputDir
 from numcast.models.assets import cache_root
 from numcast.pipeline.blocks import repeated_layers
 
@@ -34,8 +33,9 @@ def is_model_path(name: str) -> bool:
 
 
 def convert_gguf(src: Path, folder: Path) -> Path:
-    """De-quantize the GGUF causal LM ``src`` into the float32 safetensors folder ``folder`` (atomically);
-    returns ``folder``. Tied embeddings stay tied."""
+    """De-quantize the GGUF causal LM ``src`` into the float32 safetensors folder ``folder`` (atomically,
+    :class:`numcast.io.OutputDir`: an existing ``folder`` is replaced only when numcast wrote it); returns
+    ``folder``. Tied embeddings stay tied."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -49,17 +49,9 @@ def convert_gguf(src: Path, folder: Path) -> Path:
     if unexpected or [k for k in missing if "lm_head" not in k]:
         raise RuntimeError(f"{src}: GGUF conversion: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.tie_weights()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with OutputDir(folder, overwrite=True) as out:  # replaces only an earlier conversion (it carries the marker)
+        model.save_pretrained(out.tmp, safe_serialization=True)
+        tok.save_pretrained(out.tmp)
     return folder
 
 

@@ -108,7 +108,7 @@ def resolve_plans(model: nn.Module, plans: list[LayerPlan], recipe: Recipe, batc
         if bad:
             raise ValueError(f"{p.name}: {bad} weight(s) are NaN or inf; numcast does not quantize a broken layer "
                              "(exclude it, or fix the checkpoint)")  # fmt: skip
-    if recipe.mixed_precision.strategy is not None and not recipe.mixed_precision.decided:
+    if recipe.mixed_precision.to_decide:
         resolve_mixed_precision(model, todo, recipe.mixed_precision, batches)
     if recipe.accumulator.bits is not None:
         for p in todo:
@@ -143,7 +143,7 @@ def resolved_recipe(recipe: Recipe, plans: list[LayerPlan]) -> Recipe:
     """The recipe that rebuilds the same model: ``recipe`` (not modified) with the formats decided while planning
     as per-layer overrides (every layer's weights when mixed precision chose them, the inputs whose sign was
     resolved), and those decisions marked as taken."""
-    mixed = recipe.mixed_precision.strategy is not None and not recipe.mixed_precision.decided
+    mixed = recipe.mixed_precision.to_decide
     signs = recipe.accumulator.bits is not None and recipe.accumulator.input_sign == "auto"
     if not (mixed or signs):
         return recipe

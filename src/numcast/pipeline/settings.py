@@ -112,6 +112,11 @@ class MixedPrecisionSettings(BaseModel):
     eps: float = Field(0.1, gt=0)
     decided: bool = False
 
+    @property
+    def to_decide(self) -> bool:
+        """A strategy is set and its formats are not chosen yet."""
+        return self.strategy is not None and not self.decided
+
     @field_validator("budget")
     @classmethod
     def _budget_with_unit(cls, v: str | None) -> str | None:
