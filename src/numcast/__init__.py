@@ -11,12 +11,13 @@ from numcast.formats import (
     quantize,
     register_format,
 )
+from numcast.jobs import export
 from numcast.pipeline.quantize_model import quantize_model
 from numcast.pipeline.recipe import Recipe
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Format", "QTensor", "Recipe", "__version__", "cast", "cast_stats", "cast_ste", "get_format", "list_formats",
-    "quantize", "quantize_model", "register_format",
+    "Format", "QTensor", "Recipe", "__version__", "cast", "cast_stats", "cast_ste", "export", "get_format",
+    "list_formats", "quantize", "quantize_model", "register_format",
 ]  # fmt: skip

@@ -258,6 +258,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from numcast.jobs import export
+
+    with console.status("starting") as status:
+        res = export(args.run, args.to, args.out, float_fallback=args.float_fallback, overwrite=args.overwrite,
+                     gguf_file=args.gguf_metadata, stage=lambda t: status.update(t))  # fmt: skip
+    if args.json:
+        print(json_text(res.to_record()))
+        return 0
+    kinds = sorted({k for k in res.layers.values()})
+    console.print(f"wrote {res.path} ({args.to}): {len(res.layers)} quantized layers as {', '.join(kinds)}",
+                  highlight=False)  # fmt: skip
+    for name, why in res.float_layers.items():
+        console.print(f"[yellow]written unquantized:[/yellow] {name}: {why}", highlight=False)
+    return 0
+
+
 def cmd_accumulator(args: argparse.Namespace) -> int:
     from numcast.jobs import run_accumulator
 
@@ -396,6 +413,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--lm-eval-limit", dest="lm_eval_limit", type=int, help="at most N documents per lm-eval task")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_evaluate)
+    from numcast.interop.export import EXPORTERS
+
+    x = sub.add_parser("export", help="write a quantized model for llama.cpp (GGUF), vLLM (compressed-tensors) or "
+                       "FINN/hls4ml (QONNX), with numcast's own codes")  # fmt: skip
+    x.add_argument("run", help="directory written by `numcast quantize`")
+    x.add_argument("--to", required=True, choices=list(EXPORTERS),
+                   help="; ".join(f"{e.name}: {e.description}" for e in EXPORTERS.values()))  # fmt: skip
+    x.add_argument("--out", required=True, help="the file (gguf: .gguf, qonnx: .onnx) or folder (compressed-tensors)")
+    x.add_argument("--float-fallback", dest="float_fallback", action="store_true",
+                   help="write layers the target cannot store unquantized (listed) instead of failing")
+    x.add_argument("--gguf-metadata", dest="gguf_metadata",
+                   help="gguf: copy llama.cpp metadata and tokenizer from this GGUF of the same model")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    x.add_argument("--json", action="store_true")
+    x.set_defaults(func=cmd_export)
     return p
 
 

@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 
 from numcast.accumulator.bounds import check_bits
+from numcast.interop.export import export_model, get_exporter
+from numcast.interop.source import ExportResult, ExportSource, quantized_layers
 from numcast.io import OutputDir, write_atomic
 from numcast.pipeline.export import MODEL_FILE, load_quantized, read_metadata, save_quantized
 from numcast.pipeline.recipe import Recipe
@@ -132,6 +134,53 @@ def run_evaluate(out: Path, stage=lambda text: None, eval_data: str | None = Non
         harness["quantized"] = run_lm_eval(w.model, w.tokenizer, lm_eval_tasks, **kw)
     res = {"model": model_name, "stored": stored, "measured": measured, "primary_metric": w.primary, "same": same}
     return {**res, "lm_eval": harness} if harness else res
+
+
+def export(target, to: str, out: str | Path, *, float_fallback: bool = False, overwrite: bool = False,
+           tokenizer=None, gguf_file: str | Path | None = None, example_inputs=None,
+           stage=lambda text: None) -> ExportResult:  # fmt: skip
+    """Export a quantized model to ``to`` (``gguf``, ``compressed-tensors``, ``qonnx``: :mod:`numcast.interop.export`)
+    at ``out``, atomically, writing numcast's own codes and scales (nothing is re-quantized).
+
+    ``target``: a directory (or packed ``model.safetensors``) written by ``numcast quantize``, whose model is
+    reloaded bit-exactly (its tokenizer, source GGUF and report come with it); or a quantized model / the
+    :class:`~numcast.pipeline.plan.QuantizationResult` of :func:`numcast.quantize_model`, with ``tokenizer``,
+    ``gguf_file`` (a GGUF to copy llama.cpp metadata and tokenizer from) and ``example_inputs`` (a batch, for
+    QONNX) given here. ``float_fallback``: write layers the target cannot store unquantized (listed in the
+    result) instead of failing."""
+    exporter = get_exporter(to)
+    if isinstance(target, (str, Path)):
+        source = _run_source(Path(target), exporter.needs_inputs, stage)
+    else:
+        model, recipe = (target.model, target.recipe) if hasattr(target, "recipe") else (target, None)
+        if recipe is None:  # a bare model: the recipe records its (first) weight format
+            first = next(iter(quantized_layers(model).values())).qweight.format
+            recipe = Recipe(weights=first.name or first.label)
+        name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
+        source = ExportSource(model, name, recipe, tokenizer, None, Path(gguf_file) if gguf_file else None, None,
+                              example_inputs)  # fmt: skip
+    if gguf_file is not None:
+        source.gguf_file = Path(gguf_file)
+    stage(f"writing {to}")
+    return export_model(source, to, out, float_fallback=float_fallback, overwrite=overwrite)
+
+
+def _run_source(run: Path, needs_inputs: bool, stage) -> ExportSource:
+    """The quantized model of a ``numcast quantize`` output, reloaded, with what an exporter reads."""
+    path = run / MODEL_FILE if run.is_dir() else run
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no packed model (run `numcast quantize ... --out DIR` first)")
+    model_name, recipe = read_metadata(path)
+    stage(f"loading {model_name}")
+    w = load_workload(model_name)
+    load_quantized(w.model, path)
+    report_file = path.parent / "report.json"
+    report = json.loads(report_file.read_text()) if report_file.is_file() else None
+    src = w.source
+    gguf_file = src if src is not None and src.is_file() and src.suffix.lower() == ".gguf" else None
+    hf_folder = src if src is not None and src.is_dir() else None
+    inputs = w.calibration(1)[0] if needs_inputs else None
+    return ExportSource(w.model, model_name, recipe, w.tokenizer, hf_folder, gguf_file, report, inputs)
 
 
 def run_accumulator(target: str, input_bits: int, accumulator_bits: int, *, weights: str = "int8_channel",

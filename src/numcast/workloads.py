@@ -53,6 +53,7 @@ class Workload:
     first_block_input: str = "capture"  # "model": the calibration tensors feed the first block directly
     data: dict = field(default_factory=dict)  # the user's data used (report records), empty for the shipped
     tokenizer: object = None  # text models: the tokenizer (lm-eval needs it)
+    source: Path | None = None  # the file or folder the model was loaded from (a .gguf, a HF folder), if any
 
 
 def _batches(items, size: int) -> list:
@@ -112,7 +113,7 @@ def _encoder(name: str, model: nn.Module, tok, blocks, description: str, data: D
 
 
 def _causal_lm(name: str, model: nn.Module, tok, blocks, description: str, notes=lambda fmt: None,
-               data: Data = None) -> Workload:  # fmt: skip
+               data: Data = None, source: Path | None = None) -> Workload:  # fmt: skip
     """Perplexity protocol: 512-token windows of the calibration articles; 8 × 512 evaluation tokens. User text:
     the same windows of it (evaluation: up to 8 windows, as many as it holds)."""
     from numcast.evaluate.text import perplexity, token_windows, wiki_split
@@ -133,7 +134,7 @@ def _causal_lm(name: str, model: nn.Module, tok, blocks, description: str, notes
         return [{"input_ids": b, "use_cache": False} for b in _batches(win, CALIB_BATCH["smollm2-135m"])]
 
     return Workload(name, model, blocks, calibration, lambda m: {"perplexity": perplexity(m, eval_windows)},
-                    "perplexity", False, description, notes, tokenizer=tok)  # fmt: skip
+                    "perplexity", False, description, notes, tokenizer=tok, source=source)  # fmt: skip
 
 
 def _minilm(data: Data = None) -> Workload:
@@ -145,7 +146,7 @@ def _minilm(data: Data = None) -> Workload:
 
 
 def _smollm2(data: Data = None) -> Workload:
-    from numcast.models.smollm2 import GGUF_GRID_NOTE, load_smollm2, smollm2_blocks
+    from numcast.models.smollm2 import GGUF_GRID_NOTE, gguf_path, load_smollm2, smollm2_blocks
 
     model, tok = load_smollm2()
 
@@ -157,7 +158,8 @@ def _smollm2(data: Data = None) -> Workload:
         return GGUF_GRID_NOTE if grid else None
 
     return _causal_lm("smollm2-135m", model, tok, smollm2_blocks,
-                      "SmolLM2-135M (Llama, 30 layers, 134.5 M params; GGUF Q4_1 -> fp32)", notes, data)  # fmt: skip
+                      "SmolLM2-135M (Llama, 30 layers, 134.5 M params; GGUF Q4_1 -> fp32)", notes, data,
+                      gguf_path())  # fmt: skip
 
 
 def _local(path: str, data: Data = None) -> Workload:
@@ -169,8 +171,10 @@ def _local(path: str, data: Data = None) -> Workload:
     desc = f"{type(model).__name__} from {path} ({n:.1f} M params, fp32)"
     name = str(Path(path).expanduser().resolve())
     if kind == "causal-lm":
-        return _causal_lm(name, model, tok, transformer_blocks, desc, data=data)
-    return _encoder(name, model, tok, transformer_blocks, desc, data)
+        return _causal_lm(name, model, tok, transformer_blocks, desc, data=data, source=Path(name))
+    w = _encoder(name, model, tok, transformer_blocks, desc, data)
+    w.source = Path(name)
+    return w
 
 
 def _images(data: UserData | None, model: str) -> UserData | None:

@@ -61,6 +61,29 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1) -> float:
     return math.exp(nll / count)
 
 
+def chunked_perplexity(model, ids: list[int] | torch.Tensor, n_ctx: int, chunks: int, bos_id: int | None) -> float:
+    """Perplexity under llama.cpp's ``llama-perplexity`` protocol (``tools/perplexity/perplexity.cpp``), so a
+    PyTorch model and its GGUF export are measured alike: ``ids`` (the whole text tokenized once, as
+    ``llama-tokenize`` gives it) is cut into ``chunks`` consecutive windows of ``n_ctx`` tokens; each window's
+    first token becomes ``bos_id`` (when the model adds a BOS); only the second half is scored: the logits at
+    positions n_ctx/2 … n_ctx−2 predict tokens n_ctx/2+1 … n_ctx−1. exp of the mean negative log-likelihood
+    over all scored tokens (float64 sum)."""
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    if chunks < 1 or ids.numel() < chunks * n_ctx:
+        raise ValueError(f"{ids.numel()} tokens hold {ids.numel() // n_ctx} windows of {n_ctx}, {chunks} asked for")
+    first = n_ctx // 2
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(chunks):
+            window = ids[i * n_ctx : (i + 1) * n_ctx].clone()
+            if bos_id is not None:
+                window[0] = bos_id
+            logits = model(input_ids=window[None], use_cache=False).logits[0, first:-1].float()
+            nll += float(F.cross_entropy(logits, window[first + 1 :], reduction="sum").double())
+            count += n_ctx - 1 - first
+    return math.exp(nll / count)
+
+
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     from scipy.stats import spearmanr
 

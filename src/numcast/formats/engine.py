@@ -93,7 +93,7 @@ def grid_cast(
         y = rows
     else:
         scales = scales if scales is not None else compute_scales(rows, elem, scaling)
-        if scaling.rule != "amax":
+        if scaling.rule not in ("amax", "signed_max"):
             y = rows * (1.0 / scales.scale).to(work)[:, None]  # exact: power of two
         elif scaling.tensor_scale:  # s_b·s_t needs ~28 bits: divide in float64, round once to `work`
             y = (rows.double() / scales.effective()[:, None]).to(work)
@@ -106,7 +106,13 @@ def grid_cast(
             values = torch.where(torch.isfinite(y), q.clamp(0, elem.qmax), torch.full_like(q, math.nan))
             return GridCast(layout, y + zp, values, scales, work)
     values = cast_element(y, elem, rounding, noise, fmt.saturate)
+    if rounding in _MIRRORED and scaling.rule == "signed_max":  # a negative scale mirrors the direction
+        mirrored = cast_element(y, elem, _MIRRORED[rounding], noise, fmt.saturate)
+        values = torch.where((scales.scale < 0).to(y.device)[:, None], mirrored, values)
     return GridCast(layout, y, values, scales, work)
+
+
+_MIRRORED = {"floor": "ceil", "ceil": "floor"}  # directed modes round the value x = y·s, not y
 
 
 def dequantize_rows(values: torch.Tensor, scales: Scales, work: torch.dtype) -> torch.Tensor:

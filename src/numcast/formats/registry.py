@@ -13,6 +13,9 @@ Grammar (case-insensitive), element part then an optional scaling suffix:
   ``mxfp8_e5m2``, ``mxfp6_e2m3``, ``mxfp6_e3m2``, ``mxfp4``, ``mxint8``), ``nvfp4`` (E2M1, block 16, E4M3
   scale, FP32 tensor scale), ``bfp<b>_b<B>`` (block floating point: E8M0 shared exponent, b-bit
   sign-magnitude mantissa with b−2 fraction bits, so bfp8_b32 has MXINT8's grid).
+- llama.cpp's grids (``ggml-quants.c``): ``gguf_q4_0`` (int4 −8…7, FP16 scale per 32, ``signed_max`` rule:
+  d = signed max / −8) and ``gguf_q8_0`` (int8, FP16 scale amax/127 per 32; the grid of ``int8_g32``), so a
+  solver can target exactly what ``numcast export --to gguf`` stores as Q4_0 / Q8_0.
 """
 
 from __future__ import annotations
@@ -34,8 +37,12 @@ _BUILTIN = [
     "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp4", "mxint8", "nvfp4",
     "bfp8_b16", "bfp6_b16", "bfp4_b16",
     "int8_channel", "int4_channel", "int3_channel", "int4_g128", "int3_g64", "int2_g64", "int8_g32",
-    "uint4_g128_zp", "fp8_e4m3_tensor",
+    "uint4_g128_zp", "fp8_e4m3_tensor", "gguf_q4_0", "gguf_q8_0",
 ]  # fmt: skip
+_GGUF_GRIDS = {
+    "gguf_q4_0": (IntElement(4, True), Scaling("block", 32, -1, FP16, "signed_max")),
+    "gguf_q8_0": (IntElement(8, True), Scaling("block", 32, -1, FP16, "amax")),
+}
 
 _MX_ELEMENTS = {
     "fp8_e4m3": FloatElement(4, 3, 7, "fn"),
@@ -78,6 +85,8 @@ def parse_format(name: str) -> Format:
     if m and m.group(1) in _MX_ELEMENTS:
         block = int(m.group(2) or 32)
         return Format(_MX_ELEMENTS[m.group(1)], Scaling("block", block, -1, E8M0, "floor"), name=s)
+    if s in _GGUF_GRIDS:
+        return Format(*_GGUF_GRIDS[s], name=s)
     if s == "nvfp4":
         return Format(_MX_ELEMENTS["fp4"], Scaling("block", 16, -1, E4M3, "amax", tensor_scale=True), name=s)
     m = re.fullmatch(r"bfp(\d+)_b(\d+)", s)

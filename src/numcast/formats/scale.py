@@ -13,6 +13,9 @@ Rules (``Scaling.rule``; numcast's choices against peers are stated here once):
 - ``amax``: s = RN_sf(amax / max_elem) (integers: amax/qmax with qmax = 2^{b−1}−1, as PyTorch and the
   GPTQ reference; not amax/(qmax+½)). Two-level (NVFP4): s_t = RN_fp32(amax_tensor/(max_elem·max_sf)),
   s_b = RN_sf(amax_block/(max_elem·s_t)), effective scale s_b·s_t.
+- ``signed_max`` (llama.cpp Q4_0, signed integers): s = RN_sf(m / qmin), m the signed value of the row's
+  largest magnitude (the first on ties, as ``quantize_row_q4_0_ref`` and ``gguf.quants``), qmin = −2^{b−1}:
+  m itself becomes the code qmin and the opposite extreme −m clamps to qmax; s < 0 when m > 0.
 - Zero point (unsigned asymmetric): s = RN_sf((max(x,0) − min(x,0))/qmax), z = clamp(round(−min/s), 0, qmax).
 
 Degenerate rows: an all-zero row gets the scale format's smallest positive value (for E8M0 2^−127, what
@@ -72,6 +75,8 @@ def compute_scales(
     """Scales for [R, L] rows (see module docstring for the rules). ``tensor_scale`` fixes the two-level
     per-tensor scale instead of deriving it from these rows (a slab of a larger tensor)."""
     sf = scaling.scale_format
+    if scaling.rule == "signed_max":
+        return _signed_max_scales(rows, elem, sf)
     if scaling.rule != "amax":
         amax = row_amax(rows)
         if scaling.rule == "floor":  # exponent bits are exact in any dtype: no float64 detour
@@ -110,6 +115,19 @@ def compute_scales(
     if scaling.zero_point:
         zp = torch.round(-lo / s).clamp(0, elem.qmax).nan_to_num(0.0)
     return Scales(s, tensor_scale, zp)
+
+
+def _signed_max_scales(rows: torch.Tensor, elem: Element, sf: Element) -> Scales:
+    """The ``signed_max`` rule (module docstring): one scale per row, negative where the extreme is positive."""
+    amax, _, _ = row_range(rows)
+    if rows.shape[-1] == 0:
+        m = amax
+    else:
+        first = rows.abs().argmax(dim=-1, keepdim=True)  # torch.argmax: the first maximal index
+        m = rows.gather(-1, first).squeeze(-1).double()
+    s = cast_element((m / elem.qmin).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0), sf, "nearest_even", saturate=True)
+    s = torch.where(s != 0, s, torch.full_like(s, sf.min_subnormal))
+    return Scales(torch.where(torch.isfinite(amax), s, torch.full_like(s, math.nan)))
 
 
 def _pow2_exponent(amax: torch.Tensor, elem: Element, rule: str) -> torch.Tensor:

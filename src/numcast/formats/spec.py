@@ -28,8 +28,8 @@ ROUNDINGS: tuple[str, ...] = (
     "stochastic",
 )
 Granularity = Literal["none", "tensor", "channel", "block"]
-ScaleRule = Literal["floor", "ceil", "nearest", "amax"]
-SCALE_RULES: tuple[str, ...] = ("floor", "ceil", "nearest", "amax")
+ScaleRule = Literal["floor", "ceil", "nearest", "amax", "signed_max"]
+SCALE_RULES: tuple[str, ...] = ("floor", "ceil", "nearest", "amax", "signed_max")
 
 
 @dataclass(frozen=True)
@@ -228,7 +228,11 @@ class Scaling:
       two s with amax/s ≤ max_elem: never saturates; NVIDIA's RCEIL), ``nearest`` (amax/max_elem rounded to
       the nearest power of two, ties up as E8M0 casts do), ``amax`` (s = amax/max_elem, rounded to
       ``scale_format``; integer grids: amax/qmax with qmax = 2^{b−1}−1, the PyTorch/GPTQ choice rather than
-      amax/(qmax+0.5)). Power-of-two rules need an E8M0 (``fnu``) scale format.
+      amax/(qmax+0.5)), ``signed_max`` (llama.cpp's Q4_0 rule, ``ggml-quants.c`` ``quantize_row_q4_0_ref``:
+      s = m/qmin with m the signed value of the row's largest magnitude, first occurrence on ties, and
+      qmin = −2^{b−1}; the scale is negative when m > 0, so m lands on the grid's extra negative code and
+      the whole two's-complement range is used). Power-of-two rules need an E8M0 (``fnu``) scale format;
+      ``signed_max`` a signed, not narrow, integer element.
     - ``tensor_scale``: two-level scaling (NVFP4): an FP32 per-tensor scale amax/(max_elem·max_scale) makes
       the block scales use the scale format's whole range.
     - ``zero_point``: asymmetric unsigned integers: q = clamp(round(x/s) + z), x̂ = (q − z)·s.
@@ -259,7 +263,7 @@ class Scaling:
             object.__setattr__(self, "axis", 0 if self.granularity == "channel" else -1)
         if self.rule not in SCALE_RULES:
             raise ValueError(f"scaling: unknown scale rule {self.rule!r}; one of {SCALE_RULES}")
-        if self.rule != "amax" and self.scale_format.policy != "fnu":
+        if self.rule not in ("amax", "signed_max") and self.scale_format.policy != "fnu":
             raise ValueError(f"scaling: power-of-two rule {self.rule!r} needs an E8M0 scale format")
         if self.tensor_scale and self.granularity != "block":
             raise ValueError("scaling: a two-level tensor scale needs block granularity")
@@ -296,6 +300,12 @@ class Format:
             raise ValueError("format: a zero point needs an unsigned integer element")
         if self.scaling.zero_point and self.scaling.rule != "amax":
             raise ValueError("format: a zero point needs the 'amax' scale rule")
+        el = self.element
+        if self.scaling.rule == "signed_max" and (el.kind != "int" or not el.signed or el.narrow or el.frac_bits):
+            raise ValueError("format: the 'signed_max' scale rule needs a signed two's-complement integer element "
+                             "(not narrow, no fraction bits)")  # fmt: skip
+        if self.scaling.rule == "signed_max" and self.scaling.tensor_scale:
+            raise ValueError("format: the 'signed_max' scale rule has no two-level form")
         if self.element.kind == "float" and self.element.policy == "fnu" and self.scaling.scaled:
             raise ValueError("format: an unsigned E8M0-style element cannot be scaled")
 
