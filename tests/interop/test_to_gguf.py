@@ -4,6 +4,8 @@ own) and llama.cpp itself (``llama-perplexity``, where installed)."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -18,12 +20,17 @@ gguf = pytest.importorskip("gguf")
 tf = pytest.importorskip("transformers")
 
 
+@functools.lru_cache(maxsize=1)
+def smollm2_tokenizer():
+    from numcast.models.smollm2 import float_folder
+
+    return tf.AutoTokenizer.from_pretrained(float_folder())
+
+
 def tiny_causal_lm(model_type: str = "llama", seed: int = 0):
     """A random 2-layer causal LM with grouped-query attention (hidden 64, 4 heads, 2 KV heads) and SmolLM2's
     tokenizer (its vocabulary size)."""
-    from numcast.models.smollm2 import float_folder
-
-    tok = tf.AutoTokenizer.from_pretrained(float_folder())
+    tok = smollm2_tokenizer()
     kw = dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               intermediate_size=128, max_position_embeddings=256, tie_word_embeddings=False)  # fmt: skip
     config = tf.LlamaConfig(**kw) if model_type == "llama" else tf.Qwen2Config(**kw)
