@@ -65,6 +65,9 @@ def test_refusals_name_the_problem(run_dir, tmp_path, capsys):
     assert main(["export", str(run), "--to", "qonnx", "--out", str(tmp_path / "x.onnx")]) == 2
     assert "qonnx" in capsys.readouterr().out.lower()
     assert not (tmp_path / "x.onnx").exists()
+    assert main(["export", str(run), "--to", "compressed-tensors", "--out", str(tmp_path / "ct"),
+                 "--gguf-metadata", str(tmp_path / "a.gguf")]) == 2  # fmt: skip
+    assert "does nothing for --to compressed-tensors" in capsys.readouterr().out
 
 
 def test_python_export_of_a_quantization_result(tmp_path):

@@ -202,7 +202,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     with console.status("starting") as status:
         rec = run_ptq(args.model, recipe, Path(args.out), overwrite=args.overwrite, progress=not args.no_progress,
                       stage=lambda t: status.update(t), calibration_data=args.calibration_data,
-                      eval_data=args.eval_data)  # fmt: skip
+                      eval_data=args.eval_data, dtype=args.dtype)  # fmt: skip
     if args.json:
         print(json_text({k: v for k, v in rec.items() if k != "layers"}))
         return 0
@@ -383,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="your calibration data: .txt / .jsonl / folder of .txt (text models), an image folder "
                         "(image models), or .pt / .safetensors model inputs (any model)")
     q.add_argument("--eval-data", dest="eval_data", help="your evaluation data (the same kinds as --calibration-data)")
+    q.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="load the model in this dtype (default auto: what its checkpoint stores; statistics stay "
+                   "float64); Hugging Face models")  # fmt: skip
     q.add_argument("--recipe", help="recipe file (.yaml/.json); flags given here override its fields")
     q.add_argument("--out", required=True, help="output directory")
     q.add_argument("--overwrite", action="store_true",

@@ -10,7 +10,7 @@ from numcast.accumulator.bounds import check_bits
 from numcast.interop.export import export_model, get_exporter
 from numcast.interop.source import ExportResult, ExportSource, quantized_layers
 from numcast.io import OutputDir, write_atomic
-from numcast.pipeline.export import MODEL_FILE, load_quantized, read_metadata, save_quantized
+from numcast.pipeline.export import MODEL_FILE, load_quantized, read_dtype, read_metadata, save_quantized
 from numcast.pipeline.recipe import Recipe
 from numcast.pipeline.runner import quantize_blockwise
 from numcast.report.plots import plot_accumulator, plot_sqnr
@@ -20,24 +20,26 @@ from numcast.workloads import load_workload
 
 def run_ptq(model_name: str, recipe: Recipe, out: Path, *, overwrite: bool = False, progress: bool = True,
             stage=lambda text: None, calibration_data: str | None = None,
-            eval_data: str | None = None) -> dict:  # fmt: skip
+            eval_data: str | None = None, dtype: str = "auto") -> dict:  # fmt: skip
     """Quantize ``model_name`` by ``recipe``; write report.json, sqnr.png, model.safetensors and recipe.yaml
     into ``out`` (atomically, :class:`numcast.io.OutputDir`: built beside it and renamed over it only when the
     run succeeded; ``overwrite`` replaces only an earlier numcast output); return the report record.
     ``calibration_data`` / ``eval_data``: paths of the user's data (:mod:`numcast.models.user_data`), recorded
-    in the report's ``data``."""
+    in the report's ``data``. ``dtype``: the dtype to load the model in (``auto``: the checkpoint's;
+    :func:`numcast.workloads.load_workload`), recorded in the report and the packed file (reloads use it)."""
     if recipe.calibration < 1:
         raise ValueError("the calibration set is empty: pass --calibration N with N >= 1")
     with OutputDir(out, overwrite) as d:
-        return _run_ptq(model_name, recipe, d.tmp, progress, stage, calibration_data, eval_data)
+        return _run_ptq(model_name, recipe, d.tmp, progress, stage, calibration_data, eval_data, dtype)
 
 
-def _run_ptq(model_name: str, recipe: Recipe, tmp: Path, progress: bool, stage, calibration_data, eval_data) -> dict:
+def _run_ptq(model_name: str, recipe: Recipe, tmp: Path, progress: bool, stage, calibration_data, eval_data,
+             dtype: str) -> dict:  # fmt: skip
     mem = PhasePeaks()
     t_start = time.perf_counter()
     stage(f"loading {model_name}")
     with mem.phase("load"):
-        w = load_workload(model_name, calibration_data, eval_data)
+        w = load_workload(model_name, calibration_data, eval_data, dtype)
     t_load = time.perf_counter() - t_start
     stage("measuring the float model")
     t0 = time.perf_counter()
@@ -66,6 +68,7 @@ def _run_ptq(model_name: str, recipe: Recipe, tmp: Path, progress: bool, stage, 
     record = {
         "model": w.name,
         "description": w.description,
+        "dtype": w.dtype,
         "recipe": recipe.model_dump(mode="json"),
         "metrics": {"float": float_metrics, "quantized": q_metrics},
         "primary_metric": w.primary,
@@ -108,7 +111,7 @@ def run_evaluate(out: Path, stage=lambda text: None, eval_data: str | None = Non
         raise FileNotFoundError(f"{path}: no packed model (run `numcast quantize ... --out DIR` first)")
     model_name, _recipe = read_metadata(path)
     stage(f"loading {model_name}")
-    w = load_workload(model_name, eval_data=eval_data)
+    w = load_workload(model_name, eval_data=eval_data, dtype=read_dtype(path))
     harness = {}
     if lm_eval_tasks:
         from numcast.evaluate.lm_eval import run_lm_eval
@@ -149,6 +152,8 @@ def export(target, to: str, out: str | Path, *, float_fallback: bool = False, ov
     QONNX) given here. ``float_fallback``: write layers the target cannot store unquantized (listed in the
     result) instead of failing."""
     exporter = get_exporter(to)
+    if gguf_file is not None and to != "gguf":
+        raise ValueError(f"--gguf-metadata copies llama.cpp metadata into a GGUF file; it does nothing for --to {to}")
     if isinstance(target, (str, Path)):
         source = _run_source(Path(target), exporter.needs_inputs, stage)
     else:
@@ -157,9 +162,10 @@ def export(target, to: str, out: str | Path, *, float_fallback: bool = False, ov
             first = next(iter(quantized_layers(model).values())).qweight.format
             recipe = Recipe(weights=first.name or first.label)
         name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
-        source = ExportSource(model, name, recipe, tokenizer, None, Path(gguf_file) if gguf_file else None, None,
-                              example_inputs)  # fmt: skip
-    if gguf_file is not None:
+        if exporter.needs_inputs and example_inputs is None:
+            raise ValueError(f"{to} export traces the model: pass example_inputs=<a batch of its inputs>")
+        source = ExportSource(model, name, recipe, tokenizer, example_inputs=example_inputs)
+    if gguf_file is not None:  # given here, it overrides the run's source GGUF
         source.gguf_file = Path(gguf_file)
     stage(f"writing {to}")
     return export_model(source, to, out, float_fallback=float_fallback, overwrite=overwrite)
@@ -172,7 +178,7 @@ def _run_source(run: Path, needs_inputs: bool, stage) -> ExportSource:
         raise FileNotFoundError(f"{path}: no packed model (run `numcast quantize ... --out DIR` first)")
     model_name, recipe = read_metadata(path)
     stage(f"loading {model_name}")
-    w = load_workload(model_name)
+    w = load_workload(model_name, dtype=read_dtype(path))
     load_quantized(w.model, path)
     report_file = path.parent / "report.json"
     report = json.loads(report_file.read_text()) if report_file.is_file() else None
@@ -208,7 +214,7 @@ def run_accumulator(target: str, input_bits: int, accumulator_bits: int, *, weig
     if packed.is_file() and packed.suffix == ".safetensors":
         model_name, recipe = read_metadata(packed)
         stage(f"loading {model_name}")
-        w = load_workload(model_name)
+        w = load_workload(model_name, dtype=read_dtype(packed))
         load_quantized(w.model, packed)
         source = f"{packed} ({recipe.weights} weights, {recipe.method})"
         out = out or packed.parent

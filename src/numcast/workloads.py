@@ -54,6 +54,7 @@ class Workload:
     data: dict = field(default_factory=dict)  # the user's data used (report records), empty for the shipped
     tokenizer: object = None  # text models: the tokenizer (lm-eval needs it)
     source: Path | None = None  # the file or folder the model was loaded from (a .gguf, a HF folder), if any
+    dtype: str = "float32"  # the dtype the model was loaded in
 
 
 def _batches(items, size: int) -> list:
@@ -137,18 +138,18 @@ def _causal_lm(name: str, model: nn.Module, tok, blocks, description: str, notes
                     "perplexity", False, description, notes, tokenizer=tok, source=source)  # fmt: skip
 
 
-def _minilm(data: Data = None) -> Workload:
+def _minilm(data: Data = None, dtype: str = "auto") -> Workload:
     from numcast.models.minilm import load_minilm, minilm_blocks
 
-    model, tok = load_minilm()
+    model, tok = load_minilm(dtype)
     return _encoder("minilm-l6", model, tok, minilm_blocks,
                     "all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, 22.7 M params, fp32)", data)  # fmt: skip
 
 
-def _smollm2(data: Data = None) -> Workload:
+def _smollm2(data: Data = None, dtype: str = "auto") -> Workload:
     from numcast.models.smollm2 import GGUF_GRID_NOTE, gguf_path, load_smollm2, smollm2_blocks
 
-    model, tok = load_smollm2()
+    model, tok = load_smollm2(dtype=dtype)
 
     def notes(fmt: str) -> str | None:
         from numcast.formats.registry import get_format
@@ -162,13 +163,13 @@ def _smollm2(data: Data = None) -> Workload:
                       gguf_path())  # fmt: skip
 
 
-def _local(path: str, data: Data = None) -> Workload:
+def _local(path: str, data: Data = None, dtype: str = "auto") -> Workload:
     """A local HF folder or .gguf file: the causal-LM or the encoder protocol by the model's kind."""
     from numcast.models.hf_local import load_local_model, transformer_blocks
 
-    model, tok, kind, folder = load_local_model(path)
+    model, tok, kind, folder = load_local_model(path, dtype)
     n = sum(p.numel() for p in model.parameters()) / 1e6
-    desc = f"{type(model).__name__} from {path} ({n:.1f} M params, fp32)"
+    desc = f"{type(model).__name__} from {path} ({n:.1f} M params, {str(model.dtype).removeprefix('torch.')})"
     name = str(Path(path).expanduser().resolve())
     if kind == "causal-lm":
         return _causal_lm(name, model, tok, transformer_blocks, desc, data=data, source=Path(name))
@@ -290,10 +291,18 @@ LOADERS: dict[str, Callable[..., Workload]] = {
 }
 
 
-def _load(key: str, data: Data) -> Workload:
+DTYPE_WORKLOADS = ("minilm-l6", "smollm2-135m")  # Hugging Face models: any dtype; the others ship float32 only
+
+
+def _load(key: str, data: Data, dtype: str = "auto") -> Workload:
     """A registered workload; one whose loader takes no data argument accepts only tensor data (applied by
     :func:`_with_tensors`)."""
     loader = LOADERS[key]
+    if key in DTYPE_WORKLOADS:
+        return loader(data, dtype)
+    if dtype not in ("auto", "float32"):
+        raise ValueError(f"{key} ships float32 weights and is evaluated in float32; --dtype {dtype} is for Hugging "
+                         f"Face models ({', '.join(DTYPE_WORKLOADS)}, local folders)")  # fmt: skip
     if data and inspect.signature(loader).parameters:
         return loader(data)
     for d in data or ():
@@ -303,12 +312,14 @@ def _load(key: str, data: Data) -> Workload:
 
 
 def load_workload(name: str, calibration_data: str | Path | UserData | None = None,
-                  eval_data: str | Path | UserData | None = None) -> Workload:  # fmt: skip
+                  eval_data: str | Path | UserData | None = None, dtype: str = "auto") -> Workload:  # fmt: skip
     """The workload for a short model name, or for a path to a local Hugging Face model folder or ``.gguf``
     file (``KeyError``-free: unknown names raise ``ValueError`` listing the known ones; a missing model package
     raises ``MissingAssetError`` with its install command). ``calibration_data`` / ``eval_data``: the user's
     data (a path, :mod:`numcast.models.user_data`) instead of the shipped protocol's; ``Workload.data`` records
-    what was used. The caller's global RNG state is left unchanged."""
+    what was used. ``dtype``: ``auto`` (the dtype the checkpoint stores), ``float32``, ``bfloat16`` or ``float16``
+    (:func:`numcast.models.hf_local.resolve_dtype`; Hugging Face models only). The caller's global RNG state is
+    left unchanged."""
     from numcast.models.hf_local import is_model_path
     from numcast.models.user_data import load_user_data
 
@@ -323,7 +334,8 @@ def load_workload(name: str, calibration_data: str | Path | UserData | None = No
         raise ValueError(f"unknown model {name!r}{hint}; known models: {', '.join(LOADERS)}, or a path to a "
                          "local Hugging Face model folder (with config.json) or a .gguf file")
     with torch.no_grad(), torch.random.fork_rng(devices=[]):  # module constructors draw from the global RNG
-        w = _load(key, data) if key in LOADERS else _local(name, data)
+        w = _load(key, data, dtype) if key in LOADERS else _local(name, data, dtype)
         w = _with_tensors(w, cal, ev)
+    w.dtype = str(next(w.model.parameters()).dtype).removeprefix("torch.")
     w.data = {"calibration": cal.record() if cal else None, "evaluation": ev.record() if ev else None}
     return w

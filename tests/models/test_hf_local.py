@@ -91,3 +91,37 @@ def test_gguf_path_converts_like_the_smollm2_adapter(tmp_path, monkeypatch):
     a, b = ref.state_dict(), w.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert w.model.lm_head.weight.data_ptr() == w.model.model.embed_tokens.weight.data_ptr()
+
+
+def test_dtype_auto_is_what_the_checkpoint_stores(tmp_path):
+    from numcast.models.hf_local import resolve_dtype
+    from numcast.models.smollm2 import float_folder
+
+    folder = _tiny_folder(tmp_path, "causal-lm")
+    config = json.loads((folder / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    (folder / "config.json").write_text(json.dumps(config))
+    assert resolve_dtype("auto", folder) == torch.bfloat16
+    assert resolve_dtype("float16", folder) == torch.float16
+    assert resolve_dtype("auto", float_folder()) == torch.float32  # a de-quantized GGUF: exact only in float32
+    assert resolve_dtype("auto", None) == torch.float32
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        resolve_dtype("fp8", folder)
+    model, _, _, _ = load_local_model(folder)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_quantize_in_bfloat16_reloads_bit_exactly_and_fp32_only_models_refuse(tmp_path, capsys):
+    folder = _tiny_folder(tmp_path, "causal-lm")
+    out = tmp_path / "run"
+    assert main(["quantize", str(folder), "--weights", "mxfp4", "--method", "gptq", "--calibration", "2",
+                 "--dtype", "bfloat16", "--out", str(out), "--no-progress", "--json"]) == 0  # fmt: skip
+    rec = json.loads((out / "report.json").read_text())
+    n_params = sum(p.numel() for p in load_local_model(folder)[0].parameters())  # tied weights once
+    assert rec["dtype"] == "bfloat16" and rec["size_bytes"]["float"] == 2 * n_params  # the float size in bf16
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--json"]) == 0  # reloaded in bfloat16 (the packed file says so)
+    assert json.loads(capsys.readouterr().out)["same"] is True
+    assert main(["quantize", "fmnist-cnn", "--weights", "int8_channel", "--dtype", "bfloat16", "--out",
+                 str(tmp_path / "fm")]) == 2  # fmt: skip
+    assert "fmnist-cnn ships float32 weights" in capsys.readouterr().out

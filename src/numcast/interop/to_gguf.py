@@ -102,7 +102,7 @@ def llama_row_order(rows: int, n_head: int) -> torch.Tensor:
     return torch.arange(rows).reshape(n_head, 2, rows // n_head // 2).transpose(1, 2).reshape(-1)
 
 
-def _row_orders(config, arch: str, permute: bool) -> dict[str, torch.Tensor]:
+def _row_orders(config, permute: bool) -> dict[str, torch.Tensor]:
     """GGUF tensor name suffix → row order, for the tensors the converter permutes."""
     if not permute:
         return {}
@@ -120,7 +120,7 @@ def _tensors(model: nn.Module, config, arch: str, permute: bool, float_fallback:
 
     arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     names = gguf.get_tensor_name_map(arch_id, config.num_hidden_layers)
-    orders = _row_orders(config, arch, permute)
+    orders = _row_orders(config, permute)
     quantized = quantized_layers(model)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     out: list[_Tensor] = []

@@ -1,4 +1,5 @@
-"""Any local Hugging Face model folder or ``.gguf`` file as a float32 PyTorch model.
+"""Any local Hugging Face model folder or ``.gguf`` file as a PyTorch model (in the dtype its checkpoint stores,
+or the one asked for: :func:`resolve_dtype`).
 
 - A folder with ``config.json`` (and safetensors/bin weights plus a tokenizer) loads with ``transformers``:
   a decoder (``config.architectures`` names a ``...ForCausalLM`` class, or ``config.is_decoder``) as
@@ -24,6 +25,27 @@ from numcast.models.assets import cache_root
 from numcast.pipeline.blocks import repeated_layers
 
 KINDS = ("causal-lm", "encoder")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+
+
+def resolve_dtype(requested: str, folder: Path | None = None) -> torch.dtype:
+    """The dtype to load a model in: ``requested`` (``float32``, ``bfloat16``, ``float16``), or for ``auto`` the
+    dtype the checkpoint stores (``config.json``'s ``dtype`` / ``torch_dtype``; float32 when it says nothing or
+    there is no folder). A ``.gguf`` source is de-quantized into a float32 folder first (:func:`convert_gguf`),
+    so ``auto`` is float32 there: a de-quantized block value q·d (+ m) with FP16 d and m needs up to 4 + 11 + 11
+    significant bits, more than float16's 11 or bfloat16's 8 hold. Unknown names raise ``ValueError``."""
+    if requested not in DTYPE_CHOICES:
+        raise ValueError(f"unknown dtype {requested!r}; one of {', '.join(DTYPE_CHOICES)}")
+    if requested != "auto":
+        return DTYPES[requested]
+    stored = None
+    if folder is not None and (Path(folder) / "config.json").is_file():
+        import json
+
+        config = json.loads((Path(folder) / "config.json").read_text())
+        stored = config.get("dtype") or config.get("torch_dtype")
+    return DTYPES.get(str(stored).removeprefix("torch."), torch.float32)
 
 
 def is_model_path(name: str) -> bool:
@@ -100,9 +122,10 @@ def model_kind(folder: Path) -> str:
                      f"is not supported yet; numcast quantizes {SUPPORTED}")
 
 
-def load_local_model(path: str | Path) -> tuple[nn.Module, object, str, Path]:
-    """(model in float32 eval mode, tokenizer, kind, folder) for a HF folder or a .gguf file; errors name the
-    folder and what is wrong (no config, no weights, unsupported architecture)."""
+def load_local_model(path: str | Path, dtype: str = "auto") -> tuple[nn.Module, object, str, Path]:
+    """(model in eval mode, tokenizer, kind, folder) for a HF folder or a .gguf file, in ``dtype``
+    (:func:`resolve_dtype`); errors name the folder and what is wrong (no config, no weights, unsupported
+    architecture)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -117,8 +140,9 @@ def load_local_model(path: str | Path) -> tuple[nn.Module, object, str, Path]:
         raise FileNotFoundError(f"{p}: no weights (model.safetensors, pytorch_model.bin or a sharded index) beside "
                                 "config.json")  # fmt: skip
     auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
+    torch_dtype = resolve_dtype(dtype, p)
     try:
-        model = auto.from_pretrained(p, dtype=torch.float32).eval()
+        model = auto.from_pretrained(p, dtype=torch_dtype).eval()
     except (OSError, ValueError, RuntimeError) as exc:
         raise ValueError(f"{p}: transformers could not load the weights ({type(exc).__name__}: {exc})") from exc
     try:

@@ -30,13 +30,17 @@ def model_dir() -> Path:
     return path
 
 
-def load_minilm():
-    """(model, tokenizer): the BertModel in float32, eval mode, and its tokenizer."""
+def load_minilm(dtype: str = "auto"):
+    """(model, tokenizer): the BertModel in eval mode (``auto``: float32, its checkpoint's dtype;
+    :func:`numcast.models.hf_local.resolve_dtype`), and its tokenizer."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
 
+    from numcast.models.hf_local import resolve_dtype
+
     path = model_dir()
-    return AutoModel.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path, dtype=resolve_dtype(dtype, path)).eval()
+    return model, AutoTokenizer.from_pretrained(path)
 
 
 def tokenize(tok, texts: list[str]) -> dict[str, torch.Tensor]:

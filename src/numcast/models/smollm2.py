@@ -44,14 +44,17 @@ def float_folder(cache: Path | None = None) -> Path:
     return gguf_float_folder(gguf_path(), cache, name="smollm2-135m-f32")
 
 
-def load_smollm2(cache: Path | None = None):
-    """(model, tokenizer): LlamaForCausalLM in float32, eval mode, and its tokenizer (no BOS added by default:
-    callers prepend ``tokenizer.bos_token_id``)."""
+def load_smollm2(cache: Path | None = None, dtype: str = "auto"):
+    """(model, tokenizer): LlamaForCausalLM in eval mode, and its tokenizer (no BOS added by default: callers
+    prepend ``tokenizer.bos_token_id``). ``dtype`` ``auto`` is float32, the de-quantized GGUF's exact values
+    (:func:`numcast.models.hf_local.resolve_dtype`); ``bfloat16`` / ``float16`` round them."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from numcast.models.hf_local import resolve_dtype
+
     folder = float_folder(cache)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype, folder)).eval()
     tok = AutoTokenizer.from_pretrained(folder)
     return model, tok
 

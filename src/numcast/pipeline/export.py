@@ -51,8 +51,10 @@ def save_quantized(model: nn.Module, out_dir: Path, model_name: str, recipe: Rec
         if key is not None:
             seen[key] = k
         tensors[k] = v.detach().contiguous().clone()
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     meta = {
         "numcast_model": model_name,
+        "numcast_dtype": str(dtype).removeprefix("torch."),
         "numcast_recipe": recipe.model_dump_json(),
         "numcast_layers": json.dumps(layers, sort_keys=True),
         "numcast_aliases": json.dumps(aliases, sort_keys=True),
@@ -70,6 +72,12 @@ def read_metadata(path: Path) -> tuple[str, Recipe]:
         raise ValueError(f"{path}: not a numcast packed model ({exc})") from exc
     except Exception as exc:  # safetensors' own header errors
         raise ValueError(f"{path}: unreadable packed model ({exc})") from exc
+
+
+def read_dtype(path: Path) -> str:
+    """The dtype the packed model's float model was loaded in (``float32`` for files that do not say)."""
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get("numcast_dtype", "float32")
 
 
 def load_quantized(model: nn.Module, path: Path) -> nn.Module:

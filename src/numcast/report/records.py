@@ -63,8 +63,9 @@ class PhasePeaks:
 
 
 def model_sizes(model: nn.Module) -> dict[str, float]:
-    """Bytes of the model stored in float32 vs packed (quantized layers at their QTensor size, every other stored
-    tensor as it is; tied tensors counted once), and bits per quantized parameter (scales included)."""
+    """Bytes of the model stored in its float dtype (float32, or bfloat16/float16 when loaded so) vs packed
+    (quantized layers at their QTensor size, every other stored tensor as it is; tied tensors counted once), and
+    bits per quantized parameter (scales included)."""
     from numcast.nn.modules import QuantWeightModule
 
     q_params = q_bytes = 0
@@ -72,6 +73,7 @@ def model_sizes(model: nn.Module) -> dict[str, float]:
         if isinstance(m, QuantWeightModule):
             q_params += m.weight.numel()
             q_bytes += m.qweight.nbytes
+    float_bytes = next((p.element_size() for p in model.parameters() if p.is_floating_point()), 4)
     seen: set[int] = set()
     other = 0
     for t in model.state_dict().values():
@@ -80,7 +82,7 @@ def model_sizes(model: nn.Module) -> dict[str, float]:
         seen.add(t.data_ptr())
         other += t.numel() * t.element_size()
     return {
-        "float": other + 4 * q_params,
+        "float": other + float_bytes * q_params,
         "packed": other + q_bytes,
         "bits_per_param": 8 * q_bytes / q_params if q_params else math.nan,
         "quantized_params": q_params,
