@@ -68,6 +68,8 @@ def test_quantize_writes_everything_and_evaluate_reloads_bit_exactly(tiny, tmp_p
     out = tmp_path / "q"
     argv = ["quantize", "tiny-cnn", "--weights", "int4_g32", "--activations", "mxfp8_e4m3", "--method", method,
             "--calibration", "16", "--out", str(out), "--no-progress"]  # fmt: skip
+    if method == "rtn":  # weight-only RTN runs without a calibration pass unless asked to measure the SQNR
+        argv += ["--sqnr-samples", "16"]
     assert main(argv) == 0
     assert "top1_agreement" in capsys.readouterr().out
     rec = json.loads((out / "report.json").read_text())
@@ -85,6 +87,26 @@ def test_quantize_writes_everything_and_evaluate_reloads_bit_exactly(tiny, tmp_p
     assert res["measured"] == rec["metrics"]["quantized"]  # bit-exact reload: identical metrics
     assert main(argv) == 2  # out exists: refused
     assert "--overwrite" in capsys.readouterr().out
+
+
+def test_weight_only_rtn_needs_no_calibration_pass(tiny, tmp_path, capsys):
+    """The same weights with and without the SQNR sample (RTN ignores the data); no calibration pass by default;
+    --sqnr-samples refused where it would do nothing."""
+    from safetensors.torch import load_file
+
+    base = ["quantize", "tiny-cnn", "--weights", "int4_g32", "--calibration", "16", "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    assert "no per-layer SQNR" in capsys.readouterr().out
+    assert main([*base, "--sqnr-samples", "8", "--out", str(tmp_path / "b")]) == 0
+    a, b = (json.loads((tmp_path / d / "report.json").read_text()) for d in "ab")
+    assert a["calibration_samples_used"] == 0 and b["calibration_samples_used"] == 8
+    assert all(r.get("sqnr_db") is None for r in a["layers"]) and not (tmp_path / "a" / "sqnr.png").exists()
+    assert any(r.get("sqnr_db") is not None for r in b["layers"])
+    ta, tb = (load_file(tmp_path / d / "model.safetensors") for d in "ab")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert a["metrics"]["quantized"] == b["metrics"]["quantized"]
+    assert main([*base, "--method", "gptq", "--sqnr-samples", "8", "--out", str(tmp_path / "c")]) == 2
+    assert "--sqnr-samples does nothing" in capsys.readouterr().out
 
 
 def test_mixed_precision_flags_end_to_end_report_formats_and_size(tiny, tmp_path, capsys):

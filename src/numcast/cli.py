@@ -202,7 +202,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     with console.status("starting") as status:
         rec = run_ptq(args.model, recipe, Path(args.out), overwrite=args.overwrite, progress=not args.no_progress,
                       stage=lambda t: status.update(t), calibration_data=args.calibration_data,
-                      eval_data=args.eval_data, dtype=args.dtype)  # fmt: skip
+                      eval_data=args.eval_data, dtype=args.dtype, sqnr_samples=args.sqnr_samples)  # fmt: skip
     if args.json:
         print(json_text({k: v for k, v in rec.items() if k != "layers"}))
         return 0
@@ -227,7 +227,11 @@ def print_ptq(rec: dict, recipe, out: str) -> None:
     console.print(f"{len(q)} layers quantized, {len(rec['layers']) - len(q)} kept in float (reasons in report.json)")
     for n in rec["notes"]:
         console.print(f"[yellow]note:[/yellow] {n}")
-    console.print(f"wrote {out}/report.json, sqnr.png, model.safetensors, recipe.yaml")
+    files = [f for f in ("report.json", "sqnr.png", "model.safetensors", "recipe.yaml") if (Path(out) / f).exists()]
+    console.print(f"wrote {out}/" + ", ".join(files))
+    if not any(r.get("sqnr_db") is not None for r in q):
+        console.print("no per-layer SQNR: weight-only RTN/EP-init runs without a calibration pass "
+                      "(--sqnr-samples N measures it on N samples)")  # fmt: skip
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -386,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="load the model in this dtype (default auto: what its checkpoint stores; statistics stay "
                    "float64); Hugging Face models")  # fmt: skip
+    q.add_argument("--sqnr-samples", dest="sqnr_samples", type=int, default=0,
+                   help="weight-only RTN / EP-init run with no calibration pass; measure the per-layer output SQNR "
+                   "on this many calibration samples (default 0: not measured)")  # fmt: skip
     q.add_argument("--recipe", help="recipe file (.yaml/.json); flags given here override its fields")
     q.add_argument("--out", required=True, help="output directory")
     q.add_argument("--overwrite", action="store_true",

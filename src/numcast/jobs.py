@@ -10,6 +10,7 @@ from numcast.accumulator.bounds import check_bits
 from numcast.interop.export import export_model, get_exporter
 from numcast.interop.source import ExportResult, ExportSource, quantized_layers
 from numcast.io import OutputDir, write_atomic
+from numcast.pipeline.data_free import quantize_data_free
 from numcast.pipeline.export import MODEL_FILE, load_quantized, read_dtype, read_metadata, save_quantized
 from numcast.pipeline.recipe import Recipe
 from numcast.pipeline.runner import quantize_blockwise
@@ -20,21 +21,33 @@ from numcast.workloads import load_workload
 
 def run_ptq(model_name: str, recipe: Recipe, out: Path, *, overwrite: bool = False, progress: bool = True,
             stage=lambda text: None, calibration_data: str | None = None,
-            eval_data: str | None = None, dtype: str = "auto") -> dict:  # fmt: skip
+            eval_data: str | None = None, dtype: str = "auto", sqnr_samples: int = 0) -> dict:  # fmt: skip
     """Quantize ``model_name`` by ``recipe``; write report.json, sqnr.png, model.safetensors and recipe.yaml
     into ``out`` (atomically, :class:`numcast.io.OutputDir`: built beside it and renamed over it only when the
     run succeeded; ``overwrite`` replaces only an earlier numcast output); return the report record.
     ``calibration_data`` / ``eval_data``: paths of the user's data (:mod:`numcast.models.user_data`), recorded
     in the report's ``data``. ``dtype``: the dtype to load the model in (``auto``: the checkpoint's;
-    :func:`numcast.workloads.load_workload`), recorded in the report and the packed file (reloads use it)."""
+    :func:`numcast.workloads.load_workload`), recorded in the report and the packed file (reloads use it).
+
+    A recipe that reads no calibration data (weight-only RTN / EP-init: ``Recipe.reads_calibration``) is
+    quantized layer by layer with no calibration pass; the per-layer output SQNR then comes from the first
+    ``sqnr_samples`` calibration samples through the block-wise runner (identical weights: the method ignores
+    the data), or is not measured (0, the default). Other recipes calibrate on ``recipe.calibration`` samples
+    and always report it."""
     if recipe.calibration < 1:
         raise ValueError("the calibration set is empty: pass --calibration N with N >= 1")
+    if sqnr_samples < 0:
+        raise ValueError(f"--sqnr-samples must be >= 0, got {sqnr_samples}")
+    if sqnr_samples and recipe.reads_calibration:
+        raise ValueError(f"--sqnr-samples does nothing with method {recipe.method!r} / static activations / mixed "
+                         "precision: the per-layer SQNR is measured on every calibration sample already")  # fmt: skip
     with OutputDir(out, overwrite) as d:
-        return _run_ptq(model_name, recipe, d.tmp, progress, stage, calibration_data, eval_data, dtype)
+        return _run_ptq(model_name, recipe, d.tmp, progress, stage, calibration_data, eval_data, dtype,
+                        sqnr_samples)  # fmt: skip
 
 
 def _run_ptq(model_name: str, recipe: Recipe, tmp: Path, progress: bool, stage, calibration_data, eval_data,
-             dtype: str) -> dict:  # fmt: skip
+             dtype: str, sqnr_samples: int) -> dict:  # fmt: skip
     mem = PhasePeaks()
     t_start = time.perf_counter()
     stage(f"loading {model_name}")
@@ -46,16 +59,22 @@ def _run_ptq(model_name: str, recipe: Recipe, tmp: Path, progress: bool, stage, 
     with mem.phase("evaluate_float"):
         float_metrics = w.evaluate(w.model)
     t_eval_f = time.perf_counter() - t0
-    stage(f"preparing {recipe.calibration} calibration samples")
+    samples = recipe.calibration if recipe.reads_calibration else min(sqnr_samples, recipe.calibration)
     t0 = time.perf_counter()
     with mem.phase("calibration"):
-        batches = w.calibration(recipe.calibration)
+        if samples:
+            stage(f"preparing {samples} calibration samples")
+        batches = w.calibration(samples) if samples else []
     t_cal = time.perf_counter() - t0
     stage(f"quantizing with {recipe.method}")
     with mem.phase("quantize"):
-        res = quantize_blockwise(
-            w.model, w.blocks(w.model), batches, recipe, progress=progress, first_block_input=w.first_block_input
-        )
+        if batches:
+            res = quantize_blockwise(w.model, w.blocks(w.model), batches, recipe, progress=progress,
+                                     first_block_input=w.first_block_input)  # fmt: skip
+        else:  # weight-only RTN / EP-init: layer by layer, no calibration pass
+            t_q = time.perf_counter()
+            res = quantize_data_free(w.model, recipe, inplace=True)
+            res.wall_time_s = time.perf_counter() - t_q
     recipe = res.recipe or recipe  # as resolved (accumulator-aware recipes: per-layer input signs)
     stage("measuring the quantized model")
     t0 = time.perf_counter()
@@ -81,11 +100,13 @@ def _run_ptq(model_name: str, recipe: Recipe, tmp: Path, progress: bool, stage, 
             "calibration": t_cal,
             "quantize": res.wall_time_s,
             "evaluate": t_eval_f + t_eval_q,
+            "evaluate_float": t_eval_f,
             "total": time.perf_counter() - t_start,
         },  # fmt: skip
         "peak_rss_mb": None,  # filled after the export
         "peak_rss_mb_by_phase": mem.peaks,
         "notes": notes,
+        "calibration_samples_used": samples,
         "data": w.data,
         "layers": layers,
     }
@@ -198,7 +219,6 @@ def run_accumulator(target: str, input_bits: int, accumulator_bits: int, *, weig
     ``accumulator.json`` and ``accumulator.png`` into ``out`` (default: the quantize directory, or
     ``out/accumulator-<model>``); existing files of those names are replaced only with ``overwrite``."""
     from numcast.evaluate.accumulator import analyze_model, rows_to_records
-    from numcast.pipeline.data_free import quantize_data_free
 
     if samples < 1:
         raise ValueError("the analysis needs calibration samples: pass --samples N with N >= 1")

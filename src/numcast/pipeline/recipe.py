@@ -93,6 +93,14 @@ class Recipe(BaseModel):
         self.activation_mode = "static"
         return self
 
+    @property
+    def reads_calibration(self) -> bool:
+        """Whether the quantized model depends on calibration data: a method that learns from it, static
+        activation scales (accumulator-aware recipes always have them), or formats still to be decided by mixed
+        precision. False for weight-only RTN / EP-init, which need no calibration pass."""
+        static = self.activations is not None and self.activation_mode == "static"
+        return METHODS[self.method].needs_calibration or static or self.mixed_precision.to_decide
+
     @model_validator(mode="after")
     def _calibration_needed(self) -> Recipe:
         static = self.activations and self.activation_mode == "static"
