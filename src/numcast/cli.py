@@ -164,7 +164,7 @@ SECTION_FLAGS = {
     "gptq": {"damp": "gptq_damp", "block_size": "gptq_block_size", "act_order": "gptq_act_order"},
     "error_diffusion": {"scale_rule": "ed_scale_rule", "order": "ed_order",
                         "calibrate_float_layers": "ed_calibrate_float_layers"},
-    "attention_round": {k: f"ar_{k}" for k in ("objective", "iterations", "variant", "time_budget_s")},
+    "attention_round": {k: f"ar_{k}" for k in ("objective", "iterations", "variant", "time_budget_s", "k_nearest")},
     "mixed_precision": {"strategy": "mixed_precision", "candidates": "candidates", "budget": "budget"},
     "accumulator": {k: f"accumulator_{k}" for k in ("bits", "rule", "rounding", "input_sign")},
 }  # fmt: skip
@@ -197,7 +197,9 @@ def _metric_rows(float_m: dict | None, quant_m: dict) -> list[list]:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from numcast.jobs import run_ptq
+    from numcast.pipeline.distributed import init_from_env
 
+    init_from_env()  # under torchrun: one process group (gloo on CPU, NCCL on CUDA), rank 0 writes
     recipe = recipe_from_args(args)
     with console.status("starting") as status:
         rec = run_ptq(args.model, recipe, Path(args.out), overwrite=args.overwrite, progress=not args.no_progress,
@@ -369,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ar-objective", dest="ar_objective", choices=("block", "layer"),
                    help="attention-round: reconstruct each block's output (default) or each layer's alone")
     q.add_argument("--ar-iterations", dest="ar_iterations", type=int, help="attention-round: steps per block (500)")
+    q.add_argument("--ar-levels", dest="ar_k_nearest", type=int,
+                   help="attention-round: levels each weight attends to (default: the whole grid up to 16 levels, "
+                   "else the 8 nearest)")  # fmt: skip
     q.add_argument("--ar-variant", dest="ar_variant", choices=("soft", "sampled"),
                    help="attention-round: expectation (soft, default) or sampled levels in the forward")
     q.add_argument("--ar-time-budget", dest="ar_time_budget_s", type=float,

@@ -50,9 +50,12 @@ def test_reconstruction_error_below_rtn_on_correlated_inputs(fmt):
 def test_k_nearest_covering_the_grid_equals_the_full_distribution(fmt):
     w, h = layer(4, out=4, k=32)
     n = element_grid(get_format(fmt)).numel()
-    full = attention_round(w, fmt, layer_output_loss(w, h), iterations=40, k_nearest=None)
+    full = attention_round(w, fmt, layer_output_loss(w, h), iterations=40, k_nearest=10**6)
     cover = attention_round(w, fmt, layer_output_loss(w, h), iterations=40, k_nearest=n)
     assert torch.equal(full.offsets, cover.offsets) and torch.equal(full.weight, cover.weight)
+    default = attention_round(w, fmt, layer_output_loss(w, h), iterations=40)  # the whole grid up to 16 levels
+    same = full if n <= 16 else attention_round(w, fmt, layer_output_loss(w, h), iterations=40, k_nearest=8)
+    assert torch.equal(default.offsets, same.offsets) and torch.equal(default.weight, same.weight)
     near = attention_round(w, fmt, layer_output_loss(w, h), iterations=40, k_nearest=2)
     assert near.weight.shape == w.shape
 

@@ -15,6 +15,10 @@
   result is the hard level argmax_g p_g at the end (the nearest level to u + δ), so it is an exact member of
   the format with the same scales (returned as a QTensor).
 - ``k_nearest``: only the K levels nearest to u carry attention (the full grid when K covers it; tested equal).
+  Default (None): every level of the grid where it has at most ``FULL_GRID_LEVELS`` = 16 levels (all formats of
+  ≤ 4 bits: int4/int3/int2, FP4 E2M1, MXFP4, NVFP4), the paper's "all possible quantized values"; the
+  ``DEFAULT_K`` = 8 nearest above that (FP6/FP8/int8 grids, where levels far from u never win and each one costs
+  memory and time in every step).
 
 Shapes: ``weight`` ``[out, K]`` (blocks along the last axis, as everywhere in numcast). Deterministic: the
 only randomness is the sampled variant's, from ``seed``.
@@ -64,6 +68,20 @@ def _scales(w: torch.Tensor, fmt) -> tuple[torch.Tensor, object]:
     return per_elem, r
 
 
+FULL_GRID_LEVELS = 16  # grids up to this many levels are attended whole by default
+DEFAULT_K = 8  # levels attended by default on larger grids
+
+
+def attended_levels(k_nearest: int | None, n_levels: int) -> int:
+    """How many levels each weight attends to: ``k_nearest`` (at most the grid), or the default (module
+    docstring) for None."""
+    if k_nearest is None:
+        return n_levels if n_levels <= FULL_GRID_LEVELS else min(DEFAULT_K, n_levels)
+    if int(k_nearest) < 1:
+        raise ValueError(f"k_nearest must be >= 1, got {k_nearest}")
+    return min(int(k_nearest), n_levels)
+
+
 def _nearest_levels(u: torch.Tensor, grid: torch.Tensor, k: int) -> torch.Tensor:
     """The k levels of the sorted ``grid`` nearest to each u, ascending ``[..., k]``. They are contiguous in the
     grid and lie within the 2k levels around u's position, so only that window is searched."""
@@ -85,7 +103,7 @@ class AttentionRounder:
     sampled levels forward, the expectation's gradient backward); ``hard()`` the final levels; ``qtensor()``
     the result as an exact member of the format with the same scales."""
 
-    def __init__(self, weight: torch.Tensor, fmt: FormatLike, k_nearest: int | None = 8, variant: str = "soft",
+    def __init__(self, weight: torch.Tensor, fmt: FormatLike, k_nearest: int | None = None, variant: str = "soft",
                  seed: int = 0) -> None:  # fmt: skip
         fmt = get_format(fmt)
         if variant not in VARIANTS:
@@ -101,10 +119,7 @@ class AttentionRounder:
         self.s, self._grid = _scales(w, fmt)
         grid = element_grid(fmt)
         self.u = w.double() / self.s
-        k = grid.numel() if k_nearest is None else min(int(k_nearest), grid.numel())
-        if k < 1:
-            raise ValueError(f"k_nearest must be >= 1, got {k_nearest}")
-        self.k = k
+        k = self.k = attended_levels(k_nearest, grid.numel())
         self.levels = _nearest_levels(self.u, grid, k)  # [out, K, k], all levels when k covers the grid
         # local grid step around u: the spacing of its two neighbouring levels (the edge step at the grid ends)
         pos = torch.searchsorted(grid, self.u.clamp(grid[0], grid[-1]).contiguous()).clamp(1, grid.numel() - 1)
@@ -150,10 +165,15 @@ def anneal(it: int, iterations: int, sigma_start: float, sigma_end: float) -> fl
 
 def optimise(rounders: list[AttentionRounder], step_loss: Callable[[int, float], torch.Tensor], *,
              iterations: int, lr: float, sigma_start: float, sigma_end: float,
-             time_budget_s: float | None = None, progress: bool = False,
-             desc: str = "attention-round") -> list[float]:  # fmt: skip
+             time_budget_s: float | None = None, progress: bool = False, desc: str = "attention-round",
+             reduce_grads: Callable[[list[torch.Tensor]], None] | None = None,
+             stop_together: Callable[[bool], bool] | None = None) -> list[float]:  # fmt: skip
     """Adam on every rounder's δ: ``step_loss(it, sigma)`` builds the loss from the rounders' ``soft(sigma)``.
-    Returns the losses (stops early at ``time_budget_s``); ``progress`` shows a bar over the steps."""
+    Returns the losses (stops early at ``time_budget_s``); ``progress`` shows a bar over the steps.
+
+    Data-parallel runs (each process its own calibration batches): ``reduce_grads(deltas)`` averages the δ
+    gradients over the processes after each backward (DDP), ``stop_together(out_of_time)`` makes every process
+    stop at the same step when a time budget is set."""
     if iterations < 0:
         raise ValueError("iterations must be >= 0")
     anneal(0, 1, sigma_start, sigma_end)  # validates
@@ -162,11 +182,15 @@ def optimise(rounders: list[AttentionRounder], step_loss: Callable[[int, float],
     t0 = time.perf_counter()
     bar = tqdm(range(iterations), desc=desc, disable=not progress, leave=False)
     for it in bar:
-        if time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
-            break
+        if time_budget_s is not None:
+            out_of_time = time.perf_counter() - t0 > time_budget_s
+            if stop_together(out_of_time) if stop_together is not None else out_of_time:
+                break
         value = step_loss(it, anneal(it, iterations, sigma_start, sigma_end))
         opt.zero_grad(set_to_none=True)
         value.backward()
+        if reduce_grads is not None:
+            reduce_grads([r.delta for r in rounders])
         opt.step()
         losses.append(float(value.detach()))
         if it % 20 == 0:
@@ -184,7 +208,7 @@ def attention_round(
     lr: float = 5e-2,
     sigma_start: float = 0.5,
     sigma_end: float = 0.01,
-    k_nearest: int | None = 8,
+    k_nearest: int | None = None,
     variant: str = "soft",
     seed: int = 0,
     time_budget_s: float | None = None,
@@ -205,7 +229,7 @@ def round_block(
     inputs: Callable[[int], tuple[tuple, dict]],
     targets: list[torch.Tensor],
     *,
-    k_nearest: int | None = 8,
+    k_nearest: int | None = None,
     variant: str = "soft",
     seed: int = 0,
     **optimise_kwargs,

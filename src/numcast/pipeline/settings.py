@@ -64,7 +64,8 @@ class AttentionRoundSettings(BaseModel):
     """Attention Round (:mod:`numcast.algorithms.attention_round`): ``objective`` ``block`` (reconstruct each
     block's float output, all its layers together) or ``layer`` (each layer's output error alone); Adam
     ``iterations`` at ``lr`` on the offsets (per block, or per layer) while σ anneals from ``sigma_start`` to
-    ``sigma_end`` grid steps; ``k_nearest`` levels per weight; ``variant`` soft (expectation) or sampled;
+    ``sigma_end`` grid steps; ``k_nearest`` levels per weight (None: the whole grid up to 16 levels, else the 8
+    nearest; :func:`numcast.algorithms.attention_round.attended_levels`); ``variant`` soft (expectation) or sampled;
     ``seed`` for the sampled variant; ``time_budget_s`` per block (or layer)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -73,7 +74,7 @@ class AttentionRoundSettings(BaseModel):
     lr: float = Field(5e-2, gt=0)
     sigma_start: float = Field(0.5, gt=0)
     sigma_end: float = Field(0.01, gt=0)
-    k_nearest: int | None = Field(8, ge=1)
+    k_nearest: int | None = Field(None, ge=1)
     variant: Literal["soft", "sampled"] = "soft"
     seed: int = 0
     time_budget_s: float | None = Field(None, gt=0)
