@@ -204,7 +204,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     with console.status("starting") as status:
         rec = run_ptq(args.model, recipe, Path(args.out), overwrite=args.overwrite, progress=not args.no_progress,
                       stage=lambda t: status.update(t), calibration_data=args.calibration_data,
-                      eval_data=args.eval_data, dtype=args.dtype, sqnr_samples=args.sqnr_samples)  # fmt: skip
+                      eval_data=args.eval_data, dtype=args.dtype, sqnr_samples=args.sqnr_samples,
+                      offload=args.offload)  # fmt: skip
     if args.json:
         print(json_text({k: v for k, v in rec.items() if k != "layers"}))
         return 0
@@ -395,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="load the model in this dtype (default auto: what its checkpoint stores; statistics stay "
                    "float64); Hugging Face models")  # fmt: skip
+    q.add_argument("--offload", default="none", choices=("none", "disk", "auto"),
+                   help="causal LMs: keep the layers on disk and read each when it is used (memory independent of "
+                   "depth); auto: disk when the model would not fit in memory")  # fmt: skip
     q.add_argument("--sqnr-samples", dest="sqnr_samples", type=int, default=0,
                    help="weight-only RTN / EP-init run with no calibration pass; measure the per-layer output SQNR "
                    "on this many calibration samples (default 0: not measured)")  # fmt: skip

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from numcast.accumulator.bounds import check_bits
 from numcast.interop.export import export_model, get_exporter
 from numcast.interop.source import ExportResult, ExportSource, quantized_layers
 from numcast.io import OutputDir, write_atomic
+from numcast.pipeline import distributed
+from numcast.pipeline.block_inputs import Placement
 from numcast.pipeline.data_free import quantize_data_free
 from numcast.pipeline.export import MODEL_FILE, load_quantized, read_dtype, read_metadata, save_quantized
+from numcast.pipeline.offload import disk_offload_of
 from numcast.pipeline.recipe import Recipe
 from numcast.pipeline.runner import quantize_blockwise
 from numcast.report.plots import plot_accumulator, plot_sqnr
@@ -21,7 +25,8 @@ from numcast.workloads import load_workload
 
 def run_ptq(model_name: str, recipe: Recipe, out: Path, *, overwrite: bool = False, progress: bool = True,
             stage=lambda text: None, calibration_data: str | None = None,
-            eval_data: str | None = None, dtype: str = "auto", sqnr_samples: int = 0) -> dict:  # fmt: skip
+            eval_data: str | None = None, dtype: str = "auto", sqnr_samples: int = 0,
+            offload: str = "none") -> dict:  # fmt: skip
     """Quantize ``model_name`` by ``recipe``; write report.json, sqnr.png, model.safetensors and recipe.yaml
     into ``out`` (atomically, :class:`numcast.io.OutputDir`: built beside it and renamed over it only when the
     run succeeded; ``overwrite`` replaces only an earlier numcast output); return the report record.
@@ -41,25 +46,34 @@ def run_ptq(model_name: str, recipe: Recipe, out: Path, *, overwrite: bool = Fal
     if sqnr_samples and recipe.reads_calibration:
         raise ValueError(f"--sqnr-samples does nothing with method {recipe.method!r} / static activations / mixed "
                          "precision: the per-layer SQNR is measured on every calibration sample already")  # fmt: skip
-    with OutputDir(out, overwrite) as d:
-        return _run_ptq(model_name, recipe, d.tmp, progress, stage, calibration_data, eval_data, dtype,
-                        sqnr_samples)  # fmt: skip
+    main = distributed.is_main()  # torch.distributed: rank 0 measures and writes, the others take its record
+    with distributed.fail_together():
+        with OutputDir(out, overwrite) if main else nullcontext() as d:
+            record = _run_ptq(model_name, recipe, d.tmp if main else None, progress and main, stage, calibration_data,
+                              eval_data, dtype, sqnr_samples, offload)  # fmt: skip
+        return distributed.broadcast_object(record, 0)  # once rank 0's outputs are in place
 
 
-def _run_ptq(model_name: str, recipe: Recipe, tmp: Path, progress: bool, stage, calibration_data, eval_data,
-             dtype: str, sqnr_samples: int) -> dict:  # fmt: skip
+def _run_ptq(model_name: str, recipe: Recipe, tmp: Path | None, progress: bool, stage, calibration_data, eval_data,
+             dtype: str, sqnr_samples: int, offload: str = "none") -> dict:  # fmt: skip
     mem = PhasePeaks()
     t_start = time.perf_counter()
     stage(f"loading {model_name}")
     with mem.phase("load"):
-        w = load_workload(model_name, calibration_data, eval_data, dtype)
+        w = load_workload(model_name, calibration_data, eval_data, dtype, offload)
+    placement = Placement(disk=disk_offload_of(w.model))
+    if placement.disk is not None and recipe.make_method().refits_float_layers:
+        raise ValueError("--ed-calibrate-float-layers re-fits float layers in memory; it does not run with the "
+                         "layers offloaded to disk (--offload disk)")  # fmt: skip
     t_load = time.perf_counter() - t_start
     stage("measuring the float model")
     t0 = time.perf_counter()
     with mem.phase("evaluate_float"):
-        float_metrics = w.evaluate(w.model)
+        float_metrics = _measure(w)
     t_eval_f = time.perf_counter() - t0
     samples = recipe.calibration if recipe.reads_calibration else min(sqnr_samples, recipe.calibration)
+    if placement.disk is not None and not samples:  # layers on disk are quantized as the runner reaches them
+        samples = 1
     t0 = time.perf_counter()
     with mem.phase("calibration"):
         if samples:
@@ -70,7 +84,7 @@ def _run_ptq(model_name: str, recipe: Recipe, tmp: Path, progress: bool, stage, 
     with mem.phase("quantize"):
         if batches:
             res = quantize_blockwise(w.model, w.blocks(w.model), batches, recipe, progress=progress,
-                                     first_block_input=w.first_block_input)  # fmt: skip
+                                     first_block_input=w.first_block_input, placement=placement)  # fmt: skip
         else:  # weight-only RTN / EP-init: layer by layer, no calibration pass
             t_q = time.perf_counter()
             res = quantize_data_free(w.model, recipe, inplace=True)
@@ -79,7 +93,7 @@ def _run_ptq(model_name: str, recipe: Recipe, tmp: Path, progress: bool, stage, 
     stage("measuring the quantized model")
     t0 = time.perf_counter()
     with mem.phase("evaluate_quantized"):
-        q_metrics = w.evaluate(w.model)
+        q_metrics = _measure(w)
     t_eval_q = time.perf_counter() - t0
     sizes = model_sizes(w.model)
     notes = [n for n in {w.notes(r.weight_format) for r in res.quantized} if n]
@@ -88,6 +102,7 @@ def _run_ptq(model_name: str, recipe: Recipe, tmp: Path, progress: bool, stage, 
         "model": w.name,
         "description": w.description,
         "dtype": w.dtype,
+        "offload": w.offload,
         "recipe": recipe.model_dump(mode="json"),
         "metrics": {"float": float_metrics, "quantized": q_metrics},
         "primary_metric": w.primary,
@@ -107,9 +122,13 @@ def _run_ptq(model_name: str, recipe: Recipe, tmp: Path, progress: bool, stage, 
         "peak_rss_mb_by_phase": mem.peaks,
         "notes": notes,
         "calibration_samples_used": samples,
+        "world_size": distributed.rank_info().world_size,  # torch.distributed ranks (1: one process)
+        "calibration_samples_per_rank": distributed.samples_per_rank(batches),
         "data": w.data,
         "layers": layers,
     }
+    if tmp is None:  # a rank > 0: rank 0 writes the outputs
+        return record
     stage("writing the report and the packed model")
     with mem.phase("export"):
         save_quantized(w.model, tmp, w.name, recipe)  # a path is stored resolved
@@ -119,6 +138,11 @@ def _run_ptq(model_name: str, recipe: Recipe, tmp: Path, progress: bool, stage, 
     record["peak_rss_exact_phases"] = mem.exact
     write_report(record, tmp)
     return record
+
+
+def _measure(w) -> dict:
+    """The workload's metrics of its model; under torch.distributed on rank 0 only ({} elsewhere)."""
+    return w.evaluate(w.model) if distributed.is_main() else {}
 
 
 def run_evaluate(out: Path, stage=lambda text: None, eval_data: str | None = None, lm_eval_tasks=None,

@@ -55,6 +55,7 @@ class Workload:
     tokenizer: object = None  # text models: the tokenizer (lm-eval needs it)
     source: Path | None = None  # the file or folder the model was loaded from (a .gguf, a HF folder), if any
     dtype: str = "float32"  # the dtype the model was loaded in
+    offload: str = "none"  # "disk": the model's layers stay on disk until used (numcast.pipeline.offload)
 
 
 def _batches(items, size: int) -> list:
@@ -138,7 +139,7 @@ def _causal_lm(name: str, model: nn.Module, tok, blocks, description: str, notes
                     "perplexity", False, description, notes, tokenizer=tok, source=source)  # fmt: skip
 
 
-def _minilm(data: Data = None, dtype: str = "auto") -> Workload:
+def _minilm(data: Data = None, dtype: str = "auto", offload: str = "none") -> Workload:
     from numcast.models.minilm import load_minilm, minilm_blocks
 
     model, tok = load_minilm(dtype)
@@ -146,10 +147,10 @@ def _minilm(data: Data = None, dtype: str = "auto") -> Workload:
                     "all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, 22.7 M params, fp32)", data)  # fmt: skip
 
 
-def _smollm2(data: Data = None, dtype: str = "auto") -> Workload:
+def _smollm2(data: Data = None, dtype: str = "auto", offload: str = "none") -> Workload:
     from numcast.models.smollm2 import GGUF_GRID_NOTE, gguf_path, load_smollm2, smollm2_blocks
 
-    model, tok = load_smollm2(dtype=dtype)
+    model, tok = load_smollm2(dtype=dtype, offload=offload)
 
     def notes(fmt: str) -> str | None:
         from numcast.formats.registry import get_format
@@ -163,11 +164,11 @@ def _smollm2(data: Data = None, dtype: str = "auto") -> Workload:
                       gguf_path())  # fmt: skip
 
 
-def _local(path: str, data: Data = None, dtype: str = "auto") -> Workload:
+def _local(path: str, data: Data = None, dtype: str = "auto", offload: str = "none") -> Workload:
     """A local HF folder or .gguf file: the causal-LM or the encoder protocol by the model's kind."""
     from numcast.models.hf_local import load_local_model, transformer_blocks
 
-    model, tok, kind, folder = load_local_model(path, dtype)
+    model, tok, kind, folder = load_local_model(path, dtype, offload)
     n = sum(p.numel() for p in model.parameters()) / 1e6
     desc = f"{type(model).__name__} from {path} ({n:.1f} M params, {str(model.dtype).removeprefix('torch.')})"
     name = str(Path(path).expanduser().resolve())
@@ -282,6 +283,39 @@ def _with_tensors(w: Workload, cal: UserData | None, ev: UserData | None) -> Wor
     return w
 
 
+def _choose_offload(offload: str, key: str, name: str) -> str:
+    """``offload`` as asked, or for ``auto``: ``disk`` for a causal LM whose checkpoint, three times over (the
+    model, its float twin of a block, activations and statistics are smaller, but the quantized model's cached
+    float weights are not), exceeds the memory available now (``MemAvailable``), else ``none``."""
+    if offload not in ("none", "disk", "auto"):
+        raise ValueError(f"unknown offload {offload!r}; one of none, disk, auto")
+    if offload != "auto":
+        return offload
+    from numcast.models.hf_local import is_model_path
+
+    if key in OFFLOAD_WORKLOADS:
+        from numcast.models.smollm2 import float_folder
+
+        folder = float_folder()
+    elif key not in LOADERS and is_model_path(name) and Path(name).is_dir():
+        folder = Path(name)
+    else:
+        return "none"
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    return "disk" if 3 * size > _available_memory() else "none"
+
+
+def _available_memory() -> int:
+    """Bytes of memory available now (``/proc/meminfo`` ``MemAvailable``; unbounded where it cannot be read)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
 LOADERS: dict[str, Callable[..., Workload]] = {
     "minilm-l6": _minilm,
     "smollm2-135m": _smollm2,
@@ -292,14 +326,18 @@ LOADERS: dict[str, Callable[..., Workload]] = {
 
 
 DTYPE_WORKLOADS = ("minilm-l6", "smollm2-135m")  # Hugging Face models: any dtype; the others ship float32 only
+OFFLOAD_WORKLOADS = ("smollm2-135m",)  # causal LMs: their layers can stay on disk
 
 
-def _load(key: str, data: Data, dtype: str = "auto") -> Workload:
+def _load(key: str, data: Data, dtype: str = "auto", offload: str = "none") -> Workload:
     """A registered workload; one whose loader takes no data argument accepts only tensor data (applied by
     :func:`_with_tensors`)."""
     loader = LOADERS[key]
+    if offload != "none" and key not in OFFLOAD_WORKLOADS:
+        raise ValueError(f"--offload {offload} keeps a causal LM's layers on disk; {key} is not one (it fits in "
+                         "memory: use --offload none)")  # fmt: skip
     if key in DTYPE_WORKLOADS:
-        return loader(data, dtype)
+        return loader(data, dtype, offload)
     if dtype not in ("auto", "float32"):
         raise ValueError(f"{key} ships float32 weights and is evaluated in float32; --dtype {dtype} is for Hugging "
                          f"Face models ({', '.join(DTYPE_WORKLOADS)}, local folders)")  # fmt: skip
@@ -312,13 +350,16 @@ def _load(key: str, data: Data, dtype: str = "auto") -> Workload:
 
 
 def load_workload(name: str, calibration_data: str | Path | UserData | None = None,
-                  eval_data: str | Path | UserData | None = None, dtype: str = "auto") -> Workload:  # fmt: skip
+                  eval_data: str | Path | UserData | None = None, dtype: str = "auto",
+                  offload: str = "none") -> Workload:  # fmt: skip
     """The workload for a short model name, or for a path to a local Hugging Face model folder or ``.gguf``
     file (``KeyError``-free: unknown names raise ``ValueError`` listing the known ones; a missing model package
     raises ``MissingAssetError`` with its install command). ``calibration_data`` / ``eval_data``: the user's
     data (a path, :mod:`numcast.models.user_data`) instead of the shipped protocol's; ``Workload.data`` records
     what was used. ``dtype``: ``auto`` (the dtype the checkpoint stores), ``float32``, ``bfloat16`` or ``float16``
-    (:func:`numcast.models.hf_local.resolve_dtype`; Hugging Face models only). The caller's global RNG state is
+    (:func:`numcast.models.hf_local.resolve_dtype`; Hugging Face models only). ``offload``: ``none``, ``disk``
+    (a causal LM's layers stay on disk until used: :mod:`numcast.pipeline.offload`) or ``auto`` (``disk`` when
+    three times the checkpoint would not fit in the memory available now). The caller's global RNG state is
     left unchanged."""
     from numcast.models.hf_local import is_model_path
     from numcast.models.user_data import load_user_data
@@ -334,8 +375,10 @@ def load_workload(name: str, calibration_data: str | Path | UserData | None = No
         raise ValueError(f"unknown model {name!r}{hint}; known models: {', '.join(LOADERS)}, or a path to a "
                          "local Hugging Face model folder (with config.json) or a .gguf file")
     with torch.no_grad(), torch.random.fork_rng(devices=[]):  # module constructors draw from the global RNG
-        w = _load(key, data, dtype) if key in LOADERS else _local(name, data, dtype)
+        offload = _choose_offload(offload, key, name)
+        w = _load(key, data, dtype, offload) if key in LOADERS else _local(name, data, dtype, offload)
         w = _with_tensors(w, cal, ev)
     w.dtype = str(next(w.model.parameters()).dtype).removeprefix("torch.")
+    w.offload = offload
     w.data = {"calibration": cal.record() if cal else None, "evaluation": ev.record() if ev else None}
     return w

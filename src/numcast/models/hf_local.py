@@ -23,6 +23,7 @@ from torch import nn
 from numcast.io import OutputDir
 from numcast.models.assets import cache_root
 from numcast.pipeline.blocks import repeated_layers
+from numcast.pipeline.offload import ATTRIBUTE, DiskOffload, checkpoint_files
 
 KINDS = ("causal-lm", "encoder")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -122,10 +123,50 @@ def model_kind(folder: Path) -> str:
                      f"is not supported yet; numcast quantizes {SUPPORTED}")
 
 
-def load_local_model(path: str | Path, dtype: str = "auto") -> tuple[nn.Module, object, str, Path]:
+OFFLOADS = ("none", "disk")
+
+
+def load_offloaded(folder: Path, torch_dtype: torch.dtype) -> nn.Module:
+    """A causal LM whose decoder layers stay on disk (:mod:`numcast.pipeline.offload`): the skeleton is built on
+    the meta device (``accelerate.init_empty_weights``), the tensors outside the layers (embeddings, final norm,
+    head) are read from the checkpoint, the layers' tensors are read when a forward or the runner reaches them.
+    Returns the model in eval mode (its :class:`DiskOffload`: :func:`numcast.pipeline.offload.disk_offload_of`)."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    files = checkpoint_files(folder)
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    blocks = transformer_blocks(model)
+    prefixes = tuple(f"{n}." for n, m in model.named_modules() if any(m is b for b in blocks))
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for key in model.state_dict():
+        if key.startswith(prefixes):
+            continue
+        if key not in files:
+            if tied and key.endswith("lm_head.weight"):
+                continue
+            raise KeyError(f"{folder}: {key} is not in the checkpoint")
+        with safe_open(str(files[key]), framework="pt") as f:
+            value = f.get_tensor(key)
+        value = value.to(torch_dtype) if value.is_floating_point() else value
+        set_module_tensor_to_device(model, key, "cpu", value=value)
+    if tied:
+        model.tie_weights()
+    offload = DiskOffload(files, torch_dtype)
+    offload.attach(model, blocks)
+    setattr(model, ATTRIBUTE, offload)
+    return model.eval()
+
+
+def load_local_model(path: str | Path, dtype: str = "auto", offload: str = "none"
+                     ) -> tuple[nn.Module, object, str, Path]:  # fmt: skip
     """(model in eval mode, tokenizer, kind, folder) for a HF folder or a .gguf file, in ``dtype``
-    (:func:`resolve_dtype`); errors name the folder and what is wrong (no config, no weights, unsupported
-    architecture)."""
+    (:func:`resolve_dtype`); ``offload="disk"`` keeps a causal LM's layers on disk (:func:`load_offloaded`).
+    Errors name the folder and what is wrong (no config, no weights, unsupported architecture)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -141,8 +182,15 @@ def load_local_model(path: str | Path, dtype: str = "auto") -> tuple[nn.Module, 
                                 "config.json")  # fmt: skip
     auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
     torch_dtype = resolve_dtype(dtype, p)
+    if offload not in OFFLOADS:
+        raise ValueError(f"unknown offload {offload!r}; one of {', '.join(OFFLOADS)}")
+    if offload == "disk" and kind != "causal-lm":
+        raise ValueError(f"{p}: disk offload is for causal language models; this is an {kind}")
     try:
-        model = auto.from_pretrained(p, dtype=torch_dtype).eval()
+        if offload == "disk":
+            model = load_offloaded(p, torch_dtype)
+        else:
+            model = auto.from_pretrained(p, dtype=torch_dtype).eval()
     except (OSError, ValueError, RuntimeError) as exc:
         raise ValueError(f"{p}: transformers could not load the weights ({type(exc).__name__}: {exc})") from exc
     try:

@@ -44,17 +44,21 @@ def float_folder(cache: Path | None = None) -> Path:
     return gguf_float_folder(gguf_path(), cache, name="smollm2-135m-f32")
 
 
-def load_smollm2(cache: Path | None = None, dtype: str = "auto"):
+def load_smollm2(cache: Path | None = None, dtype: str = "auto", offload: str = "none"):
     """(model, tokenizer): LlamaForCausalLM in eval mode, and its tokenizer (no BOS added by default: callers
     prepend ``tokenizer.bos_token_id``). ``dtype`` ``auto`` is float32, the de-quantized GGUF's exact values
-    (:func:`numcast.models.hf_local.resolve_dtype`); ``bfloat16`` / ``float16`` round them."""
+    (:func:`numcast.models.hf_local.resolve_dtype`); ``bfloat16`` / ``float16`` round them. ``offload="disk"``:
+    the decoder layers stay on disk (:func:`numcast.models.hf_local.load_offloaded`)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from numcast.models.hf_local import resolve_dtype
+    from numcast.models.hf_local import load_offloaded, resolve_dtype
 
     folder = float_folder(cache)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype, folder)).eval()
+    if offload == "disk":
+        model = load_offloaded(folder, resolve_dtype(dtype, folder))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype, folder)).eval()
     tok = AutoTokenizer.from_pretrained(folder)
     return model, tok
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from numcast.nn.observe import call_model
+from numcast.pipeline.offload import DiskOffload
 
 DIRECT, DIRECT_X, GLUE = "direct", "direct-x", "glue"
 
@@ -44,9 +45,21 @@ def _move(obj, device: torch.device | str):
 
 @dataclass
 class Placement:
-    """Where a block computes; everything else is offloaded to the CPU."""
+    """Where a block computes; everything else is offloaded to the CPU, or with ``disk`` (a
+    :class:`~numcast.pipeline.offload.DiskOffload`) its weights stay on disk until the runner reaches it."""
 
     device: torch.device | str = "cpu"
+    disk: DiskOffload | None = None
+
+    def enter(self, block: nn.Module) -> None:
+        """The runner starts on ``block``: its weights are brought in (disk offload) and kept until ``leave``."""
+        if self.disk is not None:
+            self.disk.enter(block)
+
+    def leave(self, block: nn.Module) -> None:
+        """The runner is done with ``block``: its quantized layers are spilled and its weights released."""
+        if self.disk is not None:
+            self.disk.leave(block)
 
     def compute(self, obj):
         return obj.to(self.device) if isinstance(obj, nn.Module) else _move(obj, self.device)

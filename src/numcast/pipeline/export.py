@@ -25,6 +25,7 @@ from numcast.io import load_safetensors, save_safetensors
 from numcast.nn.convert import make_quantizable
 from numcast.nn.modules import QuantWeightModule
 from numcast.nn.surgery import set_module
+from numcast.pipeline.offload import DiskOffload, disk_offload_of
 from numcast.pipeline.plan import make_quant_module, plan_layers
 from numcast.pipeline.recipe import Recipe
 
@@ -36,14 +37,14 @@ def save_quantized(model: nn.Module, out_dir: Path, model_name: str, recipe: Rec
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
-    for name, m in model.named_modules():
-        if isinstance(m, QuantWeightModule):
-            qt = m.qweight
-            tensors[f"{name}.qweight"] = torch.frombuffer(bytearray(qt.pack()), dtype=torch.uint8)
-            layers[name] = {"format": qt.format.to_json(), "shape": list(qt.shape), "class": type(m).__name__}
+    disk = disk_offload_of(model)
+    for name, m in _quantized_modules(model, disk):
+        qt = m.qweight
+        tensors[f"{name}.qweight"] = torch.frombuffer(bytearray(qt.pack()), dtype=torch.uint8)
+        layers[name] = {"format": qt.format.to_json(), "shape": list(qt.shape), "class": type(m).__name__}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
-    for k, v in model.state_dict(keep_vars=False).items():
+    for k, v in _state_dict(model, disk).items():
         key = (v.data_ptr(), v.dtype, tuple(v.shape), v.stride()) if v.numel() else None
         if key is not None and key in seen:
             aliases[k] = seen[key]
@@ -60,6 +61,35 @@ def save_quantized(model: nn.Module, out_dir: Path, model_name: str, recipe: Rec
         "numcast_aliases": json.dumps(aliases, sort_keys=True),
     }
     return save_safetensors(tensors, out_dir / MODEL_FILE, meta)
+
+
+def _quantized_modules(model: nn.Module, disk: DiskOffload | None):
+    """(name, quantized layer) of the model, each with its QTensor in memory while it is yielded: with disk
+    offload, one block is read in at a time."""
+    inside: set[int] = set()
+    if disk is not None:
+        for prefix, block in disk.blocks():
+            inside |= {id(m) for m in block.modules()}
+            with disk.materialize(block):
+                for name, m in block.named_modules():
+                    if isinstance(m, QuantWeightModule):
+                        yield (f"{prefix}.{name}" if name else prefix), m
+    for name, m in model.named_modules():
+        if isinstance(m, QuantWeightModule) and id(m) not in inside:
+            yield name, m
+
+
+def _state_dict(model: nn.Module, disk: DiskOffload | None) -> dict[str, torch.Tensor]:
+    """The model's state dict; with disk offload each offloaded block's tensors are read in (one block at a time,
+    cloned) in place of its meta tensors."""
+    state = model.state_dict()
+    if disk is None:
+        return state
+    for prefix, block in disk.blocks():
+        with disk.materialize(block):
+            for k, v in block.state_dict().items():
+                state[f"{prefix}.{k}"] = v.detach().clone()
+    return state
 
 
 def read_metadata(path: Path) -> tuple[str, Recipe]:

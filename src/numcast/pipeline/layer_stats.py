@@ -3,9 +3,15 @@ grow with the number of tokens), in float64.
 
 Convolutions are seen as matrix products: inputs unfolded to ``[groups, tokens, C_in/g·Πk]``
 (:func:`numcast.nn.observe.layer_inputs_2d`), weights viewed as ``[out, C_in/g·Πk]``.
+
+Every sum is a left fold over pieces (one matmul over a chunk of one batch's tokens) in calibration order
+(:class:`OrderedSums`); under torch.distributed the fold continues from rank to rank
+(:mod:`numcast.pipeline.distributed`), so N ranks add the same numbers in the same order as one process.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -21,10 +27,57 @@ def _row_steps(module: nn.Module, x: torch.Tensor, chunk: int) -> tuple[range, i
     return range(0, x.shape[0], step), step
 
 
-class HessianStatistics:
+class OrderedSums:
+    """Float64 sums (``SUMS``) and integer counts (``COUNTS``) over calibration pieces, each sum a left fold of
+    the pieces in the order they come (``s = p₀``, then ``s = s + pₖ``).
+
+    :meth:`defer` keeps the pieces instead (a rank whose batches come after another rank's); :meth:`resume`
+    then continues the earlier pieces' :meth:`state` with them, in order, so the sums are bit-identical to one
+    fold over all pieces; :meth:`load` takes a finished state."""
+
+    SUMS: ClassVar[tuple[str, ...]] = ()
+    COUNTS: ClassVar[tuple[str, ...]] = ()
+    _pending: list[dict[str, torch.Tensor]] | None = None
+
+    def _fold(self, pieces: dict[str, torch.Tensor]) -> None:
+        if self._pending is not None:
+            self._pending.append(pieces)
+            return
+        for k, piece in pieces.items():
+            total = getattr(self, k)
+            setattr(self, k, piece if total is None else total + piece)
+
+    def defer(self) -> None:
+        """Keep the pieces from now on (:meth:`resume` folds them)."""
+        self._pending = []
+
+    def state(self) -> dict:
+        """{name: sum tensor or None, name: count} of everything folded so far."""
+        return {k: getattr(self, k) for k in self.SUMS + self.COUNTS}
+
+    def resume(self, before: dict) -> None:
+        """Fold the kept pieces onto ``before`` (the state of every earlier piece), in order; counts add."""
+        pending, self._pending = self._pending or [], None
+        for k in self.COUNTS:
+            setattr(self, k, before[k] + getattr(self, k))
+        for k in self.SUMS:
+            setattr(self, k, before[k])
+        for pieces in pending:
+            self._fold(pieces)
+
+    def load(self, state: dict) -> None:
+        """Take a finished state (sums and counts over every piece)."""
+        self._pending = None
+        for k in self.SUMS + self.COUNTS:
+            setattr(self, k, state[k])
+
+
+class HessianStatistics(OrderedSums):
     """H = 2/n Σ xᵀx over calibration tokens, per group (float64)."""
 
     CHUNK = 1 << 24  # unfolded elements per step
+    SUMS = ("h",)
+    COUNTS = ("n",)
 
     def __init__(self) -> None:
         self.h: torch.Tensor | None = None
@@ -35,8 +88,7 @@ class HessianStatistics:
         starts, step = _row_steps(module, x, self.CHUNK)
         for i in starts:
             rows = layer_inputs_2d(module, x[i : i + step]).double()
-            hb = rows.transpose(1, 2) @ rows
-            self.h = hb if self.h is None else self.h + hb
+            self._fold({"h": rows.transpose(1, 2) @ rows})
             self.n += rows.shape[1]
 
     def result(self) -> torch.Tensor:
@@ -45,13 +97,15 @@ class HessianStatistics:
         return 2.0 * self.h / self.n
 
 
-class GramStatistics:
+class GramStatistics(OrderedSums):
     """Error Diffusion's statistics per group (float64): G = ÂᵀA and H = ÂᵀÂ over calibration tokens, Â the
     layer's inputs in the quantized network and A in the float network (the same tokens, in lock step). A
     mixture-of-experts expert can be sent different tokens by the two streams (the router sees different
     inputs): for such a batch A is taken as Â (``unpaired_batches`` counts them)."""
 
     CHUNK = 1 << 23  # unfolded elements per step and stream
+    SUMS = ("g", "h")
+    COUNTS = ("n", "unpaired_batches")
 
     def __init__(self) -> None:
         self.g: torch.Tensor | None = None
@@ -70,9 +124,7 @@ class GramStatistics:
         for i in starts:
             rq = layer_inputs_2d(module, xq[i : i + step]).double()
             rf = layer_inputs_2d(module, xf[i : i + step]).double()
-            gb, hb = rq.transpose(1, 2) @ rf, rq.transpose(1, 2) @ rq
-            self.g = gb if self.g is None else self.g + gb
-            self.h = hb if self.h is None else self.h + hb
+            self._fold({"g": rq.transpose(1, 2) @ rf, "h": rq.transpose(1, 2) @ rq})
             self.n += rq.shape[1]
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,6 +26,7 @@ from numcast.algorithms.gptq import gptq
 from numcast.algorithms.rtn import rtn
 from numcast.formats.qtensor import QTensor
 from numcast.formats.registry import get_format
+from numcast.pipeline import distributed
 from numcast.pipeline.accumulator import ep_init_qweight, within_budget
 from numcast.pipeline.layer_plan import LayerPlan
 from numcast.pipeline.layer_stats import GramStatistics, HessianStatistics
@@ -211,10 +212,13 @@ class AttentionRound(Method):
                                variant=st.variant, seed=st.seed, **self._optimise_kwargs()).qtensor  # fmt: skip
 
     def solve_block(self, block, plans, names, inputs, targets) -> dict[str, QTensor]:
+        """Under torch.distributed each rank reconstructs on its own batches and the offsets' gradients are
+        averaged over the ranks every step (DDP, :mod:`numcast.pipeline.distributed`)."""
         st = self.settings
         layers = [(names[p.name], p.module, get_format(p.weight_format)) for p in plans]
+        ddp = dict(reduce_grads=distributed.average_gradients, stop_together=distributed.any_rank)
         got = round_block(block, layers, inputs, targets, k_nearest=st.k_nearest, variant=st.variant, seed=st.seed,
-                          **self._optimise_kwargs())  # fmt: skip
+                          **(ddp if distributed.active() else {}), **self._optimise_kwargs())  # fmt: skip
         return {p.name: got[names[p.name]] for p in plans}
 
 

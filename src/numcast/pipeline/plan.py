@@ -95,6 +95,15 @@ def _check_patterns(recipe: Recipe, names: list[str]) -> None:
                              f"{shown}; `*` matches dots too)")  # fmt: skip
 
 
+def check_finite_weights(plans: list[LayerPlan]) -> None:
+    """``ValueError`` naming the first layer whose weight holds NaN or inf."""
+    for p in plans:
+        bad = int((~torch.isfinite(p.module.weight.detach())).sum())
+        if bad:
+            raise ValueError(f"{p.name}: {bad} weight(s) are NaN or inf; numcast does not quantize a broken layer "
+                             "(exclude it, or fix the checkpoint)")  # fmt: skip
+
+
 def resolve_plans(model: nn.Module, plans: list[LayerPlan], recipe: Recipe, batches: list) -> None:
     """The decisions taken on the float model before any layer is quantized (module docstring, step 2); they
     change the plans only."""
@@ -103,12 +112,11 @@ def resolve_plans(model: nn.Module, plans: list[LayerPlan], recipe: Recipe, batc
         why = "; ".join(f"{p.name}: {p.reason}" for p in plans[:4]) or "the model holds no parameters"
         raise ValueError(f"nothing to quantize: all {len(plans)} modules with parameters stay in float ({why}"
                          f"{'; ...' if len(plans) > 4 else ''})")  # fmt: skip
-    for p in todo:
-        bad = int((~torch.isfinite(p.module.weight.detach())).sum())
-        if bad:
-            raise ValueError(f"{p.name}: {bad} weight(s) are NaN or inf; numcast does not quantize a broken layer "
-                             "(exclude it, or fix the checkpoint)")  # fmt: skip
+    check_finite_weights([p for p in todo if not p.module.weight.is_meta])  # offloaded ones: when loaded
     if recipe.mixed_precision.to_decide:
+        if any(p.module.weight.is_meta for p in todo):
+            raise ValueError("mixed precision measures every layer before quantizing; it does not run with the "
+                             "weights offloaded to disk (--offload disk)")  # fmt: skip
         resolve_mixed_precision(model, todo, recipe.mixed_precision, batches)
     if recipe.accumulator.bits is not None:
         for p in todo:

@@ -23,6 +23,11 @@ Only the block being solved is on the compute device (:class:`Placement`); finis
 the streams stay on the CPU, and a block's float originals are released once it is done, so peak memory is
 about the model plus one block's activations of the two streams. ``Placement`` is the one place that moves
 things, so a distributed runner can replace it.
+
+Under torch.distributed (:mod:`numcast.pipeline.distributed`) each rank runs this on its contiguous share of the
+calibration batches: the statistics are summed across the ranks in batch order (bit-identical to one process),
+layer j of a group is solved on rank j mod N and broadcast, and the SQNR terms and static observations are
+gathered in batch order, so every rank ends with one process's model.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from tqdm.auto import tqdm
 from numcast.nn.act_quant import ActQuantizer, calibrate
 from numcast.nn.convert import make_quantizable
 from numcast.nn.surgery import set_module
+from numcast.pipeline import distributed
 from numcast.pipeline.block_inputs import (
     DIRECT,
     GLUE,
@@ -58,6 +64,7 @@ from numcast.pipeline.methods import RTN, Method
 from numcast.pipeline.plan import (
     LayerPlan,
     QuantizationResult,
+    check_finite_weights,
     layer_reports,
     make_quant_module,
     plan_layers,
@@ -220,6 +227,8 @@ class Streams:
         if one:
             stats.update({id(p.module): stats[id(group[0].module)] for p in group})
         recorded = {id(group[0].module)} if one else {id(p.module) for p in group}
+        unique = list({id(s): s for s in stats.values()}.values())  # the same objects, in order, on every rank
+        distributed.defer_statistics(unique)
         float_in: dict[int, torch.Tensor] = {}
         last = id(group[-1].module)
         hooks = []
@@ -250,6 +259,7 @@ class Streams:
         finally:
             for h in hooks:
                 h.remove()
+        distributed.reduce_statistics(unique, self.placement.device)  # every rank's batches, in batch order
         return stats
 
     @torch.no_grad()
@@ -262,7 +272,13 @@ class Streams:
         """Calibrate the block's static input quantizers on the quantized stream (one pass), so the next blocks
         and their solves see quantized activations."""
         quants = [m for m in block.modules() if isinstance(m, ActQuantizer) and m.mode == "static" and m.bypass]
-        calibrate(quants, lambda: [self.run(block, i, x) for i, x in enumerate(self.quant)])
+
+        def run() -> None:
+            for i, x in enumerate(self.quant):
+                self.run(block, i, x)
+            distributed.gather_observations(quants)  # every rank's batches, in batch order
+
+        calibrate(quants, run)
 
     @torch.no_grad()
     def advance(self, block: nn.Module, float_block: nn.Module | None = None,
@@ -271,13 +287,12 @@ class Streams:
         it changed). Each ``installed`` layer's output SQNR against its float twin on the same input goes into
         its plan."""
         installed = installed or {}
-        sums = {k: [0.0, 0.0] for k in installed}  # Σ‖y‖², Σ‖ŷ − y‖² per quantized layer
+        terms: dict[str, list] = {p.name: [] for p, _ in installed.values()}  # per call: (‖y‖², ‖ŷ − y‖²)
 
         def on_out(mod, args, out):
             ref = installed[id(mod)][1](args[0])
-            s = sums[id(mod)]
-            s[0] += float(ref.square().sum(dtype=torch.float64))  # squares in the stream's dtype,
-            s[1] += float((out - ref).square().sum(dtype=torch.float64))  # sums in float64
+            terms[installed[id(mod)][0].name].append((float(ref.square().sum(dtype=torch.float64)),
+                                                      float((out - ref).square().sum(dtype=torch.float64))))
 
         hooks = [m.register_forward_hook(on_out) for m in block.modules() if id(m) in installed]
         try:
@@ -288,8 +303,12 @@ class Streams:
         finally:
             for h in hooks:
                 h.remove()
-        for k, (signal, noise) in sums.items():
-            installed[k][0].sqnr_db = 10 * math.log10(signal / noise) if noise > 0 and signal > 0 else math.inf
+        terms = distributed.gather_in_order(terms)  # every rank's batches, in batch order
+        for plan, _ in installed.values():
+            signal = noise = 0.0  # Σ‖y‖², Σ‖ŷ − y‖²: squares in the stream's dtype, sums in float64, in batch order
+            for s, e in terms[plan.name]:
+                signal, noise = signal + s, noise + e
+            plan.sqnr_db = 10 * math.log10(signal / noise) if noise > 0 and signal > 0 else math.inf
 
 
 def quantize_blockwise(
@@ -322,7 +341,7 @@ def quantize_blockwise(
         raise ValueError("no blocks to quantize")
     if first_block_input not in ("capture", "model"):
         raise ValueError(f"first_block_input must be 'capture' or 'model', got {first_block_input!r}")
-    with _without_kv_cache(model):
+    with distributed.fail_together(), _without_kv_cache(model):  # a failing rank stops the group, no hang
         return _quantize_blockwise(model, blocks, batches, recipe, placement, true_sequential, progress,
                                    first_block_input, share_inputs)  # fmt: skip
 
@@ -345,14 +364,15 @@ def _without_kv_cache(model: nn.Module):
 def _quantize_blockwise(model, blocks, batches, recipe, placement, true_sequential, progress, first_block_input,
                         share_inputs) -> QuantizationResult:  # fmt: skip
     t0 = time.perf_counter()
+    everything, batches = batches, distributed.my_share(batches)  # torch.distributed: this rank's batches
     method = recipe.make_method(progress=progress)
     model.eval()
     make_quantizable(model)
     plans = plan_layers(model, recipe)
-    resolve_plans(model, plans, recipe, batches)
+    resolve_plans(model, plans, recipe, everything)
     in_blocks = {id(m) for b in blocks for m in b.modules()}
     captured = first_block_input == "capture"
-    kinds = probe_transitions(model, blocks, batches[0], placement) if captured else [DIRECT] * len(blocks)
+    kinds = probe_transitions(model, blocks, everything[0], placement) if captured else [DIRECT] * len(blocks)
     float_calls = quant_calls = _first_block_calls(model, blocks[0], batches, placement, first_block_input)
     outside = [p for p in plans if p.quantized and id(p.module) not in in_blocks]
     float_outside = _quantize_outside_blocks(model, outside, method, recipe)
@@ -366,23 +386,26 @@ def _quantize_blockwise(model, blocks, batches, recipe, placement, true_sequenti
     bar = tqdm(blocks, desc=f"{method.name} blocks", disable=not progress, leave=False)
     for i, block in enumerate(bar):
         streams.enter(i, kinds[i], model, blocks_now, batches, float_outside)
+        placement.enter(block)  # disk offload: the block's weights come in here and leave below
         job = _open_block(block, todo, placement)
         if job is None:
             streams.advance(block)
+            placement.leave(block)
             continue
         streams.order_layers(job)
         solved = _solve_whole_block(method, job, streams)
         for group in job.groups(true_sequential, share_inputs):
             shared = true_sequential and share_inputs
             stats = streams.feed(job, group, method, shared) if method.needs_inputs else {}
-            for plan in group:
-                _solve_layer(model, job, plan, method, recipe, stats.get(id(plan.module)), solved.get(plan.name))
+            for j, plan in enumerate(group):  # torch.distributed: layer j is solved on rank j mod N
+                _solve_layer(model, job, plan, method, recipe, stats.get(id(plan.module)), solved.get(plan.name), j)
         streams.calibrate_static_inputs(job.block)
         streams.advance(job.block, job.float_block, job.installed)
         blocks_now[i] = placement.offload(job.block)
         del job  # the float twin and the float originals go with it (memory ~ one model)
+        placement.leave(block)
     if recipe.activations is not None and recipe.activation_mode == "static":
-        calibrate_activations(model, batches, only_uncalibrated=True)  # layers outside the blocks
+        calibrate_activations(model, everything, only_uncalibrated=True)  # layers outside the blocks
     return QuantizationResult(model, layer_reports(plans), wall_time_s=time.perf_counter() - t0,
                               recipe=resolved_recipe(recipe, plans))  # fmt: skip
 
@@ -434,6 +457,7 @@ def _open_block(block: nn.Module, todo: dict[int, LayerPlan], placement: Placeme
     if not inner:
         return None
     plans = [todo.pop(id(m)) for m in block.modules() if id(m) in todo]
+    check_finite_weights([p for p in plans if p.quantized])  # weights offloaded to disk arrive only now
     float_block = placement.compute(copy.deepcopy(block))
     return OpenBlock(placement.compute(block), float_block, plans, placement, inner)
 
@@ -444,15 +468,21 @@ def _solve_whole_block(method: Method, job: OpenBlock, streams: Streams) -> dict
         return {}
     targets = streams.float_outputs(job.float_block)
     plans = [p for p in job.plans if p.quantized]
-    return method.solve_block(job.block, plans, job.inner, streams.inputs, targets)
+    solved = method.solve_block(job.block, plans, job.inner, streams.inputs, targets)
+    return distributed.broadcast_object(solved, 0, streams.placement.device)  # the same result on every rank
 
 
-def _solve_layer(model, job: OpenBlock, plan: LayerPlan, method: Method, recipe: Recipe, stats, solved) -> None:
-    """Solve one layer and install it (a layer kept in float is re-fitted instead)."""
+def _solve_layer(model, job: OpenBlock, plan: LayerPlan, method: Method, recipe: Recipe, stats, solved,
+                 owner: int = 0) -> None:  # fmt: skip
+    """Solve one layer and install it (a layer kept in float is re-fitted instead). Under torch.distributed the
+    solve runs on rank ``owner mod N`` and its result is broadcast; the rest runs on every rank."""
     unreached = method.needs_inputs and solved is None and getattr(stats, "n", 0) == 0
+    device = plan.module.weight.device
     if not plan.quantized:  # kept in float: its float weights absorb the upstream error
         if not unreached:
-            method.refit_float(plan.module, stats)
+            weight = distributed.on_owner(owner, lambda: _refit(method, plan.module, stats), device)
+            with torch.no_grad():
+                plan.module.weight.copy_(weight)
             plan.method = f"{method.name} (float weights re-fit)"
         return
     name = method.name
@@ -460,7 +490,15 @@ def _solve_layer(model, job: OpenBlock, plan: LayerPlan, method: Method, recipe:
         warnings.warn(f"{plan.name}: no calibration input reached this layer (an expert no token was routed to?); "
                       f"it gets RTN instead of {method.name}", stacklevel=2)  # fmt: skip
         method, name = RTN.from_recipe(recipe), "rtn (no calibration inputs)"
-    qt = method.quantize_layer(plan, stats, solved)
+    if solved is None:
+        solved = distributed.on_owner(owner, lambda: method.solve(plan, stats), device)
+    qt = method.quantize_layer(plan, stats, solved)  # fitted into the accumulator budget here, on every rank
     # static input scales are calibrated once the block is done (Streams.calibrate_static_inputs)
     job.install(model, plan, make_quant_module(plan, recipe, qweight=qt, defer_static=True))
     plan.method = name
+
+
+def _refit(method: Method, module: nn.Module, stats) -> torch.Tensor:
+    """The layer's float weight re-fitted by ``method`` (in place; returned for the other ranks)."""
+    method.refit_float(module, stats)
+    return module.weight.detach()

@@ -66,20 +66,23 @@ def model_sizes(model: nn.Module) -> dict[str, float]:
     """Bytes of the model stored in its float dtype (float32, or bfloat16/float16 when loaded so) vs packed
     (quantized layers at their QTensor size, every other stored tensor as it is; tied tensors counted once), and
     bits per quantized parameter (scales included)."""
+    from numcast.formats.qtensor import storage_nbytes
     from numcast.nn.modules import QuantWeightModule
 
     q_params = q_bytes = 0
     for m in model.modules():
-        if isinstance(m, QuantWeightModule):
-            q_params += m.weight.numel()
-            q_bytes += m.qweight.nbytes
+        if isinstance(m, QuantWeightModule):  # a layer spilled to disk (offload) has no QTensor in memory
+            view = (m.weight_shape[0], math.prod(m.weight_shape[1:]))
+            q_params += math.prod(m.weight_shape)
+            q_bytes += m.qweight.nbytes if m.qweight is not None else storage_nbytes(view, m.weight_format)
     float_bytes = next((p.element_size() for p in model.parameters() if p.is_floating_point()), 4)
     seen: set[int] = set()
     other = 0
     for t in model.state_dict().values():
-        if t.data_ptr() in seen:
+        key = id(t) if t.is_meta else t.data_ptr()  # meta tensors (offloaded) have no storage to compare
+        if key in seen:
             continue
-        seen.add(t.data_ptr())
+        seen.add(key)
         other += t.numel() * t.element_size()
     return {
         "float": other + float_bytes * q_params,
