@@ -61,7 +61,8 @@ def _run_ptq(model_name: str, recipe: Recipe, tmp: Path | None, progress: bool, 
     stage(f"loading {model_name}")
     with mem.phase("load"):
         w = load_workload(model_name, calibration_data, eval_data, dtype, offload)
-    placement = Placement(disk=disk_offload_of(w.model))
+    device = distributed.compute_device()  # torch.distributed on CUDA: this rank's GPU (untested: no GPU here)
+    placement = Placement(device=device or "cpu", disk=disk_offload_of(w.model))
     if placement.disk is not None and recipe.make_method().refits_float_layers:
         raise ValueError("--ed-calibrate-float-layers re-fits float layers in memory; it does not run with the "
                          "layers offloaded to disk (--offload disk)")  # fmt: skip

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -72,7 +72,6 @@ class DiskOffload:
         self._pinned: set[int] = set()
         self._spilled: dict[int, Path] = {}  # id(quantized module) -> its QTensor file
         self._handles: dict[int, list] = {}
-        self._open: dict[Path, object] = {}
 
     # ---- attaching ---------------------------------------------------------------------------
     def attach(self, model: nn.Module, blocks: list[nn.Module]) -> None:
@@ -141,20 +140,25 @@ class DiskOffload:
         from accelerate.utils import set_module_tensor_to_device
 
         prefix = self._names[id(block)]
-        for name, m in block.named_modules():
-            if isinstance(m, QuantWeightModule) and id(m) in self._spilled:
-                qt = QTensor.load(self._spilled[id(m)])
-                m.qweight = qt
-                m.weight = qt.dequantize().reshape(m.weight_shape).to(self.dtype)
-            for pname, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
-                if t.device.type != "meta":
-                    continue
-                key = _key(prefix, name, pname)
-                if key not in self.files:
-                    raise KeyError(f"{key}: not in the checkpoint; disk offload needs every block tensor there")
-                value = self._reader(self.files[key]).get_tensor(key)
-                value = value.to(self.dtype) if value.is_floating_point() else value
-                set_module_tensor_to_device(m, pname, "cpu", value=value)
+        with ExitStack() as files:  # opened for this load only: a mapping kept open would hold its pages resident
+            readers: dict[Path, object] = {}
+            for name, m in block.named_modules():
+                if isinstance(m, QuantWeightModule) and id(m) in self._spilled:
+                    qt = QTensor.load(self._spilled[id(m)])
+                    m.qweight = qt
+                    m.weight = qt.dequantize().reshape(m.weight_shape).to(self.dtype)
+                for pname, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
+                    if t.device.type != "meta":
+                        continue
+                    key = _key(prefix, name, pname)
+                    if key not in self.files:
+                        raise KeyError(f"{key}: not in the checkpoint; disk offload needs every block tensor there")
+                    file = self.files[key]
+                    if file not in readers:
+                        readers[file] = files.enter_context(safe_open(str(file), framework="pt"))
+                    value = readers[file].get_tensor(key)
+                    value = value.to(self.dtype) if value.is_floating_point() else value
+                    set_module_tensor_to_device(m, pname, "cpu", value=value)
 
     def _release(self, block: nn.Module) -> None:
         """Every tensor of the block the checkpoint holds goes back to meta, spilled QTensors too; what only
@@ -174,12 +178,6 @@ class DiskOffload:
                     m._parameters[pname] = nn.Parameter(new, requires_grad=t.requires_grad)
                 else:
                     m._buffers[pname] = new
-
-    def _reader(self, file: Path):
-        """The open safetensors file (kept open: memory-mapped, read only where a tensor is asked for)."""
-        if file not in self._open:
-            self._open[file] = safe_open(str(file), framework="pt")
-        return self._open[file]
 
 
 def _key(prefix: str, module: str, tensor: str) -> str:
