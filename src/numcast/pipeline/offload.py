@@ -40,6 +40,25 @@ def disk_offload_of(model: nn.Module) -> DiskOffload | None:
     return getattr(model, ATTRIBUTE, None)
 
 
+def return_freed_memory() -> bool:
+    """Ask glibc's allocator to serve every allocation of 64 KiB or more with its own mapping and to trim the heap
+    on every free (``mallopt(M_MMAP_THRESHOLD, 65536)``, ``mallopt(M_TRIM_THRESHOLD, 0)``), so a freed block's
+    tensors go back to the system. Without it, the heap's dynamic threshold keeps one block's freed tensors as
+    fragmented heap that the next blocks cannot reuse, and the resident memory of an offloaded run grows with
+    depth (benchmarks/memory.py: +38 % from 8 to 32 layers; +0.2 % with it). Process-wide; False where the C
+    library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(mallopt(m_mmap_threshold, 65536)) and bool(mallopt(m_trim_threshold, 0))
+
+
 def checkpoint_files(folder: Path) -> dict[str, Path]:
     """Tensor name → safetensors file of a Hugging Face checkpoint folder (``model.safetensors`` or a sharded
     ``model.safetensors.index.json``); ``FileNotFoundError`` naming the folder otherwise."""
@@ -64,6 +83,7 @@ class DiskOffload:
     when this object goes)."""
 
     def __init__(self, files: dict[str, Path], dtype: torch.dtype, spill: Path | None = None) -> None:
+        return_freed_memory()
         self._tmp = None if spill is not None else tempfile.TemporaryDirectory(prefix="numcast-spill-")
         self.files, self.dtype = files, dtype
         self.spill = Path(spill) if spill is not None else Path(self._tmp.name)
