@@ -85,6 +85,7 @@ def test_ctrl_c_leaves_the_previous_output_and_no_temporary_directory(tiny, tmp_
         raise KeyboardInterrupt
 
     monkeypatch.setattr(numcast.jobs, "quantize_blockwise", interrupted)
+    monkeypatch.setattr(numcast.jobs, "quantize_data_free", interrupted)  # weight-only RTN: no calibration pass
     code, text = cli(capsys, [*QUANTIZE, "--out", str(run), "--overwrite"])
     assert code == 130 and "interrupted" in text and "Traceback" not in text
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before

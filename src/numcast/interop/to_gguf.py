@@ -109,8 +109,8 @@ def _row_orders(config, permute: bool) -> dict[str, torch.Tensor]:
     n_head = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
-    return {"attn_q.weight": llama_row_order(n_head * head_dim, n_head),
-            "attn_k.weight": llama_row_order(n_kv * head_dim, n_kv)}  # fmt: skip
+    q, k = llama_row_order(n_head * head_dim, n_head), llama_row_order(n_kv * head_dim, n_kv)
+    return {"attn_q.weight": q, "attn_q.bias": q, "attn_k.weight": k, "attn_k.bias": k}  # a bias moves with its rows
 
 
 def _tensors(model: nn.Module, config, arch: str, permute: bool, float_fallback: bool,
