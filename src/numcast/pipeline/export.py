@@ -25,7 +25,7 @@ from numcast.io import load_safetensors, save_safetensors
 from numcast.nn.convert import make_quantizable
 from numcast.nn.modules import QuantWeightModule
 from numcast.nn.surgery import set_module
-from numcast.pipeline.offload import DiskOffload, disk_offload_of
+from numcast.pipeline.offload import disk_offload_of
 from numcast.pipeline.plan import make_quant_module, plan_layers
 from numcast.pipeline.recipe import Recipe
 
@@ -37,14 +37,10 @@ def save_quantized(model: nn.Module, out_dir: Path, model_name: str, recipe: Rec
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
-    disk = disk_offload_of(model)
-    for name, m in _quantized_modules(model, disk):
-        qt = m.qweight
-        tensors[f"{name}.qweight"] = torch.frombuffer(bytearray(qt.pack()), dtype=torch.uint8)
-        layers[name] = {"format": qt.format.to_json(), "shape": list(qt.shape), "class": type(m).__name__}
+    state = _read_in(model, tensors, layers)
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
-    for k, v in _state_dict(model, disk).items():
+    for k, v in state.items():
         key = (v.data_ptr(), v.dtype, tuple(v.shape), v.stride()) if v.numel() else None
         if key is not None and key in seen:
             aliases[k] = seen[key]
@@ -63,33 +59,29 @@ def save_quantized(model: nn.Module, out_dir: Path, model_name: str, recipe: Rec
     return save_safetensors(tensors, out_dir / MODEL_FILE, meta)
 
 
-def _quantized_modules(model: nn.Module, disk: DiskOffload | None):
-    """(name, quantized layer) of the model, each with its QTensor in memory while it is yielded: with disk
-    offload, one block is read in at a time."""
-    inside: set[int] = set()
-    if disk is not None:
-        for prefix, block in disk.blocks():
-            inside |= {id(m) for m in block.modules()}
-            with disk.materialize(block):
-                for name, m in block.named_modules():
-                    if isinstance(m, QuantWeightModule):
-                        yield (f"{prefix}.{name}" if name else prefix), m
-    for name, m in model.named_modules():
-        if isinstance(m, QuantWeightModule) and id(m) not in inside:
-            yield name, m
-
-
-def _state_dict(model: nn.Module, disk: DiskOffload | None) -> dict[str, torch.Tensor]:
-    """The model's state dict; with disk offload each offloaded block's tensors are read in (one block at a time,
-    cloned) in place of its meta tensors."""
+def _read_in(model: nn.Module, tensors: dict[str, torch.Tensor], layers: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """Put every quantized layer's packed bytes into ``tensors`` and its record into ``layers``; return the model's
+    state dict. With disk offload (:mod:`numcast.pipeline.offload`) each offloaded block is read in once, its
+    layers packed and its tensors cloned in place of their meta tensors, one block at a time."""
     state = model.state_dict()
-    if disk is None:
-        return state
-    for prefix, block in disk.blocks():
+    disk = disk_offload_of(model)
+    inside: set[int] = set()
+    for prefix, block in disk.blocks() if disk is not None else ():
+        inside |= {id(m) for m in block.modules()}
         with disk.materialize(block):
-            for k, v in block.state_dict().items():
-                state[f"{prefix}.{k}"] = v.detach().clone()
+            _pack(block, prefix, tensors, layers)
+            state.update({f"{prefix}.{k}": v.detach().clone() for k, v in block.state_dict().items()})
+    _pack(model, "", tensors, layers, skip=inside)
     return state
+
+
+def _pack(root: nn.Module, prefix: str, tensors: dict, layers: dict, skip: set[int] = frozenset()) -> None:
+    for name, m in root.named_modules():
+        if isinstance(m, QuantWeightModule) and id(m) not in skip:
+            full = ".".join(p for p in (prefix, name) if p)
+            qt = m.qweight
+            tensors[f"{full}.qweight"] = torch.frombuffer(bytearray(qt.pack()), dtype=torch.uint8)
+            layers[full] = {"format": qt.format.to_json(), "shape": list(qt.shape), "class": type(m).__name__}
 
 
 def read_metadata(path: Path) -> tuple[str, Recipe]:

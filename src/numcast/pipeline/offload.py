@@ -13,7 +13,7 @@ hooks that bring them in for a forward and release them after:
 So a forward over the whole model (float or quantized evaluation, the runner's replays) holds one block at a
 time, and the quantize phase holds one block, its float twin and the calibration activations of both
 streams, whatever the depth. The runner pins the block it is solving (:meth:`enter`, loaded once, hooks
-idle) and calls :meth:`leave` when the block is done. :meth:`materialize` brings one module in for code that
+idle) and calls :meth:`leave` when the block is done. :meth:`materialize` brings one block in for code that
 reads tensors outside a forward (the packed export). Deterministic: nothing is re-computed, tensors are read
 back bit for bit.
 """
@@ -91,7 +91,6 @@ class DiskOffload:
         self._blocks: dict[int, nn.Module] = {}  # id(block) -> block
         self._pinned: set[int] = set()
         self._spilled: dict[int, Path] = {}  # id(quantized module) -> its QTensor file
-        self._handles: dict[int, list] = {}
 
     # ---- attaching ---------------------------------------------------------------------------
     def attach(self, model: nn.Module, blocks: list[nn.Module]) -> None:
@@ -111,8 +110,8 @@ class DiskOffload:
             if id(mod) in self._names and id(mod) not in self._pinned:
                 self._release(mod)
 
-        self._handles[id(module)] = [module.register_forward_pre_hook(pre, with_kwargs=True),
-                                     module.register_forward_hook(post, with_kwargs=True)]  # fmt: skip
+        module.register_forward_pre_hook(pre, with_kwargs=True)
+        module.register_forward_hook(post, with_kwargs=True)
 
     # ---- the runner's calls ------------------------------------------------------------------
     def enter(self, block: nn.Module) -> None:
@@ -136,15 +135,14 @@ class DiskOffload:
         self._release(block)
 
     @contextmanager
-    def materialize(self, module: nn.Module):
-        """``module`` (a block or a layer inside one) loaded for the duration, released afterwards."""
-        block = self._block_of(module)
-        if block is None or id(block) in self._pinned:
-            yield module
+    def materialize(self, block: nn.Module):
+        """An offloaded ``block`` loaded for the duration, released afterwards (a pinned block stays as it is)."""
+        if id(block) not in self._names or id(block) in self._pinned:
+            yield block
             return
         self._load(block)
         try:
-            yield module
+            yield block
         finally:
             self._release(block)
 
@@ -153,9 +151,6 @@ class DiskOffload:
         return [(self._names[i], b) for i, b in self._blocks.items()]
 
     # ---- loading and releasing ---------------------------------------------------------------
-    def _block_of(self, module: nn.Module) -> nn.Module | None:
-        return next((b for b in self._blocks.values() if any(m is module for m in b.modules())), None)
-
     def _load(self, block: nn.Module) -> None:
         from accelerate.utils import set_module_tensor_to_device
 
