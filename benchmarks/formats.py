@@ -1,11 +1,17 @@
 """Speed of ``numcast.cast`` on a 4096×4096 float32 tensor, as a multiple of a memory-bound copy.
 
-    .venv/bin/python benchmarks/formats.py [--markdown] [--size 4096] [--threads 2] [--json PATH]
+    .venv/bin/python benchmarks/formats.py --markdown      # the README table: both malloc settings, all backends
+    .venv/bin/python benchmarks/formats.py [--size 4096] [--threads 2] [--repeat 10] [--formats mxfp4 nvfp4]
+        [--backends auto eager compiled] [--malloc both|inherit] [--json PATH]
     .venv/bin/python benchmarks/formats.py --render benchmarks/results/formats.json   # table of a saved run
 
-The copy baseline ``y.copy_(x)`` into a preallocated tensor is timed in the same run; every cast is
-reported in milliseconds and as a multiple of it (timings on these machines vary up to 2× between runs,
-ratios within one run are what to compare). Each figure is the best of ``--repeat`` runs after a warm-up.
+Backend ``auto`` is the default path users get, ``numcast.cast(x, fmt)`` with no backend argument (compiled
+for a tensor this large where a C++ compiler is present); ``eager`` and ``compiled`` are forced. The copy
+baseline ``y.copy_(x)`` into a preallocated tensor is timed in the same process; every cast is reported in
+milliseconds and as a multiple of it (timings on these machines vary up to 2× between runs, ratios within
+one run are what to compare). Each figure is the best of ``--repeat`` runs (default 10) after a warm-up
+call, whose time (``first_call_s``: the compile, for a compiled kernel not yet in inductor's on-disk cache)
+is recorded too. Every backend's output is checked bit-identical to the eager cast before it is timed.
 
 glibc returns freed 64 MiB buffers to the OS, so every fresh output page faults on first touch; that can
 cost more than the cast itself. ``--malloc both`` runs the whole bench twice in subprocesses, without and
@@ -80,6 +86,13 @@ def peer_fns(x: torch.Tensor) -> dict:
     return fns
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit, every NaN equal to every NaN."""
+    nan = torch.isnan(a)
+    return torch.equal(nan, torch.isnan(b)) and torch.equal(a.masked_fill(nan, 0).view(torch.int32),
+                                                            b.masked_fill(nan, 0).view(torch.int32))  # fmt: skip
+
+
 def _no_grad(mod, x):
     with torch.no_grad():
         return mod(x)
@@ -96,14 +109,18 @@ def run(args: argparse.Namespace) -> dict:
     rows = [{"name": "copy (y.copy_(x))", "backend": "-", "ms": copy_min, "median_ms": copy_med, "x_copy": 1.0}]
     for name in args.formats:
         for backend in args.backends:
+            kw = {} if backend == "auto" else {"backend": backend}  # auto: the default call, no argument
             t0 = time.perf_counter()
-            numcast.cast(x, name, backend=backend)  # warm-up / compile
+            res = numcast.cast(x, name, **kw)  # warm-up / compile
             first = time.perf_counter() - t0
-            ms, med = best_ms(lambda n=name, b=backend: numcast.cast(x, n, backend=b), args.repeat)
+            if not _same_bits(res, numcast.cast(x, name, backend="eager")):
+                raise SystemExit(f"{name}: backend {backend} differs from the eager cast")
+            del res
+            ms, med = best_ms(lambda n=name, kw=kw: numcast.cast(x, n, **kw), args.repeat)
             rows.append({"name": name, "backend": backend, "ms": ms, "median_ms": med, "x_copy": ms / copy_min,
                          "first_call_s": first})  # fmt: skip
-            numcast.cast(x, name, backend=backend, out=y)
-            ms, med = best_ms(lambda n=name, b=backend: numcast.cast(x, n, backend=b, out=y), args.repeat)
+            numcast.cast(x, name, out=y, **kw)
+            ms, med = best_ms(lambda n=name, kw=kw: numcast.cast(x, n, out=y, **kw), args.repeat)
             rows.append({"name": name, "backend": f"{backend}, out=", "ms": ms, "median_ms": med,
                          "x_copy": ms / copy_min})  # fmt: skip
     for name, val in peer_fns(x).items():
@@ -164,7 +181,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--formats", nargs="+", default=FORMATS)
-    p.add_argument("--backends", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    p.add_argument(
+        "--backends", nargs="+", default=["auto", "eager", "compiled"], choices=["auto", "eager", "compiled"]
+    )
     p.add_argument("--malloc", choices=["inherit", "both"], default="both")
     p.add_argument("--json", default="benchmarks/results/formats.json")
     p.add_argument("--markdown", action="store_true", help="also print the README's Markdown table")
@@ -194,8 +213,10 @@ def main() -> None:
             return
         print_table(payload)
     if args.json and args.json != "-":
+        from numcast.io import write_atomic
+
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(payload, indent=2))
+        write_atomic(args.json, lambda p: p.write_text(json.dumps(payload, indent=2) + "\n"))
         print(f"wrote {args.json}")
     if args.markdown:
         print(markdown(payload))

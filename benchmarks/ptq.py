@@ -7,10 +7,12 @@ peak memory of each run.
 
 Every cell runs ``numcast quantize`` in its own process (so peak memory is that run's), writes its report
 under ``--work`` and is collected into one table and JSON; ``--update`` replaces the cells it ran in an
-existing JSON and keeps the others (so the table can be filled model by model). Methods are ``rtn``,
-``gptq``, ``error-diffusion`` (defaults: static block scales, strongest inputs first) and its ablations
-``error-diffusion-dynamic`` (block scales from the updated targets), ``error-diffusion-natural`` (GPFQ's
-natural column order, dynamic scales), ``error-diffusion-weak`` (weakest inputs first) and
+existing JSON and keeps the others (so the table can be filled model by model). ``--models`` takes short names
+or paths of local models (a ``.gguf`` file or a Hugging Face folder; named by their file name). Methods are ``rtn``,
+``gptq``, ``error-diffusion`` (defaults: static block scales, strongest inputs first, RTN guard) and its
+ablations ``error-diffusion-noguard`` (no RTN guard), ``error-diffusion-dynamic`` (block scales from the
+updated targets), ``error-diffusion-natural`` (GPFQ's natural column order, dynamic scales),
+``error-diffusion-weak`` (weakest inputs first) and
 ``error-diffusion-refit`` (layers kept in float by
 ``--exclude`` re-fitted with Q = identity: the ablation of Error Diffusion's layer calibration), and
 ``attention-round`` / ``attention-round-sampled`` (the soft and the sampled variant) and
@@ -39,14 +41,20 @@ METHOD_ARGS = {
     "error-diffusion-natural": ["--method", "error-diffusion", "--ed-scale-rule", "dynamic", "--ed-order", "natural"],
     "error-diffusion-weak": ["--method", "error-diffusion", "--ed-order", "weak-first"],
     "error-diffusion-refit": ["--method", "error-diffusion", "--ed-calibrate-float-layers"],
+    "error-diffusion-noguard": ["--method", "error-diffusion", "--no-ed-rtn-guard"],
     "attention-round": ["--method", "attention-round"],
     "attention-round-sampled": ["--method", "attention-round", "--ar-variant", "sampled"],
     "attention-round-i100": ["--method", "attention-round", "--ar-iterations", "100"],
 }
 
 
+def cell_name(model: str) -> str:
+    """A model's name in cell folders and tables: a short name, or a local model's file or folder name."""
+    return Path(model).stem if "/" in model else model
+
+
 def run_cell(model: str, fmt: str, method: str, calibration: int, work: Path, exclude: list[str]) -> dict:
-    out = work / f"{model}__{fmt}__{method}"
+    out = work / f"{cell_name(model)}__{fmt}__{method}"
     cmd = [sys.executable, "-m", "numcast.cli", "quantize", model, "--weights", fmt, *METHOD_ARGS[method],
            "--calibration", str(calibration), "--out", str(out), "--overwrite", "--no-progress", "--json"]  # fmt: skip
     if exclude:
@@ -64,7 +72,7 @@ def row_of(model: str, fmt: str, method: str, calibration: int, out: Path) -> di
     rec = json.loads((out / "report.json").read_text())
     p = rec["primary_metric"]
     return {
-        "model": model,
+        "model": cell_name(model),
         "format": fmt,
         "method": method,
         "calibration": calibration,
@@ -138,7 +146,7 @@ def main() -> None:
         for fmt in args.formats:
             for method in args.methods:
                 if args.collect:
-                    cell = work / f"{model}__{fmt}__{method}"
+                    cell = work / f"{cell_name(model)}__{fmt}__{method}"
                     if not (cell / "report.json").is_file():
                         continue
                     r = row_of(model, fmt, method, args.calibration, cell)

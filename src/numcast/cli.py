@@ -163,8 +163,9 @@ RECIPE_FLAGS = ("weights", "activations", "activation_mode", "activation_observe
 SECTION_FLAGS = {
     "gptq": {"damp": "gptq_damp", "block_size": "gptq_block_size", "act_order": "gptq_act_order"},
     "error_diffusion": {"scale_rule": "ed_scale_rule", "order": "ed_order",
-                        "calibrate_float_layers": "ed_calibrate_float_layers"},
-    "attention_round": {k: f"ar_{k}" for k in ("objective", "iterations", "variant", "time_budget_s", "k_nearest")},
+                        "calibrate_float_layers": "ed_calibrate_float_layers", "rtn_guard": "ed_rtn_guard"},
+    "attention_round": {k: f"ar_{k}" for k in ("objective", "iterations", "variant", "time_budget_s", "k_nearest",
+                                               "batch_size")},
     "mixed_precision": {"strategy": "mixed_precision", "candidates": "candidates", "budget": "budget"},
     "accumulator": {k: f"accumulator_{k}" for k in ("bits", "rule", "rounding", "input_sign")},
 }  # fmt: skip
@@ -364,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="error-diffusion column order (default strong-first: largest input norm first)")
     q.add_argument("--ed-calibrate-float-layers", dest="ed_calibrate_float_layers", action="store_true", default=None,
                    help="error-diffusion: also re-fit layers kept in float inside the blocks (Q = identity)")
+    q.add_argument("--ed-rtn-guard", dest="ed_rtn_guard", action=argparse.BooleanOptionalAction, default=None,
+                   help="error-diffusion: keep RTN for a group of layers where it brings the block output closer to "
+                        "float (default on)")
     q.add_argument("--mixed-precision", dest="mixed_precision", choices=("lcl", "sensitivity"),
                    help="per-layer weight formats from --candidates under --budget (lossy coding length or SQNR)")
     q.add_argument("--candidates", type=lambda t: [c.strip() for c in t.split(",") if c.strip()],
@@ -379,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention-round: expectation (soft, default) or sampled levels in the forward")
     q.add_argument("--ar-time-budget", dest="ar_time_budget_s", type=float,
                    help="attention-round: at most this many seconds per block (or layer)")
+    q.add_argument("--ar-batch-size", dest="ar_batch_size", type=int,
+                   help="attention-round: calibration samples per step, drawn from all the samples (32)")
     q.add_argument("--accumulator-bits", dest="accumulator_bits", type=int,
                    help="accumulator width P no layer may overflow (A2Q/A2Q+ L1 budget on the integer weights; "
                         "needs integer weights per channel and integer --activations)")

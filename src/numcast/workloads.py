@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from numcast.models.user_data import UserData
+from numcast.pipeline.offload import available_memory
 
 CALIB_BATCH = {"minilm-l6": 16, "smollm2-135m": 2, "mobilenet-v2": 32, "efficientnet-lite0": 32, "fmnist-cnn": 128}
 
@@ -302,18 +303,7 @@ def _choose_offload(offload: str, key: str, name: str) -> str:
     else:
         return "none"
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    return "disk" if 3 * size > _available_memory() else "none"
-
-
-def _available_memory() -> int:
-    """Bytes of memory available now (``/proc/meminfo`` ``MemAvailable``; unbounded where it cannot be read)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62
+    return "disk" if 3 * size > available_memory() else "none"
 
 
 LOADERS: dict[str, Callable[..., Workload]] = {

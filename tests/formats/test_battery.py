@@ -40,6 +40,9 @@ def representable_bounds(fmt, qt: QTensor) -> tuple[torch.Tensor, torch.Tensor]:
     lo_e = 0.0 if not e.signed else -e.max
     if not fmt.scaling.scaled:
         return torch.full(qt.shape, lo_e, dtype=torch.float64), torch.full(qt.shape, e.max, dtype=torch.float64)
+    if fmt.scaling.sub_block_size:  # shared microexponents: each sub-block has its own scale 2^(E − τ)
+        s = qt.element_scales()
+        return lo_e * s, e.max * s
     lay = Layout.of(qt.shape, fmt.scaling)
     s = qt.scales().reshape(-1)
     if qt.tensor_scale is not None:

@@ -1,27 +1,81 @@
-"""The compiled backend is the eager arithmetic fused: it must agree bit for bit."""
+"""The compiled backend is the eager arithmetic fused: it must agree bit for bit, and one shape-dynamic kernel
+per format, rounding, dtype and device serves every tensor shape. (Every format class, eager vs compiled vs
+auto: ``test_auto_backend.py``.)"""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from helpers import adversarial_blocks, assert_bitwise
 
+from numcast.formats.fused import compiler_available, rows_format
 from numcast.formats.ops import cast
+from numcast.formats.registry import get_format
 
-FUSED = ["mxfp4", "mxfp8_e4m3", "mxint8", "nvfp4", "int4_g128", "fp8_e4m3", "mxfp6_e2m3"]
+pytestmark = pytest.mark.skipif(not compiler_available("cpu"), reason="no C++ compiler for inductor")
 
 
-@pytest.mark.parametrize("name", FUSED)
-def test_compiled_equals_eager(name):
-    rng = np.random.default_rng(0)
+def adversarial(block: int = 32) -> torch.Tensor:
     with np.errstate(all="ignore"):
-        adv = adversarial_blocks(32, rng)
-    x = torch.cat([torch.from_numpy(adv), torch.randn(64, 32) * 3]).reshape(-1, 128)
+        adv = torch.from_numpy(adversarial_blocks(block, np.random.default_rng(0)))
+    return torch.cat([adv, torch.randn(40, block) * 3]).reshape(-1, 4 * block)
+
+
+@pytest.mark.parametrize("mode", ["nearest_away", "toward_zero", "floor", "ceil"])
+def test_compiled_equals_eager_in_every_rounding_mode(mode):
+    x = adversarial()
+    assert_bitwise(cast(x, "mxfp4", rounding=mode, backend="compiled"), cast(x, "mxfp4", rounding=mode,
+                   backend="eager"), mode)  # fmt: skip
+
+
+@pytest.mark.parametrize("name,dtype", [("mxfp4", torch.bfloat16), ("mxfp4", torch.float16),
+                                        ("mxfp4", torch.float64), ("nvfp4", torch.bfloat16)])  # fmt: skip
+def test_compiled_equals_eager_in_every_input_dtype(name, dtype):
+    x = adversarial().to(dtype)
     if name == "nvfp4":
         x = x[torch.isfinite(x).all(dim=1)]  # one inf would make the whole tensor NaN
-    for mode in ("nearest_even", "toward_zero"):
-        assert_bitwise(cast(x, name, rounding=mode, backend="compiled"), cast(x, name, rounding=mode), name)
+    assert_bitwise(cast(x, name, backend="compiled"), cast(x, name, backend="eager"), f"{name} {dtype}")
+
+
+def test_one_kernel_serves_every_shape():
+    """Rows are marked dynamic: new shapes (other row counts, 3-D, padded blocks, blocks along axis 0) reuse the
+    kernel; only the 0/1 sizes dynamo specialises on may add a graph."""
+    from torch._dynamo.utils import counters
+
+    fmt = get_format("mxfp4")
+    on_rows = fmt.with_(scaling=replace(fmt.scaling, axis=0))
+    assert rows_format(on_rows) == fmt
+    cast(torch.randn(64, 96), fmt, backend="compiled")
+    before = counters["stats"]["unique_graphs"]
+    for shape, f in [((3, 5, 64), fmt), ((1000, 32), fmt), ((7, 33), fmt), ((96, 7), on_rows), ((2, 4096), fmt)]:
+        x = torch.randn(shape) * 4
+        assert_bitwise(cast(x, f, backend="compiled"), cast(x, f, backend="eager"), str(shape))
+    assert counters["stats"]["unique_graphs"] == before
+
+
+def test_out_is_written_by_the_kernel_and_may_be_the_input():
+    x = adversarial()
+    ref = cast(x, "mxfp4", backend="eager")
+    out = torch.full_like(x, 7.0)
+    ptr = out.data_ptr()
+    assert cast(x, "mxfp4", backend="compiled", out=out) is out and out.data_ptr() == ptr
+    assert_bitwise(out, ref, "out")
+    inplace = x.clone()
+    assert cast(inplace, "mxfp4", backend="compiled", out=inplace) is inplace
+    assert_bitwise(inplace, ref, "in place")
+    strided = torch.empty(x.shape[1], x.shape[0]).t()  # not viewable as rows: cast, then copied in
+    assert cast(x, "mxfp4", backend="compiled", out=strided) is strided
+    assert_bitwise(strided, ref, "strided out")
+
+
+def test_stochastic_rounding_runs_eager_under_every_backend():
+    x = torch.randn(16, 64)
+    ref = cast(x, "mxfp4", rounding="stochastic", seed=5, backend="eager")
+    for backend in ("compiled", "auto"):
+        assert_bitwise(cast(x, "mxfp4", rounding="stochastic", seed=5, backend=backend), ref, backend)
 
 
 def test_unknown_backend_is_refused():

@@ -7,11 +7,12 @@ import torch
 
 from numcast.formats.ops import cast
 from numcast.formats.registry import get_format, list_formats, parse_format, register_format
-from numcast.formats.spec import E4M3, FP16, FloatElement, Format, IntElement, Scaling
+from numcast.formats.spec import E4M3, E8M0, FP16, FloatElement, Format, IntElement, Scaling
 
 REQUIRED = [*[f"int{b}" for b in range(2, 9)], *[f"uint{b}" for b in range(2, 9)], "fp8_e4m3", "fp8_e5m2",
             "fp8_e4m3fnuz", "fp8_e5m2fnuz", "fp6_e2m3", "fp6_e3m2", "fp4_e2m1", "e8m0", "bf16", "fp16",
-            "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp4", "mxint8", "nvfp4"]  # fmt: skip
+            "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp4", "mxint8", "nvfp4",
+            "mx9", "mx6", "mx4"]  # fmt: skip
 
 
 def test_registry_has_every_required_name():
@@ -35,6 +36,8 @@ def test_grammar():
     assert get_format("mxfp4_b16").block_size == 16
     assert get_format("bfp12_b64").element == IntElement(12, True, True, 10)
     assert get_format("uint4_g64_zp").scaling.zero_point
+    assert get_format("MX6") == Format(IntElement(5, True, True, 3), Scaling("block", 16, -1, E8M0, "floor",
+                                                                            sub_block_size=2, sub_offset_bits=1))
     nv = get_format("NVFP4")
     assert nv.scaling.scale_format == E4M3 and nv.scaling.tensor_scale and nv.block_size == 16
 

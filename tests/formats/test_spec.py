@@ -22,6 +22,10 @@ SPEC_FIGURES = [
     ("bf16", (2 - 2**-7) * 2.0**127, 2.0**-126, 2.0**-133, 7),
     ("e8m0", 2.0**127, 2.0**-127, 2.0**-127, 0),
     ("mxint8", 127 / 64, 2.0**-6, 2.0**-6, 7),
+    # Rouhani et al. (ISCA 2023): sign + 7/4/2-bit magnitudes P, P·2^−(m−1) in units of the sub-block's scale
+    ("mx9", 127 / 64, 2.0**-6, 2.0**-6, 7),
+    ("mx6", 15 / 8, 2.0**-3, 2.0**-3, 4),
+    ("mx4", 3 / 2, 2.0**-1, 2.0**-1, 2),
 ]
 
 
@@ -34,7 +38,8 @@ def test_figures_from_the_specs(name, fmax, fmin_n, fmin_s, mbits):
 @pytest.mark.parametrize(
     "name,bpv",
     [("mxfp4", 4.25), ("mxfp8_e4m3", 8.25), ("mxfp6_e2m3", 6.25), ("nvfp4", 4.5), ("int4_g128", 4.125),
-     ("bfp8_b16", 8.5), ("uint4_g128_zp", 4 + 20 / 128), ("int8", 8.0), ("fp16", 16.0)],
+     ("bfp8_b16", 8.5), ("uint4_g128_zp", 4 + 20 / 128), ("int8", 8.0), ("fp16", 16.0),
+     ("mx9", 8 + 8 / 16 + 1 / 2), ("mx6", 5 + 8 / 16 + 1 / 2), ("mx4", 3 + 8 / 16 + 1 / 2)],
 )  # fmt: skip
 def test_bits_per_value(name, bpv):
     assert get_format(name).bits_per_value == bpv

@@ -271,3 +271,77 @@ def test_attention_round_on_a_block_that_is_a_bare_layer():
     blocks = [model[0], nn.Sequential(model[1], model[2])]  # the first block is the bare layer itself
     res = quantize_blockwise(model, blocks, x, recipe, progress=False, first_block_input="model")
     assert [r.method for r in res.layers] == ["attention-round", "attention-round"]
+
+
+def _qweights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: m.weight.clone() for n, m in model.named_modules() if hasattr(m, "qweight")}
+
+
+def test_rtn_guard_keeps_rtn_where_the_solution_moves_the_block_output_further(monkeypatch):
+    """A sabotaged solve (the weights' signs flipped, still on the grid) is worse than RTN at every block's output:
+    with the guard every layer ends as RTN, bit for bit, and says so; without it the sabotage stays."""
+    from numcast.algorithms.rtn import rtn
+    from numcast.pipeline.methods import ErrorDiffusion
+
+    def sabotaged(self, plan, stats):
+        return rtn(-plan.module.weight.detach(), plan.weight_format)
+
+    rtn_model = TinyLM()
+    quantize_blockwise(rtn_model, list(rtn_model.blocks), batches(), Recipe(weights="int4_g32", exclude=["head"]),
+                       progress=False)  # fmt: skip
+    monkeypatch.setattr(ErrorDiffusion, "solve", sabotaged)
+    got = {}
+    for guard in (True, False):
+        model = TinyLM()
+        recipe = Recipe(weights="int4_g32", method="error-diffusion", exclude=["head"],
+                        error_diffusion={"rtn_guard": guard})  # fmt: skip
+        res = quantize_blockwise(model, list(model.blocks), batches(), recipe, progress=False)
+        got[guard] = _qweights(model)
+        methods = {r.method for r in res.layers if r.name.startswith("blocks.")}
+        assert methods == ({"error-diffusion -> rtn (closer block output)"} if guard else {"error-diffusion"})
+    want = _qweights(rtn_model)
+    for name, w in got[True].items():
+        assert_bitwise(w, want[name], name)
+    assert not any(torch.equal(w, want[n]) for n, w in got[False].items())
+
+
+def test_rtn_guard_keeps_the_solution_where_it_is_closer():
+    """Error Diffusion's own solution on the tiny LM is closer to the float block than RTN in every group: the
+    guard keeps it (the same weights as without the guard)."""
+    runs = {}
+    for guard in (True, False):
+        model = TinyLM()
+        recipe = Recipe(weights="int4_g32", method="error-diffusion", exclude=["head"],
+                        error_diffusion={"rtn_guard": guard})  # fmt: skip
+        res = quantize_blockwise(model, list(model.blocks), batches(), recipe, progress=False)
+        assert all("->" not in (r.method or "") for r in res.layers)
+        runs[guard] = _qweights(model)
+    for name, w in runs[True].items():
+        assert_bitwise(w, runs[False][name], name)
+
+
+def test_the_kept_float_pass_gives_the_same_model_as_float_passes_per_group(monkeypatch):
+    """Error Diffusion with the float twin run once per block (its layer inputs kept) equals the run with a float
+    pass per group (forced: no memory to keep them), bit for bit, and the kept pass does run."""
+    from numcast.pipeline import runner
+
+    kept = []  # per block: whether the float pass was kept
+    original = runner.Streams.float_pass
+
+    def float_pass(self, job):
+        got = original(self, job)
+        kept.append(got is not None)
+        return got
+
+    monkeypatch.setattr(runner.Streams, "float_pass", float_pass)
+    runs = []
+    for memory in (1 << 40, 0):
+        monkeypatch.setattr(runner, "available_memory", lambda memory=memory: memory)
+        model = TinyLM()
+        recipe = Recipe(weights="mxfp4", method="error-diffusion")
+        res = quantize_blockwise(model, list(model.blocks), batches(), recipe, progress=False)
+        runs.append((_qweights(model), {r.name: r.sqnr_db for r in res.layers}))
+    assert kept == [True] * 3 + [False] * 3
+    for name, w in runs[0][0].items():
+        assert_bitwise(w, runs[1][0][name], name)
+    assert runs[0][1] == runs[1][1]

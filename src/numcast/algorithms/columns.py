@@ -10,6 +10,11 @@ along the reduction axis), so the block's scale must be fixed before its first c
 
 Per-channel and per-tensor scales (and NVFP4's FP32 tensor scale) always come from the float weights before
 the pass (there is no later point at which all columns are known). Unscaled formats need no scale.
+
+Shared microexponents (MX9/MX6/MX4, ``Scaling.sub_block_size``): both scale levels, the block's shared
+exponent and every sub-block's offset, are fixed together at the same point (from the float weights for
+``static``, from the block's current columns for ``dynamic``); a column is then cast with its block's scale
+× 2^−τ of the sub-block it lies in.
 """
 
 from __future__ import annotations
@@ -47,10 +52,11 @@ class ColumnQuantizer:
         self.fmt, self.shape, self.scale_rule = fmt, tuple(weight.shape), scale_rule
         self.block = sc.block_size if sc.granularity == "block" else None
         # one column of a block format is one element per row with the row's block scale: cast it with a
-        # per-row layout (same arithmetic, no padding of the column to a whole block)
+        # per-row layout (same arithmetic, no padding of the column to a whole block); a sub-block's offset is
+        # folded into that scale (Scales.at), so the column format has none
         self._col_fmt = fmt
         if self.block:
-            self._col_fmt = replace(fmt, scaling=replace(sc, block_size=1))
+            self._col_fmt = replace(fmt, scaling=replace(sc, block_size=1, sub_block_size=None, sub_offset_bits=0))
         out, inp = self.shape
         self.n_blocks = -(-inp // self.block) if self.block else 1
         self.values = torch.zeros(self.shape, dtype=torch.float64)  # element units, filled per column
@@ -83,12 +89,13 @@ class ColumnQuantizer:
         self._block_scales[j // self.block] = self._scales_of(block_columns)
 
     def scales_for(self, j: int) -> Scales:
+        """The per-row scales column j is cast with (its sub-block's offset folded in)."""
         if self.block is None:
             return self._fixed
         s = self._block_scales[j // self.block]
         if s is None:
             raise RuntimeError(f"block of column {j} has no scales: call fix_block first")
-        return s
+        return s.at(j % self.block)
 
     def quantize(self, column: torch.Tensor, j: int) -> torch.Tensor:
         """The quantized column j ([out] float32), recorded for :meth:`qtensor`."""
@@ -113,7 +120,10 @@ class ColumnQuantizer:
             zp = None
             if fmt.scaling.zero_point:
                 zp = torch.stack([s.zero_point for s in per_block], dim=1).reshape(-1)
-            scales = Scales(scale, per_block[0].tensor_scale, zp)
+            sub = None
+            if fmt.scaling.sub_block_size:  # [out, n_blocks, block/sub] -> one row per (out, block), as the layout
+                sub = torch.stack([s.sub_offset for s in per_block], dim=1).reshape(scale.shape[0], -1)
+            scales = Scales(scale, per_block[0].tensor_scale, zp, sub, fmt.scaling.sub_block_size or 0)
         work = self.values.dtype
         r = GridCast(layout, layout.to_rows(self.values), layout.to_rows(self.values), scales, work)
         return QTensor.from_grid_cast(r, fmt, self.shape, torch.float32)

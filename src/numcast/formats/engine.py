@@ -26,7 +26,7 @@ from numcast.formats.element import cast_element, work_dtype
 from numcast.formats.layout import Layout
 from numcast.formats.rounding import make_noise, round_to_int
 from numcast.formats.scale import Scales, compute_scales
-from numcast.formats.spec import Format
+from numcast.formats.spec import Format, IntElement
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -47,10 +47,11 @@ class GridCast:
     values: torch.Tensor
     scales: Scales
     work: torch.dtype
+    f32_product: bool = False
 
     def output(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """The dequantized tensor (what ``cast`` returns)."""
-        out = dequantize_rows(self.values, self.scales, self.work)
+        out = dequantize_rows(self.values, self.scales, self.work, self.f32_product and dtype == torch.float32)
         return self.layout.from_rows(out).reshape(shape).to(dtype)
 
     def rows_to_tensor(self, rows: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
@@ -78,7 +79,8 @@ def grid_cast(
 
     ``scales`` fixes the scales (one per row of ``Layout.of(x.shape, fmt.scaling)``) instead of deriving
     them from ``x``: the solvers that quantize a weight column by column (GPTQ, Error Diffusion) fix a
-    block's scale before its elements are rounded."""
+    block's scale before its elements are rounded. For a format with sub-block offsets (shared
+    microexponents) fixed scales must carry them too (``Scales.sub_offset``), else ``ValueError``."""
     check_input(x)
     rounding = rounding or fmt.rounding
     elem, scaling = fmt.element, fmt.scaling
@@ -92,8 +94,15 @@ def grid_cast(
         scales = Scales(None)
         y = rows
     else:
-        scales = scales if scales is not None else compute_scales(rows, elem, scaling)
-        if scaling.rule not in ("amax", "signed_max"):
+        if scales is None:
+            scales = compute_scales(rows, elem, scaling)
+        elif bool(scaling.sub_block_size) != (scales.sub_offset is not None):
+            need = ("carry its sub-block exponent offsets (Scales.sub_offset)" if scaling.sub_block_size
+                    else "not carry sub-block offsets (it has none)")  # fmt: skip
+            raise ValueError(f"{fmt.label}: scales fixed for this format must {need}")
+        if scales.sub_offset is not None:  # shared microexponents: 2^(E − τ) per sub-block, exact
+            y = rows * (1.0 / scales.per_element()).to(work)
+        elif scaling.rule not in ("amax", "signed_max"):
             y = rows * (1.0 / scales.scale).to(work)[:, None]  # exact: power of two
         elif scaling.tensor_scale:  # s_b·s_t needs ~28 bits: divide in float64, round once to `work`
             y = (rows.double() / scales.effective()[:, None]).to(work)
@@ -109,23 +118,41 @@ def grid_cast(
     if rounding in _MIRRORED and scaling.rule == "signed_max":  # a negative scale mirrors the direction
         mirrored = cast_element(y, elem, _MIRRORED[rounding], noise, fmt.saturate)
         values = torch.where((scales.scale < 0).to(y.device)[:, None], mirrored, values)
-    return GridCast(layout, y, values, scales, work)
+    return GridCast(layout, y, values, scales, work, two_level_f32(fmt) and work == torch.float32)
 
 
 _MIRRORED = {"floor": "ceil", "ceil": "floor"}  # directed modes round the value x = y·s, not y
 
 
-def dequantize_rows(values: torch.Tensor, scales: Scales, work: torch.dtype) -> torch.Tensor:
+def dequantize_rows(
+    values: torch.Tensor, scales: Scales, work: torch.dtype, f32_product: bool = False
+) -> torch.Tensor:
     """Element values × scale (− zero point), in the work dtype (float64 for two-level scales, whose
-    product q·s_b·s_t is exact there and is rounded once, to the output dtype)."""
+    product q·s_b·s_t is exact there and is rounded once, to the output dtype). ``f32_product`` (a float32
+    output of a format where :func:`two_level_f32` holds): (q·s_b)·s_t in float32, the same single rounding."""
     s = scales.effective()
     if s is None:
         return values
+    if scales.tensor_scale is not None and f32_product:
+        t = torch.as_tensor(scales.tensor_scale, dtype=torch.float64, device=values.device).float()
+        return (values * scales.scale.float()[:, None]) * t
     if scales.tensor_scale is not None:
         return values.double() * s[:, None]
+    if scales.sub_offset is not None:
+        return values * scales.per_element().to(work)
     if scales.zero_point is not None:
         values = values - scales.zero_point.to(work)[:, None]
     return values * s.to(work)[:, None]
+
+
+def two_level_f32(fmt: Format) -> bool:
+    """Whether a two-level format's q·s_b is exact in float32 (element and scale significands ≤ 24 bits
+    together, no overflow, lowest bit ≥ 2^−149; NVFP4: 2 + 4 bits, 2^−10 … 2688), so that for a float32 output
+    fp32(q·s_b·s_t) is (q·s_b)·s_t in float32: one rounding of the exact product, as in float64."""
+    el, sf = fmt.element, fmt.scaling.scale_format
+    lsb = math.ldexp(1.0, -el.frac_bits) if isinstance(el, IntElement) else el.min_subnormal
+    return (fmt.scaling.tensor_scale and el.bits + sf.mbits + 1 <= 24 and el.max * sf.max < 2.0**127
+            and lsb * sf.min_subnormal >= 2.0**-149)  # fmt: skip
 
 
 def cast_unchunked(

@@ -63,6 +63,11 @@ class Layout:
             return (self.shape[self.axis],)
         return ()
 
+    def sub_offset_shape(self, sub_block: int) -> tuple[int, ...]:
+        """Shape of the sub-block offsets (shared microexponents): ``(*other dims, n_blocks · block/sub_block)``,
+        one per sub-block of every (padded) block, in the order of the scales."""
+        return self.moved_shape[:-1] + (self.n_blocks * (self.block // sub_block),)
+
     def to_rows(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(self.shape)
         if self.granularity == "block":

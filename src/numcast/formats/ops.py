@@ -17,13 +17,22 @@ from dataclasses import replace
 import torch
 
 from numcast.formats.engine import cast_unchunked, check_input, grid_cast, saturated_rows
-from numcast.formats.fused import compiled_cast_fn
+from numcast.formats.fused import KernelKey, compiled_cast, compiler_available, kernel_key, shares_memory
 from numcast.formats.layout import Layout
 from numcast.formats.qtensor import QTensor
 from numcast.formats.registry import FormatLike, get_format
 from numcast.formats.spec import Format
 
-BACKENDS = ("eager", "compiled")
+BACKENDS = ("auto", "eager", "compiled")
+
+AUTO_MIN_ELEMENTS = 1 << 20
+"""``backend="auto"`` compiles a cast from this many elements on (4 MiB of float32). Below it the eager cast
+takes at most a few ms, so the first call's compile (seconds, once per format, dtype and device: kernels are
+shape-dynamic) would take a thousand calls or more to pay back; above it each call saves ~5x."""
+
+_AUTO_EAGER: dict[KernelKey, str] = {}  # kernels "auto" found unusable (compile error, other bits): eager, and why
+_AUTO_CHECKED: set[tuple[KernelKey, bool]] = set()  # kernels (writing into out or not) whose first "auto" result
+# equalled the eager cast bit for bit
 
 
 CHUNK_ELEMENTS = 1 << 18  # ~1 MiB of float32: an eager chunk's ~20 temporaries stay in L2 and the allocator
@@ -90,7 +99,7 @@ def cast(
     rounding: str | None = None,
     generator: torch.Generator | None = None,
     seed: int | None = None,
-    backend: str = "eager",
+    backend: str = "auto",
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fake-quantize ``x`` to ``fmt``: same shape and dtype, every value on the format's grid.
@@ -98,26 +107,106 @@ def cast(
     ``rounding`` overrides the format's default (``nearest_even``); ``stochastic`` needs ``generator`` or
     ``seed`` and never touches the global RNG. Results are exact (bit-identical to the spec's real-number
     definition) when the output dtype can hold the grid; a narrower input dtype (bfloat16/float16) gets
-    the values rounded to it on return. ``backend="compiled"`` runs the same arithmetic fused by
-    ``torch.compile`` (:mod:`numcast.formats.fused`), bit-identical and several times faster on large
-    tensors once compiled; stochastic rounding always runs eager. ``out``: a preallocated tensor of x's
-    shape and dtype to copy the result into.
+    the values rounded to it on return.
+
+    ``backend`` picks how, never what: every backend gives the same bits.
+
+    - ``"auto"`` (default): the compiled path for tensors of at least :data:`AUTO_MIN_ELEMENTS` elements
+      when inductor can build kernels here (a C++ compiler on CPU, Triton on CUDA; looked up once), else
+      eager. Also eager: stochastic rounding, an input that needs a gradient (``requires_grad`` under grad
+      mode), a call made while ``torch.compile`` traces (the caller's compile fuses it), and any format the
+      compiled path fails to compile (a ``RuntimeWarning`` says so once). The first compiled call of each
+      format, rounding, dtype and device is also cast eagerly and compared bit for bit (once: one eager cast
+      more); should they differ (a compiler fault), that kernel is dropped for eager with a ``RuntimeWarning``.
+    - ``"eager"``: PyTorch ops, large tensors in row chunks.
+    - ``"compiled"``: the same arithmetic fused by ``torch.compile`` (:mod:`numcast.formats.fused`), one
+      shape-dynamic kernel per format, rounding, dtype and device (the first call compiles: seconds);
+      errors propagate; stochastic rounding runs eager.
+
+    ``out``: a tensor of x's shape, dtype and device to write the result into (``ValueError`` naming the
+    mismatch otherwise); it is returned. ``out`` may be ``x`` itself.
     """
     fmt = get_format(fmt)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; one of {BACKENDS}")
-    if out is not None and (out.shape != x.shape or out.dtype != x.dtype or out.device != x.device):
-        raise ValueError(f"out must match x: {tuple(x.shape)} {x.dtype} {x.device}, got "
-                         f"{tuple(out.shape)} {out.dtype} {out.device}")  # fmt: skip
-    mode = rounding or fmt.rounding
     check_input(x)
+    if out is not None:
+        _check_out(out, x)
+    mode = rounding or fmt.rounding
     _warn_if_scales_saturate(x, fmt)
-    if backend == "compiled" and mode != "stochastic":
-        check_input(x)
-        res = compiled_cast_fn(fmt, mode)(x)
+    if mode != "stochastic" and (backend == "compiled" or (backend == "auto" and _auto_compiles(x, mode))):
+        if backend == "compiled":
+            return compiled_cast(x, fmt, mode, out)
+        res = _cast_auto(x, fmt, mode, out)
     else:
         res = _cast_eager(x, fmt, rounding, generator, seed)
-    return res if out is None else out.copy_(res)
+    return res if out is None or res is out else out.copy_(res)
+
+
+def _check_out(out: torch.Tensor, x: torch.Tensor) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    for what, want, got in (("shape", tuple(x.shape), tuple(out.shape)), ("dtype", x.dtype, out.dtype),
+                            ("device", x.device, out.device)):  # fmt: skip
+        if want != got:
+            raise ValueError(f"out must match the result (x's shape, dtype and device): its {what} is {got}, "
+                             f"the result's {want}")  # fmt: skip
+
+
+def _auto_compiles(x: torch.Tensor, mode: str) -> bool:
+    """Whether ``backend="auto"`` takes the compiled path for ``x`` (see :func:`cast`; the format's own fallback
+    is decided in :func:`_cast_auto`)."""
+    if x.numel() < AUTO_MIN_ELEMENTS or (x.requires_grad and torch.is_grad_enabled()):
+        return False
+    return not torch.compiler.is_compiling() and compiler_available(x.device.type)
+
+
+def _cast_auto(x: torch.Tensor, fmt: Format, mode: str, out: torch.Tensor | None) -> torch.Tensor:
+    """The compiled cast where this kernel works (``_AUTO_EAGER``), checked against the eager cast on its first
+    call; the eager cast otherwise."""
+    key = kernel_key(x, fmt, mode)
+    if key in _AUTO_EAGER:
+        return _cast_eager(x, fmt, mode)
+    into = out is not None and not shares_memory(out, x)  # an in-place cast is checked before x is overwritten
+    try:
+        res = compiled_cast(x, fmt, mode, out if into else None)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever stops the compiler, the eager path decides
+        ref = _cast_eager(x, fmt, mode)  # an error of the call itself (not of the compiler) raises here
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        _auto_drop(key, fmt, f"torch.compile failed ({reason[:300]})")
+        return ref
+    if (key, into) not in _AUTO_CHECKED:
+        ref = _cast_eager(x, fmt, mode)
+        if not _same_bits(res, ref):
+            _auto_drop(key, fmt, "the compiled kernel's result differs from the eager cast's")
+            return ref
+        _AUTO_CHECKED.add((key, into))
+    return res
+
+
+def _auto_drop(key: KernelKey, fmt: Format, reason: str) -> None:
+    _AUTO_EAGER[key] = reason
+    warnings.warn(
+        f"numcast.cast({fmt.label}, rounding={key[1]}, {key[2]}, {key[3]}): {reason}; backend='auto' casts it "
+        "eagerly from now on (same bits, slower). Pass backend='eager' to skip the attempt.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit, every NaN equal to every NaN (payloads aside), +0 != −0."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    ints = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+            torch.bfloat16: torch.int16}  # fmt: skip
+    ai, bi = a.contiguous().view(ints[a.dtype]), b.contiguous().view(ints[b.dtype])
+    if torch.equal(ai, bi):
+        return True
+    nan = torch.isnan(a)
+    return torch.equal(nan, torch.isnan(b)) and torch.equal(ai.masked_fill(nan, 0), bi.masked_fill(nan, 0))
 
 
 def quantize(

@@ -1,9 +1,10 @@
 """QTensor: exact integer codes + scales + format metadata, with true bit packing and safetensors I/O.
 
 Storage layout of :meth:`QTensor.pack` (all little-endian, see :mod:`numcast.formats.packing`):
-``[element codes, bits each][block/channel scale codes, scale-format bits each][zero points, element bits
-each][per-tensor FP32 scale, 4 bytes]``; absent parts take no bytes. ``nbytes`` is that length, so MXFP4
-costs (32·4 + 8)/32 = 4.25 bits per value.
+``[element codes, bits each][block/channel scale codes, scale-format bits each][sub-block offsets,
+sub_offset_bits each][zero points, element bits each][per-tensor FP32 scale, 4 bytes]``; absent parts take no
+bytes. ``nbytes`` is that length, so MXFP4 costs (32·4 + 8)/32 = 4.25 bits per value and MX9 (16·8 + 8 +
+8·1)/16 = 9.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from numcast.formats.element import code_dtype, decode, encode, work_dtype
-from numcast.formats.engine import GridCast, dequantize_rows
+from numcast.formats.engine import GridCast, dequantize_rows, two_level_f32
 from numcast.formats.layout import Layout
 from numcast.formats.packing import pack_bits, packed_nbytes, unpack_bits
 from numcast.formats.scale import Scales
@@ -36,6 +37,9 @@ class QTensor:
     - ``zero_point``: integer zero points, same shape as the scales (None unless the format has them).
     - ``tensor_scale``: the FP32 per-tensor scale of two-level formats (NVFP4), else None.
     - ``dtype``: the dtype ``dequantize`` returns (the input's).
+    - ``sub_offsets``: the raw sub-block exponent offsets τ (shared microexponents: MX9/MX6/MX4), shape
+      ``Layout.sub_offset_shape`` (block/sub_block per block, in the order of the scales), else None; the values
+      of a sub-block use its block's scale × 2^−τ.
     """
 
     codes: torch.Tensor
@@ -45,6 +49,7 @@ class QTensor:
     format: Format
     shape: tuple[int, ...]
     dtype: torch.dtype = torch.float32
+    sub_offsets: torch.Tensor | None = None
 
     # ---- construction ------------------------------------------------------------------------
     @staticmethod
@@ -60,8 +65,12 @@ class QTensor:
             scale_codes = encode(sc.scale, fmt.scaling.scale_format).reshape(r.layout.scale_shape)
         if sc.zero_point is not None:
             zp = sc.zero_point.to(torch.int64).reshape(r.layout.scale_shape)
+        sub = None
+        if sc.sub_offset is not None:  # a NaN block's offsets say nothing: stored as 0
+            tau = torch.where(torch.isnan(sc.scale)[:, None].to(sc.sub_offset.device), 0, sc.sub_offset)
+            sub = tau.to(code_dtype(fmt.scaling.sub_offset_bits)).reshape(r.layout.sub_offset_shape(sc.sub_block))
         ts = None if sc.tensor_scale is None else float(sc.tensor_scale)
-        return QTensor(codes, scale_codes, zp, ts, fmt, tuple(shape), dtype)
+        return QTensor(codes, scale_codes, zp, ts, fmt, tuple(shape), dtype, sub)
 
     # ---- values ------------------------------------------------------------------------------
     @property
@@ -74,16 +83,35 @@ class QTensor:
             return None
         return decode(self.scale_codes, self.format.scaling.scale_format, torch.float64)
 
+    def _row_scales(self) -> Scales:
+        """The stored scales as the engine's per-row :class:`Scales`."""
+        if self.scale_codes is None:
+            return Scales(None)
+        s = self.scales().reshape(-1)
+        zp = self.zero_point.reshape(-1).double() if self.zero_point is not None else None
+        sub, k = None, self.format.scaling.sub_block_size or 0
+        if self.sub_offsets is not None:
+            sub = self.sub_offsets.reshape(s.shape[0], -1).to(torch.int64)
+        return Scales(s, self.tensor_scale, zp, sub, k)
+
+    def element_scales(self) -> torch.Tensor | None:
+        """The scale of every element (float64, shape ``shape``): its block/channel/tensor scale × the FP32
+        tensor scale × 2^−τ of its sub-block; None for unscaled formats. (Zero points are not in it.)"""
+        sc = self._row_scales()
+        if sc.scale is None:
+            return None
+        layout = self.layout
+        width = layout.to_rows(torch.zeros(self.shape, dtype=torch.float64)).shape[1]
+        per = sc.per_element().to(self.codes.device)
+        return layout.from_rows(per.expand(per.shape[0], width)).reshape(self.shape)
+
     def dequantize(self) -> torch.Tensor:
         """The real values; equals ``numcast.cast`` of the original tensor bit for bit."""
         fmt, layout = self.format, self.layout
         work = work_dtype(fmt.element, fmt.scaling, self.dtype)
         vals = layout.to_rows(decode(self.codes, fmt.element, work))
-        sc = Scales(None)
-        if self.scale_codes is not None:
-            zp = self.zero_point.reshape(-1).double() if self.zero_point is not None else None
-            sc = Scales(self.scales().reshape(-1), self.tensor_scale, zp)
-        out = layout.from_rows(dequantize_rows(vals, sc, work))
+        f32 = self.dtype == torch.float32 and work == torch.float32 and two_level_f32(fmt)
+        out = layout.from_rows(dequantize_rows(vals, self._row_scales(), work, f32))
         return out.reshape(self.shape).to(self.dtype)
 
     # ---- storage -----------------------------------------------------------------------------
@@ -102,7 +130,8 @@ class QTensor:
 
     def pack(self) -> bytes:
         """Codes, scales, zero points and tensor scale packed at their true bit widths."""
-        src = {"codes": self.codes, "scales": self.scale_codes, "zero_point": self.zero_point}
+        src = {"codes": self.codes, "scales": self.scale_codes, "sub_offsets": self.sub_offsets,
+               "zero_point": self.zero_point}  # fmt: skip
         out = b"".join(pack_bits(src[name].to(torch.int64), bits) for name, bits, _ in self._parts())
         if self.format.scaling.tensor_scale:
             out += struct.pack("<f", self.tensor_scale)
@@ -128,7 +157,11 @@ class QTensor:
         zp = got.get("zero_point")
         if zp is not None:
             zp = zp.reshape(layout.scale_shape)
-        return QTensor(codes, sc, zp, ts, fmt, shape, dtype)
+        sub = got.get("sub_offsets")
+        if sub is not None:
+            k = fmt.scaling.sub_block_size
+            sub = sub.to(code_dtype(fmt.scaling.sub_offset_bits)).reshape(layout.sub_offset_shape(k))
+        return QTensor(codes, sc, zp, ts, fmt, shape, dtype, sub)
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Write the packed tensor to a safetensors file (atomically; the format, shape and dtype in its metadata,
@@ -175,6 +208,8 @@ def storage_parts(shape: tuple[int, ...], fmt: Format) -> list[tuple[str, int, i
     if fmt.scaling.scaled:
         ns = math.prod(Layout.of(shape, fmt.scaling).scale_shape)
         parts.append(("scales", fmt.scaling.scale_format.bits, ns))
+        if fmt.scaling.sub_block_size:
+            parts.append(("sub_offsets", fmt.scaling.sub_offset_bits, ns * fmt.scaling.sub_blocks_per_block))
         if fmt.scaling.zero_point:
             parts.append(("zero_point", fmt.element.bits, ns))
     return parts

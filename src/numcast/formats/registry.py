@@ -13,6 +13,11 @@ Grammar (case-insensitive), element part then an optional scaling suffix:
   ``mxfp8_e5m2``, ``mxfp6_e2m3``, ``mxfp6_e3m2``, ``mxfp4``, ``mxint8``), ``nvfp4`` (E2M1, block 16, E4M3
   scale, FP32 tensor scale), ``bfp<b>_b<B>`` (block floating point: E8M0 shared exponent, b-bit
   sign-magnitude mantissa with b−2 fraction bits, so bfp8_b32 has MXINT8's grid).
+- shared microexponents (Rouhani et al., ISCA 2023): ``mx9``, ``mx6``, ``mx4``: blocks of 16 with an E8M0
+  shared exponent (floor rule), a 1-bit exponent offset per sub-block of 2, and sign-magnitude mantissas of
+  7, 4, 2 bits (the grids of ``bfp8``/``bfp5``/``bfp3``: k·2^−(m−1), |k| ≤ 2^m − 1), 9/6/4 bits per value.
+  Other sub-block sizes and offset widths: a :class:`Scaling` with ``sub_block_size``/``sub_offset_bits``
+  and :func:`register_format`.
 - llama.cpp's grids (``ggml-quants.c``): ``gguf_q4_0`` (int4 −8…7, FP16 scale per 32, ``signed_max`` rule:
   d = signed max / −8) and ``gguf_q8_0`` (int8, FP16 scale amax/127 per 32; the grid of ``int8_g32``), so a
   solver can target exactly what ``numcast export --to gguf`` stores as Q4_0 / Q8_0.
@@ -35,7 +40,7 @@ _BUILTIN = [
     "fp8_e4m3", "fp8_e5m2", "fp8_e4m3fnuz", "fp8_e5m2fnuz",
     "fp6_e2m3", "fp6_e3m2", "fp4_e2m1", "e8m0", "bf16", "fp16",
     "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp4", "mxint8", "nvfp4",
-    "bfp8_b16", "bfp6_b16", "bfp4_b16",
+    "bfp8_b16", "bfp6_b16", "bfp4_b16", "mx9", "mx6", "mx4",
     "int8_channel", "int4_channel", "int3_channel", "int4_g128", "int3_g64", "int2_g64", "int8_g32",
     "uint4_g128_zp", "fp8_e4m3_tensor", "gguf_q4_0", "gguf_q8_0",
 ]  # fmt: skip
@@ -53,6 +58,7 @@ _MX_ELEMENTS = {
     "fp4_e2m1": FloatElement(2, 1, 1, "finite"),
     "int8": IntElement(8, True, True, 6),
 }
+_MICROEXPONENT_BITS = {"mx9": 8, "mx6": 5, "mx4": 3}  # element bits: sign + 7, 4, 2 mantissa bits
 _SPECIAL_ELEMENTS = {"bf16": BF16, "fp16": FP16, "fp32": FP32, "e8m0": E8M0}
 _FNUZ_BIAS = {(4, 3): 8, (5, 2): 16}  # ml_dtypes / torch float8_*fnuz
 
@@ -81,6 +87,10 @@ def _parse_element(s: str):
 def parse_format(name: str) -> Format:
     """Build a :class:`Format` from a name of the grammar above (``ValueError`` if it does not parse)."""
     s = name.strip().lower()
+    if s in _MICROEXPONENT_BITS:  # sign-magnitude m-bit mantissas k·2^−(m−1): symmetric ints with m−1 fraction bits
+        bits = _MICROEXPONENT_BITS[s]
+        scaling = Scaling("block", 16, -1, E8M0, "floor", sub_block_size=2, sub_offset_bits=1)
+        return Format(IntElement(bits, True, True, bits - 2), scaling, name=s)
     m = re.fullmatch(r"mx(.+?)(?:_b(\d+))?", s)
     if m and m.group(1) in _MX_ELEMENTS:
         block = int(m.group(2) or 32)

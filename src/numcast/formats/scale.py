@@ -17,6 +17,10 @@ Rules (``Scaling.rule``; numcast's choices against peers are stated here once):
   largest magnitude (the first on ties, as ``quantize_row_q4_0_ref`` and ``gguf.quants``), qmin = −2^{b−1}:
   m itself becomes the code qmin and the opposite extreme −m clamps to qmax; s < 0 when m > 0.
 - Zero point (unsigned asymmetric): s = RN_sf((max(x,0) − min(x,0))/qmax), z = clamp(round(−min/s), 0, qmax).
+- Sub-block offsets (``Scaling.sub_block_size`` k2, ``sub_offset_bits`` d2; shared microexponents, MX9/MX6/MX4):
+  with E the row's exponent above (clamped), each sub-block j of k2 values gets E_j by the same rule from its
+  own amax (float64) and τ_j = clamp(min(E − E_j, 2^d2 − 1, E − emin_sf), 0, ·); its values use 2^(E − τ_j).
+  ``Scales.sub_offset`` holds τ ([R, L/k2] int64); rows holding NaN/inf get τ = 0 (their scale is NaN).
 
 Degenerate rows: an all-zero row gets the scale format's smallest positive value (for E8M0 2^−127, what
 the floor rule's clamp of log2(0) = −inf gives), and so does any row whose scale would underflow to 0.
@@ -37,16 +41,44 @@ from numcast.formats.spec import Element, Scaling
 
 @dataclass
 class Scales:
-    """Per-row scales (float64, [R]), the optional per-tensor scale and the optional zero points."""
+    """Per-row scales (float64, [R]), the optional per-tensor scale and the optional zero points.
+
+    ``sub_offset`` ([R, L/sub_block] int64, or None): each sub-block's exponent offset τ, so the values of
+    sub-block j of row r use the scale ``scale[r] · 2^−τ[r, j]`` (shared microexponents, see the module
+    docstring); ``sub_block`` is the sub-block length (0 without offsets)."""
 
     scale: torch.Tensor | None
     tensor_scale: torch.Tensor | float | None = None
     zero_point: torch.Tensor | None = None
+    sub_offset: torch.Tensor | None = None
+    sub_block: int = 0
 
     def effective(self) -> torch.Tensor | None:
+        """The per-row scale (times the tensor scale), [R]; sub-block offsets are not in it (see
+        :meth:`per_element`)."""
         if self.scale is None:
             return None
         return self.scale * self.tensor_scale if self.tensor_scale is not None else self.scale
+
+    def per_element(self) -> torch.Tensor | None:
+        """The effective scale broadcastable against the [R, L] rows (float64): [R, 1], or [R, L] when sub-block
+        offsets shift it (exact: a power of two times 2^−τ)."""
+        s = self.effective()
+        if s is None:
+            return None
+        if self.sub_offset is None:
+            return s[:, None]
+        per_sub = s[:, None] * pow2(-self.sub_offset.to(torch.int64), torch.float64)  # [R, L/k]
+        r, n = per_sub.shape
+        return per_sub[:, :, None].expand(r, n, self.sub_block).reshape(r, n * self.sub_block)
+
+    def at(self, position: int) -> Scales:
+        """The scales element ``position`` of every row sees, the sub-block offset folded into the scale (no
+        offsets left): what one column of a block-scaled weight is cast with."""
+        if self.sub_offset is None:
+            return self
+        tau = self.sub_offset[:, position // self.sub_block].to(torch.int64)
+        return Scales(self.scale * pow2(-tau, torch.float64), self.tensor_scale, self.zero_point)
 
 
 def row_range(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -83,9 +115,18 @@ def compute_scales(
             e = floor_log2(amax) - elem.emax
         else:
             e = _pow2_exponent(amax.double(), elem, scaling.rule)
-        scale = pow2(e.clamp(sf.emin, sf.emax), torch.float64)
-        return Scales(torch.where(torch.isfinite(amax), scale, torch.full_like(scale, math.nan)))
-    amax, mn, mx = row_range(rows)
+        e = e.clamp(sf.emin, sf.emax)
+        scale = pow2(e, torch.float64)
+        finite = torch.isfinite(amax)
+        scale = torch.where(finite, scale, torch.full_like(scale, math.nan))
+        if scaling.sub_block_size:
+            return Scales(scale, sub_offset=_sub_offsets(rows, e, finite, elem, scaling),
+                          sub_block=scaling.sub_block_size)  # fmt: skip
+        return Scales(scale)
+    if scaling.zero_point:
+        amax, mn, mx = row_range(rows)
+    else:  # one abs-max reduction (NaN propagates, as in row_range): the same amax, ~25% faster compiled (NVFP4)
+        amax = row_amax(rows).double()
     bad = ~torch.isfinite(amax)
 
     denom = elem.max
@@ -128,6 +169,16 @@ def _signed_max_scales(rows: torch.Tensor, elem: Element, sf: Element) -> Scales
     s = cast_element((m / elem.qmin).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0), sf, "nearest_even", saturate=True)
     s = torch.where(s != 0, s, torch.full_like(s, sf.min_subnormal))
     return Scales(torch.where(torch.isfinite(amax), s, torch.full_like(s, math.nan)))
+
+
+def _sub_offsets(rows: torch.Tensor, e: torch.Tensor, finite: torch.Tensor, elem: Element, sc: Scaling) -> torch.Tensor:
+    """τ [R, L/k2] (int64) of each sub-block of [R, L] rows whose (clamped) row exponents are ``e`` [R]."""
+    sub_amax = row_amax(rows.reshape(rows.shape[0], -1, sc.sub_block_size)).double()
+    e_sub = _pow2_exponent(sub_amax, elem, sc.rule)  # an all-zero sub-block: ~ −1100, the largest offset
+    e = e.to(torch.int64)
+    limit = (e - sc.scale_format.emin).clamp(max=2**sc.sub_offset_bits - 1)  # never below the smallest scale
+    tau = torch.minimum(e[:, None] - e_sub, limit[:, None]).clamp(min=0)
+    return torch.where(finite[:, None], tau, torch.zeros_like(tau))
 
 
 def _pow2_exponent(amax: torch.Tensor, elem: Element, rule: str) -> torch.Tensor:

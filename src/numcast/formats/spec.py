@@ -7,7 +7,9 @@ from these fields, never stored twice.
 
 References: OCP 8-bit Floating Point Specification (OFP8) rev 1.0 (E4M3 ``fn``: no inf, S.1111.111 is
 NaN, max 448; E5M2 IEEE-like); OCP Microscaling Formats (MX) v1.0 §5 (element formats FP8/FP6/FP4/INT8,
-E8M0 scale, block 32); ml_dtypes for the ``fnuz`` variants (bias 8/16, −0 encodes NaN).
+E8M0 scale, block 32); ml_dtypes for the ``fnuz`` variants (bias 8/16, −0 encodes NaN); Rouhani et al.,
+"With Shared Microexponents, A Little Shifting Goes a Long Way" (ISCA 2023) for the sub-block exponent
+offsets of MX9/MX6/MX4 (:class:`Scaling` ``sub_block_size``/``sub_offset_bits``).
 """
 
 from __future__ import annotations
@@ -236,6 +238,27 @@ class Scaling:
     - ``tensor_scale``: two-level scaling (NVFP4): an FP32 per-tensor scale amax/(max_elem·max_scale) makes
       the block scales use the scale format's whole range.
     - ``zero_point``: asymmetric unsigned integers: q = clamp(round(x/s) + z), x̂ = (q − z)·s.
+    - ``sub_block_size`` k2 and ``sub_offset_bits`` d2: shared microexponents (Rouhani et al., ISCA 2023,
+      "With Shared Microexponents, A Little Shifting Goes a Long Way"; MX9/MX6/MX4 are k1 = 16, d1 = 8 (E8M0),
+      k2 = 2, d2 = 1, with sign + 7/4/2-bit magnitudes). Each sub-block of k2 consecutive values of a block
+      stores a d2-bit offset τ and its values use the scale 2^(E − τ), E the block's shared exponent. Needs a
+      power-of-two rule (E8M0 scale); any element. The rules, and numcast's choices where the paper leaves one:
+
+      * E: the block's exponent by ``rule`` (``floor``: OCP's floor(log2 amax) − emax_elem, which for the
+        paper's mantissas k·2^−(m−1) is its "largest element exponent"), clamped to E8M0's −127…127.
+      * τ_j = min(E − E_j, 2^d2 − 1, E − emin_scale) clamped at 0, E_j the sub-block's exponent by the same rule
+        on its own amax (float64; an all-zero sub-block has E_j = −∞): the paper's min(E − E_j, 2^d2 − 1), so for
+        d2 = 1 a sub-block shifts down one power of two exactly when both its values lie below 2^E; the third
+        term (E + 127 for E8M0) keeps the scale at or above 2^−127, an edge the paper does not address.
+      * Offsets come from the exponents before rounding, as the OCP floor rule chooses E: a value just below
+        2^(E−τ+1) may round up past the largest magnitude (2^m − 1)·2^(E−τ−(m−1)) and saturates to it (error
+        below one step of its grid, never more than the coarser grid's).
+      * Elements round by the format's rounding (default nearest-even) and saturate. Integer codes are two's
+        complement and narrow: the sign-magnitude value set (the spare code, sign-magnitude's −0, is unused); a
+        value rounding to zero is +0.
+      * A block holding NaN/inf gets the NaN scale (the whole block is NaN, as every block format) and τ = 0.
+      * Stored: k1/k2 offsets of d2 bits per block after the scales, so a value costs element bits +
+        (scale bits + d2·k1/k2)/k1 (MX9: 8 + (8 + 8)/16 = 9 bits).
     """
 
     granularity: Granularity = "none"
@@ -245,6 +268,8 @@ class Scaling:
     rule: ScaleRule = "amax"
     tensor_scale: bool = False
     zero_point: bool = False
+    sub_block_size: int | None = None
+    sub_offset_bits: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.scale_format, FloatElement):
@@ -267,6 +292,28 @@ class Scaling:
             raise ValueError(f"scaling: power-of-two rule {self.rule!r} needs an E8M0 scale format")
         if self.tensor_scale and self.granularity != "block":
             raise ValueError("scaling: a two-level tensor scale needs block granularity")
+        if self.sub_block_size is not None or self.sub_offset_bits:
+            self._check_sub_blocks()
+
+    def _check_sub_blocks(self) -> None:
+        k, d = self.sub_block_size, self.sub_offset_bits
+        if self.granularity != "block":
+            raise ValueError(f"scaling: sub-block exponent offsets need block granularity, not {self.granularity}")
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k < self.block_size or self.block_size % k:
+            raise ValueError(f"scaling: sub-block size must be an int below the block size {self.block_size} that "
+                             f"divides it, got {k!r}")  # fmt: skip
+        if not isinstance(d, int) or isinstance(d, bool) or not 1 <= d <= 8:
+            raise ValueError(f"scaling: sub-block offset bits must be an int in 1..8, got {d!r}")
+        if self.rule not in ("floor", "ceil", "nearest"):
+            raise ValueError(f"scaling: sub-block offsets shift a power-of-two scale; rule {self.rule!r} is not one "
+                             "('floor', 'ceil' or 'nearest' with an E8M0 scale format)")  # fmt: skip
+        if self.tensor_scale or self.zero_point:
+            raise ValueError("scaling: sub-block offsets have no form with a tensor scale or a zero point")
+
+    @property
+    def sub_blocks_per_block(self) -> int:
+        """Sub-blocks (offsets) per block: block_size / sub_block_size, 0 without sub-block offsets."""
+        return self.block_size // self.sub_block_size if self.sub_block_size else 0
 
     @property
     def scaled(self) -> bool:
@@ -333,6 +380,7 @@ class Format:
         b = float(self.element.bits)
         if self.scaling.granularity == "block":
             per_block = self.scaling.scale_format.bits + (self.element.bits if self.scaling.zero_point else 0)
+            per_block += self.scaling.sub_blocks_per_block * self.scaling.sub_offset_bits
             b += per_block / self.scaling.block_size
         return b
 
@@ -360,12 +408,18 @@ class Format:
             "scale_rule": self.scaling.rule if self.scaling.scaled else None,
             "tensor_scale": self.scaling.tensor_scale,
             "zero_point": self.scaling.zero_point,
+            "sub_block_size": self.scaling.sub_block_size,
+            "sub_offset_bits": self.scaling.sub_offset_bits,
         }
 
     # ---- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict:
+        """The fields as plain data; the sub-block keys appear only when set, so formats without sub-block
+        offsets serialise exactly as before they existed."""
         d = asdict(self)
         d["element"]["kind"] = self.element.kind
+        if self.scaling.sub_block_size is None and not self.scaling.sub_offset_bits:
+            del d["scaling"]["sub_block_size"], d["scaling"]["sub_offset_bits"]
         return d
 
     def to_json(self) -> str:
@@ -420,6 +474,8 @@ def describe(fmt: Format) -> str:
         parts.append("tensor")
     if s.scaled:
         parts.append(f"{SCALE_NAMES.get(s.scale_format, s.scale_format.name)}:{s.rule}")
+    if s.sub_block_size:
+        parts.append(f"offset{s.sub_offset_bits}b/{s.sub_block_size}")
     if s.tensor_scale:
         parts.append("x fp32")
     if s.zero_point:

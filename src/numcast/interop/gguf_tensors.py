@@ -51,6 +51,8 @@ class GGUFTensor:
 def gguf_type(fmt: Format) -> tuple[int | None, str]:
     """(GGML type id, "") for a format GGUF stores exactly, else (None, why not)."""
     el, sc = fmt.element, fmt.scaling
+    if sc.sub_block_size:
+        return None, f"{fmt.label}: sub-block exponent offsets (shared microexponents) have no GGUF block type"
     blocked = sc.granularity == "block" and sc.axis in (-1, 1) and not sc.zero_point
     if isinstance(el, IntElement) and el.signed and not el.frac_bits and el.bits in (4, 8):
         if not blocked or sc.scale_format != FP16 or sc.rule not in ("amax", "signed_max") or sc.tensor_scale:

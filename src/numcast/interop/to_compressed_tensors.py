@@ -141,6 +141,9 @@ def _strategy(sc: Scaling) -> tuple[str | None, str]:
 def ct_scheme(fmt: Format) -> tuple[Scheme | None, str]:
     """(the compressed-tensors scheme storing ``fmt`` exactly, "") or (None, why not) (module docstring)."""
     el, sc = fmt.element, fmt.scaling
+    if sc.sub_block_size:
+        return None, (f"{fmt.label}: sub-block exponent offsets (shared microexponents) have no compressed-tensors "
+                      "scheme")
     strategy, why = _strategy(sc)
     if strategy is None:
         return None, why

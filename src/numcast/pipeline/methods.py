@@ -64,6 +64,8 @@ class Method:
       keeps the float stream).
     - ``solves_blocks``: :meth:`solve_block` solves all layers of a block together.
     - ``refits_float_layers``: layers kept in float inside the blocks get :meth:`refit_float`.
+    - ``guards_with_rtn``: after each group of layers is solved, the runner keeps RTN for the group where RTN
+      gives the block's output closer to the float block's (:class:`numcast.pipeline.runner.RTNGuard`).
     """
 
     name: ClassVar[str] = ""
@@ -74,6 +76,7 @@ class Method:
     needs_float_inputs: bool = False
     solves_blocks: bool = False
     refits_float_layers: bool = False
+    guards_with_rtn: bool = False
 
     def __init__(self, settings=None, accumulator: AccumulatorSettings | None = None, progress: bool = False) -> None:
         self.settings = settings  # the recipe section ``settings_field`` (None for methods without one)
@@ -158,6 +161,7 @@ class ErrorDiffusion(Method):
     def __init__(self, settings, accumulator=None, progress: bool = False) -> None:
         super().__init__(settings, accumulator, progress)
         self.refits_float_layers = settings.calibrate_float_layers
+        self.guards_with_rtn = settings.rtn_guard
 
     def statistics(self, module: nn.Module) -> GramStatistics:
         return GramStatistics()
@@ -212,13 +216,15 @@ class AttentionRound(Method):
                                variant=st.variant, seed=st.seed, **self._optimise_kwargs()).qtensor  # fmt: skip
 
     def solve_block(self, block, plans, names, inputs, targets) -> dict[str, QTensor]:
-        """Under torch.distributed each rank reconstructs on its own batches and the offsets' gradients are
-        averaged over the ranks every step (DDP, :mod:`numcast.pipeline.distributed`)."""
+        """Each step a mini-batch of ``batch_size`` samples drawn from all the cached calibration samples (seeded).
+        Under torch.distributed each rank draws from its own share and the offsets' gradients are averaged over
+        the ranks every step (DDP, :mod:`numcast.pipeline.distributed`)."""
         st = self.settings
         layers = [(names[p.name], p.module, get_format(p.weight_format)) for p in plans]
         ddp = dict(reduce_grads=distributed.average_gradients, stop_together=distributed.any_rank)
         got = round_block(block, layers, inputs, targets, k_nearest=st.k_nearest, variant=st.variant, seed=st.seed,
-                          **(ddp if distributed.active() else {}), **self._optimise_kwargs())  # fmt: skip
+                          batch_size=st.batch_size, **(ddp if distributed.active() else {}),
+                          **self._optimise_kwargs())  # fmt: skip
         return {p.name: got[names[p.name]] for p in plans}
 
 

@@ -40,6 +40,17 @@ def disk_offload_of(model: nn.Module) -> DiskOffload | None:
     return getattr(model, ATTRIBUTE, None)
 
 
+def available_memory() -> int:
+    """Bytes of memory available now (``/proc/meminfo`` ``MemAvailable``; unbounded where it cannot be read)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
 def return_freed_memory() -> bool:
     """Ask glibc's allocator to serve every allocation of 64 KiB or more with its own mapping and to trim the heap
     on every free (``mallopt(M_MMAP_THRESHOLD, 65536)``, ``mallopt(M_TRIM_THRESHOLD, 0)``), so a freed block's

@@ -36,7 +36,7 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -61,6 +61,7 @@ from numcast.pipeline.block_inputs import (
 )
 from numcast.pipeline.data_free import calibrate_activations
 from numcast.pipeline.methods import RTN, Method
+from numcast.pipeline.offload import available_memory
 from numcast.pipeline.plan import (
     LayerPlan,
     QuantizationResult,
@@ -119,8 +120,24 @@ class OpenBlock:
             set_module(self.block, name, new)
         else:
             self.block = new
+        self.installed.pop(id(plan.module), None)  # a quantized version replaced by another (the RTN guard)
         plan.module = new
         self.installed[id(new)] = (plan, twin)
+
+
+@dataclass
+class FloatPass:
+    """What one pass of a block's float twin over the float stream gives (:meth:`Streams.float_pass`): every
+    layer's input per batch ({id(float original): [batch 0, batch 1, ...]}) and the block's outputs per batch."""
+
+    inputs: dict[int, list[torch.Tensor]]
+    outputs: list
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors kept so far."""
+        outs = [t for o in self.outputs for t in (o if isinstance(o, (tuple, list)) else (o,))]
+        tensors = [t for v in self.inputs.values() for t in v] + outs
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 class Streams:
@@ -217,11 +234,42 @@ class Streams:
         job.plans.sort(key=lambda p: order.index(p.module))
 
     @torch.no_grad()
-    def feed(self, job: OpenBlock, group: list[LayerPlan], method: Method, shared: bool) -> dict[int, object]:
+    def float_pass(self, job: OpenBlock) -> FloatPass | None:
+        """The float twin run once over every batch of the float stream, keeping each layer's input and the
+        block's outputs (the float twin does not change while the block is solved, so this one pass replaces a
+        partial float pass per group and the float pass of :meth:`advance`). None, and nothing kept, when the
+        kept tensors would take more than a quarter of the memory available (estimated on batch 0) or the
+        block's weights come from disk (memory first): the runner then runs the float twin per group."""
+        if not self.float or self.placement.disk is not None:
+            return None
+        twins = {id(job.twin(p)): id(p.module) for p in job.plans}
+        kept = FloatPass({key: [] for key in twins.values()}, [])
+
+        def on_float(mod, args):
+            kept.inputs[twins[id(mod)]].append(self.placement.offload(args[0]))
+
+        hooks = [job.twin(p).register_forward_pre_hook(on_float) for p in job.plans]
+        try:
+            for i, x in enumerate(self.float):
+                kept.outputs.append(self.placement.offload(self._output(job.float_block, i, x)))
+                if i == 0 and kept.nbytes() * len(self.float) > available_memory() // 4:
+                    return None
+        finally:
+            for h in hooks:
+                h.remove()
+        if any(len(v) != len(self.float) for v in kept.inputs.values()):
+            return None  # a layer called more or less than once per forward: the per-group passes pair the calls
+        return kept
+
+    @torch.no_grad()
+    def feed(self, job: OpenBlock, group: list[LayerPlan], method: Method, shared: bool,
+             floats: FloatPass | None = None, held_out: Collection[int] = ()) -> dict[int, object]:  # fmt: skip
         """Every calibration batch's inputs of the group's layers, fed to the method's statistics ({id(float
         original): statistics}). Each pass stops as soon as the group's last layer (in execution order) has read
         its input: the rest of the block cannot change what the group sees. ``shared``: the group's layers read
-        one tensor; Linear layers then share one statistics object (the same statistics, computed once)."""
+        one tensor; Linear layers then share one statistics object (the same statistics, computed once).
+        ``floats``: the float stream's layer inputs from :meth:`float_pass` (else a float pass per batch);
+        ``held_out``: batches left out (the RTN guard's)."""
         one = shared and all(isinstance(p.module, nn.Linear) for p in group)
         stats = {id(p.module): method.statistics(p.module) for p in (group[:1] if one else group)}
         if one:
@@ -242,7 +290,7 @@ class Streams:
                     raise Stop
 
             hooks.append(p.module.register_forward_pre_hook(on_quant))
-            if method.needs_float_inputs:
+            if method.needs_float_inputs and floats is None:
 
                 def on_float(_mod, args, key=key):
                     if key in recorded:
@@ -253,8 +301,12 @@ class Streams:
                 hooks.append(job.twin(p).register_forward_pre_hook(on_float))
         try:
             for i in range(len(self.calls)):
-                if method.needs_float_inputs:
+                if i in held_out:
+                    continue
+                if method.needs_float_inputs and floats is None:
                     self._run_until_stop(job.float_block, i, self.float[i])
+                elif method.needs_float_inputs:
+                    float_in.update({key: self.placement.compute(floats.inputs[key][i]) for key in recorded})
                 self._run_until_stop(job.block, i, self.quant[i])
         finally:
             for h in hooks:
@@ -282,10 +334,11 @@ class Streams:
 
     @torch.no_grad()
     def advance(self, block: nn.Module, float_block: nn.Module | None = None,
-                installed: dict[int, tuple[LayerPlan, nn.Module]] | None = None) -> None:  # fmt: skip
+                installed: dict[int, tuple[LayerPlan, nn.Module]] | None = None,
+                floats: FloatPass | None = None) -> None:  # fmt: skip
         """Both streams through the block: X̂ ← block(X̂), X ← float block(X) (the block itself when nothing in
-        it changed). Each ``installed`` layer's output SQNR against its float twin on the same input goes into
-        its plan."""
+        it changed; ``floats``: the float block's outputs kept by :meth:`float_pass`). Each ``installed`` layer's
+        output SQNR against its float twin on the same input goes into its plan."""
         installed = installed or {}
         terms: dict[str, list] = {p.name: [] for p, _ in installed.values()}  # per call: (‖y‖², ‖ŷ − y‖²)
 
@@ -297,7 +350,9 @@ class Streams:
         hooks = [m.register_forward_hook(on_out) for m in block.modules() if id(m) in installed]
         try:
             self._set("quant", [self.placement.offload(self._output(block, i, x)) for i, x in enumerate(self.quant)])
-            if self.float:  # the float stream goes through the float twin (or the untouched block)
+            if self.float and floats is not None:
+                self._set("float", floats.outputs)
+            elif self.float:  # the float stream goes through the float twin (or the untouched block)
                 fb = float_block if float_block is not None else block
                 self._set("float", [self.placement.offload(self._output(fb, i, x)) for i, x in enumerate(self.float)])
         finally:
@@ -394,20 +449,81 @@ def _quantize_blockwise(model, blocks, batches, recipe, placement, true_sequenti
             continue
         streams.order_layers(job)
         solved = _solve_whole_block(method, job, streams)
+        floats = streams.float_pass(job) if method.needs_inputs and method.needs_float_inputs else None
+        guard = RTNGuard(streams, job, floats, len(everything)) if method.guards_with_rtn and streams.float else None
         for group in job.groups(true_sequential, share_inputs):
             shared = true_sequential and share_inputs
-            stats = streams.feed(job, group, method, shared) if method.needs_inputs else {}
+            held_out = guard.held_out if guard else ()
+            stats = streams.feed(job, group, method, shared, floats, held_out) if method.needs_inputs else {}
+            fallback = guard.rtn_versions(group, recipe) if guard else {}
             for j, plan in enumerate(group):  # torch.distributed: layer j is solved on rank j mod N
                 _solve_layer(model, job, plan, method, recipe, stats.get(id(plan.module)), solved.get(plan.name), j)
+            if guard:
+                guard.keep_better(model, group, fallback)
         streams.calibrate_static_inputs(job.block)
-        streams.advance(job.block, job.float_block, job.installed)
+        streams.advance(job.block, job.float_block, job.installed, floats)
         blocks_now[i] = placement.offload(job.block)
-        del job  # the float twin and the float originals go with it (memory ~ one model)
+        del job, floats  # the float twin, the float originals and the kept float inputs go (memory ~ one model)
         placement.leave(block)
     if recipe.activations is not None and recipe.activation_mode == "static":
         calibrate_activations(model, everything, only_uncalibrated=True)  # layers outside the blocks
     return QuantizationResult(model, layer_reports(plans), wall_time_s=time.perf_counter() - t0,
                               recipe=resolved_recipe(recipe, plans))  # fmt: skip
+
+
+class RTNGuard:
+    """Error Diffusion's safeguard (``rtn_guard``): after a group of layers is solved, the block's output on the
+    quantized stream is compared with the float block's on the float stream (Σ squared error over every
+    ``EVERY``-th calibration batch, at least one; under torch.distributed summed over the ranks in batch order),
+    once with the group's solutions and once with RTN for the group's layers, and the group keeps the closer
+    one. The layer objective cannot see what the block does after the layer (attention's softmax over q·k):
+    on MiniLM, Error Diffusion's query/key solutions lower their layer objective yet cost the embeddings more
+    than RTN's (README)."""
+
+    EVERY = 8
+
+    def __init__(self, streams: Streams, job: OpenBlock, floats: FloatPass | None, n_batches: int) -> None:
+        share = distributed.my_slice(n_batches)
+        chosen = [i for i in range(n_batches) if i % self.EVERY == self.EVERY - 1] or [n_batches - 1]
+        self.batches = [i - share.start for i in chosen if share.start <= i < share.stop]  # this rank's, local
+        self.held_out = set(self.batches) if n_batches > len(chosen) else set()  # kept out of the statistics
+        self.streams, self.job = streams, job
+        with torch.no_grad():
+            self.targets = [first_output(floats.outputs[i]) if floats is not None
+                            else streams.run(job.float_block, i, streams.float[i]) for i in self.batches]  # fmt: skip
+
+    def rtn_versions(self, group: list[LayerPlan], recipe: Recipe) -> dict[str, nn.Module]:
+        """The RTN module of each quantized layer of ``group`` (before it is solved: its float weights)."""
+        rtn = RTN.from_recipe(recipe)
+        return {p.name: make_quant_module(p, recipe, qweight=rtn.quantize_layer(p), defer_static=True)
+                for p in group if p.quantized}  # fmt: skip
+
+    @torch.no_grad()
+    def error(self) -> float:
+        """Σ‖block(X̂) − float block(X)‖² over the guard batches of every rank (float64, in batch order)."""
+        s = self.streams
+        terms = [float((s.run(self.job.block, i, s.quant[i]).float() - t.to(s.placement.device).float())
+                       .square().sum(dtype=torch.float64)) for i, t in zip(self.batches, self.targets, strict=True)]
+        total = 0.0
+        for e in distributed.gather_in_order({"e": terms})["e"]:
+            total += e
+        return total
+
+    def keep_better(self, model: nn.Module, group: list[LayerPlan], fallback: dict[str, nn.Module]) -> None:
+        """Install RTN for the group's layers where it gives the lower block-output error (said in their reports)."""
+        if not fallback:
+            return
+        plans = [p for p in group if p.name in fallback]
+        solved = {p.name: p.module for p in plans}
+        with_solved = self.error()
+        for p in plans:
+            self.job.install(model, p, fallback[p.name])
+        if self.error() < with_solved:
+            for p in plans:
+                p.method = f"{p.method} -> rtn (closer block output)"
+        else:
+            for p in plans:
+                self.job.install(model, p, solved[p.name])
 
 
 def _solved_here(plan: LayerPlan, method: Method) -> bool:

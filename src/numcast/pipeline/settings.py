@@ -66,7 +66,9 @@ class AttentionRoundSettings(BaseModel):
     ``iterations`` at ``lr`` on the offsets (per block, or per layer) while σ anneals from ``sigma_start`` to
     ``sigma_end`` grid steps; ``k_nearest`` levels per weight (None: the whole grid up to 16 levels, else the 8
     nearest; :func:`numcast.algorithms.attention_round.attended_levels`); ``variant`` soft (expectation) or sampled;
-    ``seed`` for the sampled variant; ``time_budget_s`` per block (or layer)."""
+    ``seed`` for the sampled variant and the mini-batches; ``time_budget_s`` per block (or layer); ``batch_size``
+    calibration samples per step of a block reconstruction, drawn afresh each step from all the cached samples
+    (None: one whole calibration batch per step; :class:`numcast.algorithms.attention_round.MiniBatches`)."""
 
     model_config = ConfigDict(extra="forbid")
     objective: Literal["block", "layer"] = "block"
@@ -78,6 +80,7 @@ class AttentionRoundSettings(BaseModel):
     variant: Literal["soft", "sampled"] = "soft"
     seed: int = 0
     time_budget_s: float | None = Field(None, gt=0)
+    batch_size: int | None = Field(32, ge=1)
 
 
 _UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
@@ -149,11 +152,15 @@ class ErrorDiffusionSettings(BaseModel):
     (per layer, the better of strong- and weak-first by the layer objective) (see
     :mod:`numcast.algorithms.error_diffusion`).
     ``calibrate_float_layers``: also re-fit the float weights of linear/conv layers kept in float inside the
-    blocks (excluded by the recipe) so they absorb the error arriving from upstream (Q = identity)."""
+    blocks (excluded by the recipe) so they absorb the error arriving from upstream (Q = identity).
+    ``rtn_guard``: after each group of layers (q/k/v, ...) is solved, keep round-to-nearest for the group where
+    it brings the block's output closer to the float block's on a sample of the calibration batches
+    (:class:`numcast.pipeline.runner.RTNGuard`; the layers' reports say so)."""
 
     model_config = ConfigDict(extra="forbid")
     scale_rule: Literal["static", "dynamic"] = "static"
     order: Literal["strong-first", "weak-first", "natural", "auto"] = "strong-first"
     calibrate_float_layers: bool = False
+    rtn_guard: bool = True
 
 
