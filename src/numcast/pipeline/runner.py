@@ -476,9 +476,11 @@ class RTNGuard:
     quantized stream is compared with the float block's on the float stream (Σ squared error over every
     ``EVERY``-th calibration batch, at least one; under torch.distributed summed over the ranks in batch order),
     once with the group's solutions and once with RTN for the group's layers, and the group keeps the closer
-    one. The layer objective cannot see what the block does after the layer (attention's softmax over q·k):
-    on MiniLM, Error Diffusion's query/key solutions lower their layer objective yet cost the embeddings more
-    than RTN's (README)."""
+    one. From ``EVERY`` batches on, the guard's batches are left out of the statistics (``held_out``: at most an
+    eighth of the data); with fewer, the comparison is on the last batch, which the solve saw too. The layer
+    objective cannot see what the block does with a layer's output: on MiniLM, Error Diffusion's
+    attention-output and FFN solutions lower their objective even on held-out rows yet cost the embeddings more
+    than RTN's (``benchmarks/ed_minilm.py``)."""
 
     EVERY = 8
 
@@ -486,7 +488,7 @@ class RTNGuard:
         share = distributed.my_slice(n_batches)
         chosen = [i for i in range(n_batches) if i % self.EVERY == self.EVERY - 1] or [n_batches - 1]
         self.batches = [i - share.start for i in chosen if share.start <= i < share.stop]  # this rank's, local
-        self.held_out = set(self.batches) if n_batches > len(chosen) else set()  # kept out of the statistics
+        self.held_out = set(self.batches) if n_batches >= self.EVERY else set()  # kept out of the statistics
         self.streams, self.job = streams, job
         with torch.no_grad():
             self.targets = [first_output(floats.outputs[i]) if floats is not None
