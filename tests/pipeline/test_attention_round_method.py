@@ -17,7 +17,9 @@ from numcast.pipeline.runner import quantize_blockwise
 
 
 def test_batch_size_in_the_recipe_and_on_the_command_line():
-    assert Recipe(weights="int4_channel", method="attention-round").attention_round.batch_size == 32
+    from numcast.algorithms.attention_round import DEFAULT_BATCH_SIZE
+
+    assert Recipe(weights="int4_channel", method="attention-round").attention_round.batch_size == DEFAULT_BATCH_SIZE
     args = build_parser().parse_args(["quantize", "mobilenet-v2", "--weights", "int4_channel", "--method",
                                       "attention-round", "--ar-batch-size", "12", "--out", "o"])  # fmt: skip
     assert recipe_from_args(args).attention_round.batch_size == 12
