@@ -279,6 +279,14 @@ def _qweights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: m.weight.clone() for n, m in model.named_modules() if hasattr(m, "qweight")}
 
 
+def _error_diffusion_run(rtn_guard: bool):
+    """The tiny LM quantized to int4_g32 by Error Diffusion (head in float), with or without the RTN guard."""
+    model = TinyLM()
+    recipe = Recipe(weights="int4_g32", method="error-diffusion", exclude=["head"],
+                    error_diffusion={"rtn_guard": rtn_guard})  # fmt: skip
+    return model, quantize_blockwise(model, list(model.blocks), batches(), recipe, progress=False)
+
+
 def test_rtn_guard_keeps_rtn_where_the_solution_moves_the_block_output_further(monkeypatch):
     """A sabotaged solve (the weights' signs flipped, still on the grid) is worse than RTN at every block's output:
     with the guard every layer ends as RTN, bit for bit, and says so; without it the sabotage stays."""
@@ -294,10 +302,7 @@ def test_rtn_guard_keeps_rtn_where_the_solution_moves_the_block_output_further(m
     monkeypatch.setattr(ErrorDiffusion, "solve", sabotaged)
     got = {}
     for guard in (True, False):
-        model = TinyLM()
-        recipe = Recipe(weights="int4_g32", method="error-diffusion", exclude=["head"],
-                        error_diffusion={"rtn_guard": guard})  # fmt: skip
-        res = quantize_blockwise(model, list(model.blocks), batches(), recipe, progress=False)
+        model, res = _error_diffusion_run(guard)
         got[guard] = _qweights(model)
         methods = {r.method for r in res.layers if r.name.startswith("blocks.")}
         assert methods == ({"error-diffusion -> rtn (closer block output)"} if guard else {"error-diffusion"})
@@ -312,10 +317,7 @@ def test_rtn_guard_keeps_the_solution_where_it_is_closer():
     guard keeps it (the same weights as without the guard)."""
     runs = {}
     for guard in (True, False):
-        model = TinyLM()
-        recipe = Recipe(weights="int4_g32", method="error-diffusion", exclude=["head"],
-                        error_diffusion={"rtn_guard": guard})  # fmt: skip
-        res = quantize_blockwise(model, list(model.blocks), batches(), recipe, progress=False)
+        model, res = _error_diffusion_run(guard)
         assert all("->" not in (r.method or "") for r in res.layers)
         runs[guard] = _qweights(model)
     for name, w in runs[True].items():
