@@ -384,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ar-time-budget", dest="ar_time_budget_s", type=float,
                    help="attention-round: at most this many seconds per block (or layer)")
     q.add_argument("--ar-batch-size", dest="ar_batch_size", type=int,
-                   help="attention-round: calibration samples per step, drawn from all the samples (8)")
+                   help="attention-round: calibration samples per step, drawn from all the samples (16)")
     q.add_argument("--accumulator-bits", dest="accumulator_bits", type=int,
                    help="accumulator width P no layer may overflow (A2Q/A2Q+ L1 budget on the integer weights; "
                         "needs integer weights per channel and integer --activations)")

@@ -80,7 +80,7 @@ class AttentionRoundSettings(BaseModel):
     variant: Literal["soft", "sampled"] = "soft"
     seed: int = 0
     time_budget_s: float | None = Field(None, gt=0)
-    batch_size: int | None = Field(8, ge=1)  # = attention_round.DEFAULT_BATCH_SIZE (tested)
+    batch_size: int | None = Field(16, ge=1)  # = attention_round.DEFAULT_BATCH_SIZE (tested)
 
 
 _UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
