@@ -56,6 +56,33 @@ def test_quantizing_from_disk_gives_the_same_model(llm, method):
         assert torch.equal(ref(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+def test_rtn_guard_reverts_spilled_layers_from_disk_as_in_memory(llm, monkeypatch):
+    """Sabotaged Error Diffusion solves are reverted to RTN by the guard from disk too: the spilled layers'
+    files are rewritten (the same logits as the in-memory run and as plain RTN), and the guard's own files go."""
+    from numcast.algorithms.rtn import rtn
+    from numcast.pipeline.methods import ErrorDiffusion
+
+    monkeypatch.setattr(ErrorDiffusion, "solve", lambda self, plan, stats: rtn(-plan.module.weight.detach(),
+                                                                               plan.weight_format))  # fmt: skip
+    folder, ids = llm
+    cal = [{"input_ids": ids[:1]}, {"input_ids": ids[1:]}]
+    runs = {}
+    for where in ("memory", "disk", "rtn"):
+        model, *_ = load_local_model(folder, offload="disk" if where == "disk" else "none")
+        placement = Placement(disk=disk_offload_of(model)) if where == "disk" else None
+        recipe = Recipe(weights="mxfp4", method="rtn" if where == "rtn" else "error-diffusion", calibration=2)
+        res = quantize_blockwise(model, list(model.model.layers), cal, recipe, progress=False, placement=placement)
+        if where != "rtn":
+            assert {r.method for r in res.quantized if ".layers." in r.name} == {
+                "error-diffusion -> rtn (RTN model closer to float)"}  # fmt: skip
+        if where == "disk":
+            spilled = sorted(p.name for p in disk_offload_of(model).spill.iterdir())
+            assert spilled and not any(name.startswith("rtn-guard") for name in spilled)
+        with torch.no_grad():
+            runs[where] = model(input_ids=ids).logits
+    assert torch.equal(runs["memory"], runs["disk"]) and torch.equal(runs["memory"], runs["rtn"])
+
+
 def test_cli_offload_writes_the_same_packed_model(llm, tmp_path, capsys):
     folder, _ = llm
     base = ["quantize", str(folder), "--weights", "mxfp4", "--method", "gptq", "--calibration", "2", "--no-progress"]

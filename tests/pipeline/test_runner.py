@@ -3,6 +3,8 @@ layer gets a method and an SQNR, grouped convolutions get per-group Hessians."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -287,34 +289,37 @@ def _error_diffusion_run(rtn_guard: bool):
     return model, quantize_blockwise(model, list(model.blocks), batches(), recipe, progress=False)
 
 
-def test_rtn_guard_keeps_rtn_where_the_solution_moves_the_block_output_further(monkeypatch):
-    """A sabotaged solve (the weights' signs flipped, still on the grid) is worse than RTN at every block's output:
-    with the guard every layer ends as RTN, bit for bit, and says so; without it the sabotage stays."""
+def _sabotaged(self, plan, stats):
+    """An Error Diffusion solve gone wrong: the weights' signs flipped, still on the grid."""
     from numcast.algorithms.rtn import rtn
-    from numcast.pipeline.methods import ErrorDiffusion
 
-    def sabotaged(self, plan, stats):
-        return rtn(-plan.module.weight.detach(), plan.weight_format)
+    return rtn(-plan.module.weight.detach(), plan.weight_format)
+
+
+def test_rtn_guard_gives_the_rtn_model_where_the_solutions_end_further_from_float(monkeypatch):
+    """With sabotaged solves the model's output ends further from the float model's than RTN's: with the guard
+    every layer ends as RTN, bit for bit, and says so; without it the sabotage stays."""
+    from numcast.pipeline.methods import ErrorDiffusion
 
     rtn_model = TinyLM()
     quantize_blockwise(rtn_model, list(rtn_model.blocks), batches(), Recipe(weights="int4_g32", exclude=["head"]),
                        progress=False)  # fmt: skip
-    monkeypatch.setattr(ErrorDiffusion, "solve", sabotaged)
+    monkeypatch.setattr(ErrorDiffusion, "solve", _sabotaged)
     got = {}
     for guard in (True, False):
         model, res = _error_diffusion_run(guard)
         got[guard] = _qweights(model)
         methods = {r.method for r in res.layers if r.name.startswith("blocks.")}
-        assert methods == ({"error-diffusion -> rtn (closer block output)"} if guard else {"error-diffusion"})
+        assert methods == ({"error-diffusion -> rtn (RTN model closer to float)"} if guard else {"error-diffusion"})
     want = _qweights(rtn_model)
     for name, w in got[True].items():
         assert_bitwise(w, want[name], name)
     assert not any(torch.equal(w, want[n]) for n, w in got[False].items())
 
 
-def test_rtn_guard_keeps_the_solution_where_it_is_closer():
-    """Error Diffusion's own solution on the tiny LM is closer to the float block than RTN in every group: the
-    guard keeps it (the same weights as without the guard)."""
+def test_rtn_guard_keeps_the_solutions_where_they_end_closer():
+    """Error Diffusion's own solutions bring the tiny LM's output closer to the float model's than RTN's: the
+    guard keeps them (the same weights as without the guard)."""
     runs = {}
     for guard in (True, False):
         model, res = _error_diffusion_run(guard)
@@ -349,3 +354,58 @@ def test_the_kept_float_pass_gives_the_same_model_as_float_passes_per_group(monk
     for name, w in runs[0][0].items():
         assert_bitwise(w, runs[1][0][name], name)
     assert runs[0][1] == runs[1][1]
+
+
+def test_layer_sqnr_is_measured_on_evenly_spaced_batches():
+    """With 16 batches the SQNR of a layer is measured on every second one (8 of them): it equals the SQNR
+    computed independently from the finished model's layer inputs on batches 0, 2, ..., 14 (float64 sums)."""
+    from numcast.pipeline.runner import Streams
+
+    data = batches(16)
+    assert Streams.SQNR_BATCHES == 8
+    float_up = TinyLM().blocks[1].up
+    model = TinyLM()
+    res = quantize_blockwise(model, list(model.blocks), data, Recipe(weights="int4_g32", method="gptq"),
+                             progress=False)  # fmt: skip
+    seen = []
+    hook = model.blocks[1].up.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        for b in data:
+            model(b)
+    hook.remove()
+
+    @torch.no_grad()
+    def sqnr(which):
+        sig = noise = 0.0
+        for i in which:
+            ref = float_up(seen[i])
+            sig += float(ref.square().sum(dtype=torch.float64))
+            noise += float((model.blocks[1].up(seen[i]) - ref).square().sum(dtype=torch.float64))
+        return 10 * math.log10(sig / noise)
+
+    got = {r.name: r.sqnr_db for r in res.layers}["blocks.1.up"]
+    assert got == pytest.approx(sqnr(range(0, 16, 2)), rel=1e-9)
+    assert got != pytest.approx(sqnr(range(16)), rel=1e-6)  # the sample, not every batch
+
+
+def test_rtn_guard_reverts_static_activation_layers_with_their_scales_calibrated_again(monkeypatch):
+    """Sabotaged solves with static int8 inputs: the reverted layers carry RTN's weights (bit for bit) and input
+    scales calibrated on the RTN model (every one set, the model's outputs finite)."""
+    from numcast.pipeline.methods import ErrorDiffusion
+
+    recipe = dict(weights="int4_g32", activations="int8_tensor", activation_mode="static", exclude=["head"])
+    rtn_model = TinyLM()
+    quantize_blockwise(rtn_model, list(rtn_model.blocks), batches(), Recipe(**recipe), progress=False)
+    monkeypatch.setattr(ErrorDiffusion, "solve", _sabotaged)
+    model = TinyLM()
+    res = quantize_blockwise(model, list(model.blocks), batches(), Recipe(method="error-diffusion", **recipe),
+                             progress=False)  # fmt: skip
+    assert {r.method for r in res.layers if r.name.startswith("blocks.")} == {
+        "error-diffusion -> rtn (RTN model closer to float)"}  # fmt: skip
+    want = _qweights(rtn_model)
+    for name, w in _qweights(model).items():
+        assert_bitwise(w, want[name], name)
+    quantizers = [m.input_quant for m in model.modules() if hasattr(m, "qweight")]
+    assert quantizers and all(q.calibrated and not q.bypass for q in quantizers)
+    with torch.no_grad():
+        assert torch.isfinite(model(batches(1, seed=5)[0])).all()

@@ -44,12 +44,13 @@ MiniLM's single-word evaluation inputs need. Orders by norm visit a block's colu
 are ``static`` by default; with the ``dynamic`` rule blocks are kept whole (ordered by their summed norms,
 columns inside a block too).
 
-The pipeline adds a safeguard around this solve (``rtn_guard``, :class:`numcast.pipeline.runner.RTNGuard`): a
-group of layers keeps RTN where RTN brings the block's output closer to the float block's on held-out
-calibration batches. The layer objective is blind to what follows the layer: on MiniLM, where Error
-Diffusion loses to RTN, the loss is in the attention-output and FFN layers (``benchmarks/ed_minilm.py``: with
-RTN there and Error Diffusion on q/k/v, embedding cosine 0.964 vs RTN's 0.963), although Error Diffusion lowers
-their objective on held-out calibration rows too.
+The pipeline adds a safeguard around this solve (``rtn_guard``, :class:`numcast.pipeline.runner.RTNGuard`): the
+RTN model runs beside the solved one on held-out calibration batches, and when its output ends closer to the
+float model's, every solved layer takes its RTN weights. The layer objective is blind to what follows the
+layer: on MiniLM, where Error Diffusion loses to RTN, the loss is in the attention-output and FFN layers
+(``benchmarks/ed_minilm.py``: with RTN there and Error Diffusion on q/k/v, embedding cosine 0.964 vs RTN's
+0.963), although Error Diffusion lowers their objective on held-out calibration rows too, and each group's
+solution even brings its block's output closer to the float block's.
 
 Dead input features (H[t, t] = 0: zero on every calibration row of the quantized path) carry no information
 about their weight; they get Q(w_t), the round-to-nearest value [numcast's choice; GPTQ's reference zeroes

@@ -64,8 +64,9 @@ class Method:
       keeps the float stream).
     - ``solves_blocks``: :meth:`solve_block` solves all layers of a block together.
     - ``refits_float_layers``: layers kept in float inside the blocks get :meth:`refit_float`.
-    - ``guards_with_rtn``: after each group of layers is solved, the runner keeps RTN for the group where RTN
-      gives the block's output closer to the float block's (:class:`numcast.pipeline.runner.RTNGuard`).
+    - ``guards_with_rtn``: the runner runs the RTN model beside the solved one on held-out calibration batches and
+      gives every solved layer its RTN weights when RTN's output ends closer to float's
+      (:class:`numcast.pipeline.runner.RTNGuard`).
     """
 
     name: ClassVar[str] = ""

@@ -157,6 +157,12 @@ class DiskOffload:
         finally:
             self._release(block)
 
+    def respill(self, module: QuantWeightModule, qweight: QTensor) -> None:
+        """Replace a spilled layer's QTensor (its file rewritten, atomically); a loaded layer takes it now too."""
+        qweight.save(self._spilled[id(module)], overwrite=True)
+        if module.qweight is not None:
+            module.set_qweight(qweight)
+
     def blocks(self) -> list[tuple[str, nn.Module]]:
         """(name, block) of every offloaded block, in model order."""
         return [(self._names[i], b) for i, b in self._blocks.items()]

@@ -153,8 +153,8 @@ class ErrorDiffusionSettings(BaseModel):
     :mod:`numcast.algorithms.error_diffusion`).
     ``calibrate_float_layers``: also re-fit the float weights of linear/conv layers kept in float inside the
     blocks (excluded by the recipe) so they absorb the error arriving from upstream (Q = identity).
-    ``rtn_guard``: after each group of layers (q/k/v, ...) is solved, keep round-to-nearest for the group where
-    it brings the block's output closer to the float block's on a sample of the calibration batches
+    ``rtn_guard``: the RTN-quantized model runs beside the solved one on held-out calibration batches (every 8th);
+    when its output ends closer to the float model's, every solved layer takes its RTN weights
     (:class:`numcast.pipeline.runner.RTNGuard`; the layers' reports say so)."""
 
     model_config = ConfigDict(extra="forbid")
