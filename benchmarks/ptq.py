@@ -16,8 +16,10 @@ updated targets), ``error-diffusion-natural`` (GPFQ's natural column order, dyna
 ``error-diffusion-refit`` (layers kept in float by
 ``--exclude`` re-fitted with Q = identity: the ablation of Error Diffusion's layer calibration), and
 ``attention-round`` / ``attention-round-sampled`` (the soft and the sampled variant) and
-``attention-round-i100`` (100 steps per block instead of 500, for the ImageNet CNNs on the CPU). The "gap
-closed" column is (method − RTN) / (float − RTN) for the same model and format.
+``attention-round-i100`` (100 steps per block instead of 500, for the ImageNet CNNs on the CPU);
+``rtn-bf16`` / ``gptq-bf16`` / ``error-diffusion-bf16`` load the model in bfloat16 (``--dtype bfloat16``; the
+float column is then the bfloat16 model's). The "gap closed" column is (method − RTN) / (float − RTN) for the
+same model and format.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ METHOD_ARGS = {
     "attention-round": ["--method", "attention-round"],
     "attention-round-sampled": ["--method", "attention-round", "--ar-variant", "sampled"],
     "attention-round-i100": ["--method", "attention-round", "--ar-iterations", "100"],
+    "rtn-bf16": ["--method", "rtn", "--dtype", "bfloat16"],  # the model loaded in bfloat16 (statistics as before)
+    "gptq-bf16": ["--method", "gptq", "--dtype", "bfloat16"],
+    "error-diffusion-bf16": ["--method", "error-diffusion", "--dtype", "bfloat16"],
 }
 
 

@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="error-diffusion: also re-fit layers kept in float inside the blocks (Q = identity)")
     q.add_argument("--ed-rtn-guard", dest="ed_rtn_guard", action=argparse.BooleanOptionalAction, default=None,
                    help="error-diffusion: give every solved layer its RTN weights when the RTN model's output is "
-                        "closer to the float model's on held-out calibration batches (default on)")
+                        "closer to the float model's on every 8th calibration batch (default on)")
     q.add_argument("--mixed-precision", dest="mixed_precision", choices=("lcl", "sensitivity"),
                    help="per-layer weight formats from --candidates under --budget (lossy coding length or SQNR)")
     q.add_argument("--candidates", type=lambda t: [c.strip() for c in t.split(",") if c.strip()],

@@ -45,7 +45,7 @@ are ``static`` by default; with the ``dynamic`` rule blocks are kept whole (orde
 columns inside a block too).
 
 The pipeline adds a safeguard around this solve (``rtn_guard``, :class:`numcast.pipeline.runner.RTNGuard`): the
-RTN model runs beside the solved one on held-out calibration batches, and when its output ends closer to the
+RTN model runs beside the solved one on every 8th calibration batch, and when its output ends closer to the
 float model's, every solved layer takes its RTN weights. The layer objective is blind to what follows the
 layer: on MiniLM, where Error Diffusion loses to RTN, the loss is in the attention-output and FFN layers
 (``benchmarks/ed_minilm.py``: with RTN there and Error Diffusion on q/k/v, embedding cosine 0.964 vs RTN's

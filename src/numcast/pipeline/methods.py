@@ -64,7 +64,7 @@ class Method:
       keeps the float stream).
     - ``solves_blocks``: :meth:`solve_block` solves all layers of a block together.
     - ``refits_float_layers``: layers kept in float inside the blocks get :meth:`refit_float`.
-    - ``guards_with_rtn``: the runner runs the RTN model beside the solved one on held-out calibration batches and
+    - ``guards_with_rtn``: the runner runs the RTN model beside the solved one on every 8th calibration batch and
       gives every solved layer its RTN weights when RTN's output ends closer to float's
       (:class:`numcast.pipeline.runner.RTNGuard`).
     """

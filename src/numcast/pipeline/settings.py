@@ -153,7 +153,7 @@ class ErrorDiffusionSettings(BaseModel):
     :mod:`numcast.algorithms.error_diffusion`).
     ``calibrate_float_layers``: also re-fit the float weights of linear/conv layers kept in float inside the
     blocks (excluded by the recipe) so they absorb the error arriving from upstream (Q = identity).
-    ``rtn_guard``: the RTN-quantized model runs beside the solved one on held-out calibration batches (every 8th);
+    ``rtn_guard``: the RTN-quantized model runs beside the solved one on every 8th calibration batch;
     when its output ends closer to the float model's, every solved layer takes its RTN weights
     (:class:`numcast.pipeline.runner.RTNGuard`; the layers' reports say so)."""
 
