@@ -58,13 +58,8 @@ def return_freed_memory() -> bool:
     fragmented heap that the next blocks cannot reuse, and the resident memory of an offloaded run grows with
     depth (benchmarks/memory.py: +38 % from 8 to 32 layers; +0.2 % with it). Process-wide; False where the C
     library is not glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = _glibc("mallopt")
+    if mallopt is None:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     return bool(mallopt(m_mmap_threshold, 65536)) and bool(mallopt(m_trim_threshold, 0))
@@ -75,14 +70,19 @@ def trim_heap() -> bool:
     pages inside, without changing how later allocations are served). The runner calls it after each block: a
     block's freed float weights and activations would otherwise stay in the process as fragmented heap and the
     peak would grow with depth. False where the C library is not glibc."""
+    malloc_trim = _glibc("malloc_trim")
+    return malloc_trim is not None and bool(malloc_trim(0))
+
+
+def _glibc(function: str):
+    """A function of the C library (ctypes), or None where it has none by that name (not glibc)."""
     import ctypes
     import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.malloc_trim(0))
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), function)
     except (OSError, AttributeError):
-        return False
+        return None
 
 
 def checkpoint_files(folder: Path) -> dict[str, Path]:
