@@ -485,9 +485,9 @@ def _quantize_blockwise(model, blocks, batches, recipe, placement, true_sequenti
         placement.leave(block)
         trim_heap()
     if guard:
-        guard.settle(model, streams, everything)
+        guard.settle(streams)
     if recipe.activations is not None and recipe.activation_mode == "static":
-        calibrate_activations(model, everything, only_uncalibrated=True)  # layers outside the blocks
+        calibrate_activations(model, everything, only_uncalibrated=True)  # outside the blocks; the guard's reverts
     return QuantizationResult(model, layer_reports(plans), wall_time_s=time.perf_counter() - t0,
                               recipe=resolved_recipe(recipe, plans))  # fmt: skip
 
@@ -566,15 +566,14 @@ class RTNGuard:
         return path
 
     @torch.no_grad()
-    def settle(self, model: nn.Module, streams: Streams, everything: list) -> None:
+    def settle(self, streams: Streams) -> None:
         """After the last block: keep the solutions, or give every solved layer its RTN version where the RTN
-        stream ends closer to the float stream (``everything``: all calibration batches, for static scales)."""
+        stream ends closer to the float stream (static input scales left uncalibrated for the runner's pass)."""
         solved = self._error([streams.quant[b] for b in self.batches], [streams.float[b] for b in self.batches])
         rtn = self._error(self.rtn.quant, [streams.float[b] for b in self.batches])
         if rtn < solved:
             for p, fallback in self.fallback.values():
                 self._revert(p, fallback)
-            calibrate_activations(model, everything, only_uncalibrated=True)
         for _, fallback in self.fallback.values():
             if isinstance(fallback, Path):
                 fallback.unlink(missing_ok=True)
@@ -594,7 +593,7 @@ class RTNGuard:
         else:
             p.module.set_qweight(qt)
         if p.module.input_quant is not None and p.module.input_quant.mode == "static":
-            p.module.input_quant.amax.zero_()  # calibrated again on the RTN model (settle)
+            p.module.input_quant.amax.zero_()  # calibrated again on the RTN model (the runner's last static pass)
         p.method = f"{p.method} -> rtn (RTN model closer to float)"
 
     def _error(self, outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
