@@ -11,12 +11,16 @@ baseline ``y.copy_(x)`` into a preallocated tensor is timed in the same process;
 milliseconds and as a multiple of it (timings on these machines vary up to 2× between runs, ratios within
 one run are what to compare). Each figure is the best of ``--repeat`` runs (default 10) after a warm-up
 call, whose time (``first_call_s``: the compile, for a compiled kernel not yet in inductor's on-disk cache)
-is recorded too. Every backend's output is checked bit-identical to the eager cast before it is timed.
+is recorded too. Every backend's output is checked bit-identical to the eager cast before it is timed. ``x`` and
+the copy's target are advised to huge pages before they are first written (``numcast.libc.advise_huge_pages``):
+otherwise the copy ran at 3.5 or at 2 ms depending on whether the kernel had yet merged their pages into huge ones.
+A cast's own fresh output is advised the same way by numcast (``formats.fused.fresh_output``).
 
-glibc returns freed 64 MiB buffers to the OS, so every fresh output page faults on first touch; that can
-cost more than the cast itself. ``--malloc both`` runs the whole bench twice in subprocesses, without and
-with ``MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=536870912``,
-and prints both tables. When ``brevitas`` or ``torchao`` are importable their MXFP4 fake-quant is timed
+glibc returns freed 64 MiB buffers to the OS, so every fresh output page faults on first touch (in 4 KiB pages
+that cost more than the cast itself; numcast's huge-page advice cuts it to about a copy's time). ``--malloc
+both`` runs the whole bench twice in subprocesses, without and with
+``MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=536870912``, and prints
+both tables. When ``brevitas`` or ``torchao`` are importable their MXFP4 fake-quant is timed
 alongside, after a check that they agree with numcast bit for bit (optional bench extras).
 """
 
@@ -100,11 +104,15 @@ def _no_grad(mod, x):
 
 def run(args: argparse.Namespace) -> dict:
     import numcast
+    from numcast.libc import advise_huge_pages
 
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.size, args.size, generator=g)
-    y = torch.empty_like(x)
+    x, y = torch.empty(args.size, args.size), torch.empty(args.size, args.size)
+    for t in (x, y):  # both in huge pages from their first touch, so the copy is timed at its best in every run
+        advise_huge_pages(t)
+    x.normal_(generator=g)
+    y.zero_()
     copy_min, copy_med = best_ms(lambda: y.copy_(x), args.repeat)
     rows = [{"name": "copy (y.copy_(x))", "backend": "-", "ms": copy_min, "median_ms": copy_med, "x_copy": 1.0}]
     for name in args.formats:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 
 
@@ -93,3 +97,23 @@ def tiny_llama_folder(folder):
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder, model.eval(), tok
+
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+thp_available = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not THP.is_file() or "[never]" in THP.read_text(),
+    reason="needs Linux with transparent huge pages not set to never",
+)
+
+
+def vm_flags(address: int) -> set[str]:
+    """The kernel's VmFlags of the mapping that holds ``address`` (``hg``: advised to huge pages)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "VmFlags:":
+            return set(line.split()[1:])
+    raise AssertionError(f"no mapping holds {address:#x}")

@@ -12,8 +12,8 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "numcast"
 
 # bottom to top, as in docs/architecture.md; a layer imports only from itself and the layers before it
-LAYERS = ["io", "formats", "accumulator", "algorithms", "nn", "pipeline", "models", "evaluate", "training", "report",
-          "interop", "workloads", "jobs", "cli", "__init__", "__main__"]  # fmt: skip
+LAYERS = ["libc", "io", "formats", "accumulator", "algorithms", "nn", "pipeline", "models", "evaluate", "training",
+          "report", "interop", "workloads", "jobs", "cli", "__init__", "__main__"]  # fmt: skip
 
 
 def module_name(path: Path) -> str:

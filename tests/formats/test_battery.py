@@ -247,6 +247,31 @@ def test_chunked_eager_path_equals_whole_tensor_path(name, monkeypatch):
         assert_bitwise(cast(x.t().contiguous(), on_rows), ref, f"{name} axis 0")
 
 
+@pytest.mark.parametrize("name", FORMATS)
+def test_quantize_in_slices_equals_the_whole_tensor(name, monkeypatch):
+    """Large tensors are quantized in slices along the first axis where their scales allow it; every stored part
+    (codes, scales, zero points, sub-block offsets) must equal the whole tensor's, bit for bit. NaN/inf values are
+    in the input where the format stores them (a scaled format's NaN block), so their encoding is sliced too."""
+    from numcast.formats import ops
+
+    fmt = by_name[name]
+    x = sample(fmt, (40, 96), seed=9)
+    if fmt.scaling.scaled or fmt.element.has_nan:
+        x[3, 5], x[17, 40] = float("nan"), float("inf")
+    whole = quantize(x, name)
+    monkeypatch.setattr(ops, "CHUNK_ELEMENTS", 200)  # slices of 2 rows
+    sliced = quantize(x, name)
+    expect_slices = fmt.scaling.granularity != "tensor"
+    assert (ops._independent_slices(x, fmt, fmt.rounding) is not None) == expect_slices, name
+    for part in ("codes", "scale_codes", "zero_point", "sub_offsets"):
+        a, b = getattr(whole, part), getattr(sliced, part)
+        assert (a is None) == (b is None), part
+        if a is not None:
+            assert torch.equal(a, b), f"{name} {part}"
+    assert sliced.shape == whole.shape and sliced.tensor_scale == whole.tensor_scale
+    assert_bitwise(sliced.dequantize(), cast(x, name), name)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("name", FORMATS)
 def test_nonfinite_inputs_follow_one_policy_in_cast_quantize_and_the_file(name, bad, tmp_path):

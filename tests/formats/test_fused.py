@@ -9,11 +9,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from helpers import adversarial_blocks, assert_bitwise
+from helpers import adversarial_blocks, assert_bitwise, thp_available, vm_flags
 
 from numcast.formats.fused import compiler_available, rows_format
 from numcast.formats.ops import cast
 from numcast.formats.registry import get_format
+from numcast.libc import HUGE_PAGE
 
 pytestmark = pytest.mark.skipif(not compiler_available("cpu"), reason="no C++ compiler for inductor")
 
@@ -42,18 +43,32 @@ def test_compiled_equals_eager_in_every_input_dtype(name, dtype):
 
 def test_one_kernel_serves_every_shape():
     """Rows are marked dynamic: new shapes (other row counts, 3-D, padded blocks, blocks along axis 0) reuse the
-    kernel; only the 0/1 sizes dynamo specialises on may add a graph."""
+    two kernels of a format (writing into a fresh output where the rows are a view, returning the rows where they
+    need a copy); only the 0/1 sizes dynamo specialises on may add a graph."""
     from torch._dynamo.utils import counters
 
     fmt = get_format("mxfp4")
     on_rows = fmt.with_(scaling=replace(fmt.scaling, axis=0))
     assert rows_format(on_rows) == fmt
-    cast(torch.randn(64, 96), fmt, backend="compiled")
+    cast(torch.randn(64, 96), fmt, backend="compiled")  # rows are a view: the kernel writes into a fresh output
+    cast(torch.randn(5, 40), fmt, backend="compiled")  # padded blocks: the rows are a copy, the kernel returns rows
     before = counters["stats"]["unique_graphs"]
     for shape, f in [((3, 5, 64), fmt), ((1000, 32), fmt), ((7, 33), fmt), ((96, 7), on_rows), ((2, 4096), fmt)]:
         x = torch.randn(shape) * 4
         assert_bitwise(cast(x, f, backend="compiled"), cast(x, f, backend="eager"), str(shape))
     assert counters["stats"]["unique_graphs"] == before
+
+
+@thp_available
+def test_a_fresh_output_is_written_by_the_kernel_into_huge_pages():
+    """Without ``out``, a large cast gets a fresh output advised to huge pages (no 4 KiB page faults), the same
+    bits as the eager cast; rows that need a copy (padded blocks) keep the kernel that returns its rows."""
+    x = torch.randn(2048, 2048, generator=torch.Generator().manual_seed(3))
+    for name, shape in (("mxfp4", (2048, 2048)), ("nvfp4", (2048, 2048)), ("mxfp4", (2048, 2047))):
+        xi = x[:, : shape[1]].contiguous()
+        y = cast(xi, name, backend="compiled")
+        assert_bitwise(y, cast(xi, name, backend="eager"), f"{name} {shape}")
+        assert ("hg" in vm_flags(y.data_ptr() + 2 * HUGE_PAGE)) == (shape[1] % 16 == 0), shape
 
 
 def test_out_is_written_by_the_kernel_and_may_be_the_input():

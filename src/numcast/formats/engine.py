@@ -25,7 +25,7 @@ import torch
 from numcast.formats.element import cast_element, work_dtype
 from numcast.formats.layout import Layout
 from numcast.formats.rounding import make_noise, round_to_int
-from numcast.formats.scale import Scales, compute_scales
+from numcast.formats.scale import Scales, compute_scales, row_amax, two_level_tensor_scale
 from numcast.formats.spec import Format, IntElement
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -74,13 +74,16 @@ def grid_cast(
     generator: torch.Generator | None = None,
     seed: int | None = None,
     scales: Scales | None = None,
+    tensor_scale: torch.Tensor | float | None = None,
 ) -> GridCast:
     """Element values and scales of ``x`` in ``fmt`` (``rounding`` overrides the format's).
 
     ``scales`` fixes the scales (one per row of ``Layout.of(x.shape, fmt.scaling)``) instead of deriving
     them from ``x``: the solvers that quantize a weight column by column (GPTQ, Error Diffusion) fix a
     block's scale before its elements are rounded. For a format with sub-block offsets (shared
-    microexponents) fixed scales must carry them too (``Scales.sub_offset``), else ``ValueError``."""
+    microexponents) fixed scales must carry them too (``Scales.sub_offset``), else ``ValueError``.
+    ``tensor_scale`` fixes only a two-level format's per-tensor scale (``x`` a slice of a larger tensor, whose
+    :func:`tensor_scale_of` it is); the block scales are derived from ``x`` under it."""
     check_input(x)
     rounding = rounding or fmt.rounding
     elem, scaling = fmt.element, fmt.scaling
@@ -95,7 +98,7 @@ def grid_cast(
         y = rows
     else:
         if scales is None:
-            scales = compute_scales(rows, elem, scaling)
+            scales = compute_scales(rows, elem, scaling, tensor_scale)
         elif bool(scaling.sub_block_size) != (scales.sub_offset is not None):
             need = ("carry its sub-block exponent offsets (Scales.sub_offset)" if scaling.sub_block_size
                     else "not carry sub-block offsets (it has none)")  # fmt: skip
@@ -119,6 +122,15 @@ def grid_cast(
         mirrored = cast_element(y, elem, _MIRRORED[rounding], noise, fmt.saturate)
         values = torch.where((scales.scale < 0).to(y.device)[:, None], mirrored, values)
     return GridCast(layout, y, values, scales, work, two_level_f32(fmt) and work == torch.float32)
+
+
+def tensor_scale_of(x: torch.Tensor, fmt: Format) -> torch.Tensor | None:
+    """The per-tensor scale :func:`grid_cast` derives for the whole of ``x`` in a two-level format (NVFP4), as a
+    0-dim float64 tensor; None for other formats. Slices of ``x`` cast with it get the whole tensor's bits."""
+    if not fmt.scaling.tensor_scale:
+        return None
+    rows = Layout.of(x.shape, fmt.scaling).to_rows(x.to(work_dtype(fmt.element, fmt.scaling, x.dtype)))
+    return two_level_tensor_scale(row_amax(rows).double(), fmt.element, fmt.scaling.scale_format)
 
 
 _MIRRORED = {"floor": "ceil", "ceil": "floor"}  # directed modes round the value x = y·s, not y

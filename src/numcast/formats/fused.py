@@ -34,6 +34,7 @@ import torch
 from numcast.formats.engine import cast_unchunked
 from numcast.formats.layout import Layout
 from numcast.formats.spec import Format
+from numcast.libc import advise_huge_pages
 
 KernelKey = tuple[Format, str, torch.dtype, str]
 _SERIAL = itertools.count()
@@ -128,20 +129,41 @@ def _mark_dynamic(rows: torch.Tensor, layout: Layout) -> torch.Tensor:
     return rows
 
 
+def fresh_output(x: torch.Tensor, fmt: Format) -> torch.Tensor | None:
+    """A new tensor for the compiled cast of ``x`` (on the CPU) to write its result straight into, or None where the
+    kernel could not (the rows layout needs a copy) or ``x`` is not on the CPU. Its memory is advised to huge pages
+    (:func:`numcast.libc.advise_huge_pages`): the kernel's first write into a fresh 64 MiB output would otherwise
+    fault in 16,384 pages of 4 KiB, which took longer than the cast itself (``benchmarks/formats.py``, allocator
+    env off)."""
+    if x.device.type != "cpu":
+        return None
+    out = torch.empty(x.shape, dtype=x.dtype)
+    if _rows_view(Layout.of(x.shape, fmt.scaling), out) is None:
+        return None
+    advise_huge_pages(out)
+    return out
+
+
+def writes_into(x: torch.Tensor, fmt: Format, out: torch.Tensor | None) -> bool:
+    """Whether :func:`compiled_cast` of ``x`` with ``out`` runs the kernel that writes straight into ``out`` (``out``
+    viewed as rows without a copy, sharing no memory with ``x``); otherwise it casts and copies."""
+    if out is None or shares_memory(out, x):
+        return False
+    return _rows_view(Layout.of(x.shape, fmt.scaling), out) is not None
+
+
 def compiled_cast(x: torch.Tensor, fmt: Format, rounding: str, out: torch.Tensor | None = None) -> torch.Tensor:
     """``cast_unchunked(x, fmt, rounding)`` by the compiled kernels, bit for bit (``rounding`` resolved, not
     ``stochastic``). With ``out`` (x's shape, dtype and device, checked by the caller) the result is written into
-    it, directly by the kernel where ``out`` can be viewed as rows and shares no memory with ``x``; returns it."""
+    it, directly by the kernel where :func:`writes_into` says so; returns it."""
     layout = Layout.of(x.shape, fmt.scaling)
     rows = _rows_view(layout, x)
     if rows is None:
         rows = layout.to_rows(x)
     rows = _mark_dynamic(rows, layout)
-    if out is not None:
-        out_rows = _rows_view(layout, out)
-        if out_rows is not None and not shares_memory(out, x):
-            _kernel(kernel_key(x, fmt, rounding), True)(rows, _mark_dynamic(out_rows, layout))
-            return out
+    if writes_into(x, fmt, out):
+        _kernel(kernel_key(x, fmt, rounding), True)(rows, _mark_dynamic(_rows_view(layout, out), layout))
+        return out
     res = layout.from_rows(_kernel(kernel_key(x, fmt, rounding), False)(rows)).reshape(x.shape)
     return res if out is None else out.copy_(res)
 

@@ -72,6 +72,22 @@ class QTensor:
         ts = None if sc.tensor_scale is None else float(sc.tensor_scale)
         return QTensor(codes, scale_codes, zp, ts, fmt, tuple(shape), dtype, sub)
 
+    @staticmethod
+    def concat(parts: list[QTensor]) -> QTensor:
+        """Slices of one tensor along its first axis, quantized apart (same format, scales per block along
+        another axis, per channel of the first axis, or none; one tensor scale), as the QTensor of the whole."""
+        first = parts[0]
+        if any(p.format != first.format or p.shape[1:] != first.shape[1:] or p.dtype != first.dtype
+               or p.tensor_scale != first.tensor_scale for p in parts):  # fmt: skip
+            raise ValueError("QTensor.concat takes first-axis slices of one tensor in one format and tensor scale")
+
+        def cat(name: str) -> torch.Tensor | None:
+            return None if getattr(first, name) is None else torch.cat([getattr(p, name) for p in parts])
+
+        shape = (sum(p.shape[0] for p in parts), *first.shape[1:])
+        return QTensor(cat("codes"), cat("scale_codes"), cat("zero_point"), first.tensor_scale, first.format, shape,
+                       first.dtype, cat("sub_offsets"))  # fmt: skip
+
     # ---- values ------------------------------------------------------------------------------
     @property
     def layout(self) -> Layout:

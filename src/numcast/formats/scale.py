@@ -101,6 +101,19 @@ def row_amax(rows: torch.Tensor) -> torch.Tensor:
     return rows.abs().amax(dim=-1)
 
 
+def two_level_tensor_scale(amax: torch.Tensor, elem: Element, scale_format: Element) -> torch.Tensor:
+    """The per-tensor scale of a two-level format (NVFP4) from the per-block amax [R] (float64) of the whole
+    tensor: t = FP32(max amax / (elem max · scale format max)), the smallest FP32 subnormal where that underflows,
+    1 for an all-zero tensor; a 0-dim float64 tensor holding an FP32 value (no host sync: compiles whole). The
+    max runs over the finite blocks only: a block holding NaN/inf gets the NaN scale (that block is NaN), the
+    others keep the tensor scale they would have without it."""
+    finite = torch.where(torch.isfinite(amax), amax, torch.zeros_like(amax))
+    t_amax = finite.max() if finite.numel() else finite.new_zeros(())
+    t = (t_amax / (elem.max * scale_format.max)).float().double()
+    t = torch.where(t == 0, torch.full_like(t, math.ldexp(1.0, -149)), t)  # FP32 underflow: smallest
+    return torch.where(t_amax == 0, torch.ones_like(t), t)
+
+
 def compute_scales(
     rows: torch.Tensor, elem: Element, scaling: Scaling, tensor_scale: torch.Tensor | float | None = None
 ) -> Scales:
@@ -135,14 +148,8 @@ def compute_scales(
     elif tensor_scale is not None:
         tensor_scale = torch.as_tensor(tensor_scale, dtype=torch.float64, device=amax.device)
         denom = elem.max * tensor_scale
-    else:  # a 0-dim float64 tensor holding an FP32 value (no host sync: compiles whole)
-        # over the finite blocks only: a block holding NaN/inf gets the NaN scale (that block is NaN), the others
-        # keep the tensor scale they would have without it
-        finite = torch.where(bad, torch.zeros_like(amax), amax)
-        t_amax = finite.max() if finite.numel() else finite.new_zeros(())
-        t = (t_amax / (elem.max * sf.max)).float().double()
-        t = torch.where(t == 0, torch.full_like(t, math.ldexp(1.0, -149)), t)  # FP32 underflow: smallest
-        tensor_scale = torch.where(t_amax == 0, torch.ones_like(t), t)
+    else:
+        tensor_scale = two_level_tensor_scale(amax, elem, sf)
         denom = elem.max * tensor_scale
     zp = None
     if scaling.zero_point:

@@ -30,6 +30,7 @@ from safetensors import safe_open
 from torch import nn
 
 from numcast.formats.qtensor import QTensor
+from numcast.libc import glibc
 from numcast.nn.modules import QuantWeightModule
 
 ATTRIBUTE = "numcast_disk_offload"  # where a model loaded with its layers on disk keeps its DiskOffload
@@ -58,7 +59,7 @@ def return_freed_memory() -> bool:
     fragmented heap that the next blocks cannot reuse, and the resident memory of an offloaded run grows with
     depth (benchmarks/memory.py: +38 % from 8 to 32 layers; +0.2 % with it). Process-wide; False where the C
     library is not glibc."""
-    mallopt = _glibc("mallopt")
+    mallopt = glibc("mallopt")
     if mallopt is None:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
@@ -70,19 +71,8 @@ def trim_heap() -> bool:
     pages inside, without changing how later allocations are served). The runner calls it after each block: a
     block's freed float weights and activations would otherwise stay in the process as fragmented heap and the
     peak would grow with depth. False where the C library is not glibc."""
-    malloc_trim = _glibc("malloc_trim")
+    malloc_trim = glibc("malloc_trim")
     return malloc_trim is not None and bool(malloc_trim(0))
-
-
-def _glibc(function: str):
-    """A function of the C library (ctypes), or None where it has none by that name (not glibc)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), function)
-    except (OSError, AttributeError):
-        return None
 
 
 def checkpoint_files(folder: Path) -> dict[str, Path]:
