@@ -71,6 +71,19 @@ def test_a_fresh_output_is_written_by_the_kernel_into_huge_pages():
         assert ("hg" in vm_flags(y.data_ptr() + 2 * HUGE_PAGE)) == (shape[1] % 16 == 0), shape
 
 
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf")])
+def test_two_level_tensor_scale_computed_outside_the_kernel_keeps_the_bits(bad):
+    """NVFP4's per-tensor scale is reduced before the kernel runs (one pass where all is finite, the blocks' path
+    otherwise: a NaN/inf block is left out of the max); the cast equals the eager one bit for bit, in every
+    input dtype."""
+    x = torch.randn(300, 64, generator=torch.Generator().manual_seed(5)) * 40
+    if bad is not None:
+        x[7, 3], x[200, 60] = bad, -bad
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        xi = x.to(dtype)
+        assert_bitwise(cast(xi, "nvfp4", backend="compiled"), cast(xi, "nvfp4", backend="eager"), f"{bad} {dtype}")
+
+
 def test_out_is_written_by_the_kernel_and_may_be_the_input():
     x = adversarial()
     ref = cast(x, "mxfp4", backend="eager")

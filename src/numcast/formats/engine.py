@@ -126,9 +126,17 @@ def grid_cast(
 
 def tensor_scale_of(x: torch.Tensor, fmt: Format) -> torch.Tensor | None:
     """The per-tensor scale :func:`grid_cast` derives for the whole of ``x`` in a two-level format (NVFP4), as a
-    0-dim float64 tensor; None for other formats. Slices of ``x`` cast with it get the whole tensor's bits."""
+    0-dim float64 tensor; None for other formats. Slices of ``x`` cast with it get the whole tensor's bits. One
+    pass without temporaries (``torch.aminmax``) where ``x`` is all finite: the max over the blocks' amax is then
+    max |x| (zero padding aside, which does not change it)."""
     if not fmt.scaling.tensor_scale:
         return None
+    if x.numel():
+        lo, hi = torch.aminmax(x)
+        amax = max(-float(lo), float(hi))
+        if math.isfinite(amax):
+            amax_t = torch.tensor([amax], dtype=torch.float64, device=x.device)
+            return two_level_tensor_scale(amax_t, fmt.element, fmt.scaling.scale_format)
     rows = Layout.of(x.shape, fmt.scaling).to_rows(x.to(work_dtype(fmt.element, fmt.scaling, x.dtype)))
     return two_level_tensor_scale(row_amax(rows).double(), fmt.element, fmt.scaling.scale_format)
 
@@ -168,10 +176,10 @@ def two_level_f32(fmt: Format) -> bool:
 
 
 def cast_unchunked(
-    x: torch.Tensor, fmt: Format, rounding: str | None = None, generator=None, seed=None
+    x: torch.Tensor, fmt: Format, rounding: str | None = None, generator=None, seed=None, tensor_scale=None
 ) -> torch.Tensor:
-    """``x`` cast to ``fmt`` in one piece (same shape and dtype)."""
-    return grid_cast(x, fmt, rounding, generator, seed).output(x.shape, x.dtype)
+    """``x`` cast to ``fmt`` in one piece (same shape and dtype); ``tensor_scale`` as in :func:`grid_cast`."""
+    return grid_cast(x, fmt, rounding, generator, seed, tensor_scale=tensor_scale).output(x.shape, x.dtype)
 
 
 def saturated_rows(r: GridCast, fmt: Format) -> torch.Tensor:

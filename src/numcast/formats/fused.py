@@ -31,7 +31,7 @@ from dataclasses import replace
 
 import torch
 
-from numcast.formats.engine import cast_unchunked
+from numcast.formats.engine import cast_unchunked, tensor_scale_of
 from numcast.formats.layout import Layout
 from numcast.formats.spec import Format
 from numcast.libc import advise_huge_pages
@@ -111,11 +111,12 @@ def _kernel(key: KernelKey, into: bool) -> Callable:
     """The compiled rows cast of ``key`` (returning the rows, or writing them ``into`` a second argument)."""
     row_fmt, rounding, _dtype, _device = key  # dtype and device: only kernels of their own (a code object each)
 
-    def cast_rows(rows: torch.Tensor) -> torch.Tensor:
-        return cast_unchunked(rows, row_fmt, rounding)
+    def cast_rows(rows: torch.Tensor, tensor_scale: torch.Tensor | None = None) -> torch.Tensor:
+        return cast_unchunked(rows, row_fmt, rounding, tensor_scale=tensor_scale)
 
-    def cast_rows_into(rows: torch.Tensor, out: torch.Tensor) -> None:
-        out.copy_(cast_unchunked(rows, row_fmt, rounding))  # inductor stores the fused result straight into out
+    def cast_rows_into(rows: torch.Tensor, out: torch.Tensor, tensor_scale: torch.Tensor | None = None) -> None:
+        # inductor stores the fused result straight into out
+        out.copy_(cast_unchunked(rows, row_fmt, rounding, tensor_scale=tensor_scale))
 
     fn = _own_code(cast_rows_into if into else cast_rows, str(next(_SERIAL)))
     return torch.compile(fn, fullgraph=True)
@@ -161,10 +162,13 @@ def compiled_cast(x: torch.Tensor, fmt: Format, rounding: str, out: torch.Tensor
     if rows is None:
         rows = layout.to_rows(x)
     rows = _mark_dynamic(rows, layout)
+    # a two-level format's tensor scale comes in computed (a whole-tensor reduction inside the kernel made inductor
+    # emit it without OpenMP: one thread for the whole cast)
+    t = tensor_scale_of(x, fmt)
     if writes_into(x, fmt, out):
-        _kernel(kernel_key(x, fmt, rounding), True)(rows, _mark_dynamic(_rows_view(layout, out), layout))
+        _kernel(kernel_key(x, fmt, rounding), True)(rows, _mark_dynamic(_rows_view(layout, out), layout), t)
         return out
-    res = layout.from_rows(_kernel(kernel_key(x, fmt, rounding), False)(rows)).reshape(x.shape)
+    res = layout.from_rows(_kernel(kernel_key(x, fmt, rounding), False)(rows, t)).reshape(x.shape)
     return res if out is None else out.copy_(res)
 
 
