@@ -31,18 +31,25 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
     """Ask Linux to back the untouched memory of ``t`` (a CPU tensor) with transparent huge pages
     (``madvise(MADV_HUGEPAGE)`` on the 2 MiB-aligned part of its storage; kernel doc
     ``admin-guide/mm/transhuge``), so that the first write faults in one 2 MiB page at a time instead of 512
-    pages of 4 KiB. A fresh 64 MiB tensor written once costs about 3.5x a copy into touched memory without it
-    and about 1.3x with it (this 2-core machine; see :func:`numcast.formats.fused.fresh_output`). Values are
+    pages of 4 KiB (MXFP4 cast of a fresh 64 MiB output: ``benchmarks/formats.py``, README speed table). Values are
     unchanged; the memory is returned to the system as before when the tensor is freed. True when the kernel took
     the advice; False on other systems, for tensors under two huge pages, or when the kernel refused (THP
     ``never``)."""
     if not sys.platform.startswith("linux") or t.device.type != "cpu":
         return False
-    madvise = glibc("madvise")
+    madvise = _madvise()
     storage = t.untyped_storage()
     start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
     first, last = -(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE
     if madvise is None or last - first < 2 * HUGE_PAGE:
         return False
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return madvise(first, last - first, MADV_HUGEPAGE) == 0
+
+
+@functools.cache
+def _madvise():
+    """``madvise`` with its argument types declared (addresses above 2^31 need ``c_void_p``), or None."""
+    madvise = glibc("madvise")
+    if madvise is not None:
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise

@@ -59,7 +59,7 @@ def _cast_eager(x: torch.Tensor, fmt: Format, rounding: str | None = None, gener
     if not sc.scaled:  # element-wise: any slicing will do
         flat = x.reshape(-1)
         out = torch.empty_like(flat)
-        advise_huge_pages(out)  # written once, in order: huge pages fault in ~100x fewer times
+        advise_huge_pages(out)  # written once, in order: one fault per 2 MiB instead of per 4 KiB
         for i in range(0, flat.numel(), CHUNK_ELEMENTS):
             out[i : i + CHUNK_ELEMENTS] = cast_unchunked(flat[i : i + CHUNK_ELEMENTS], fmt, rounding)
         return out.reshape(x.shape)

@@ -496,11 +496,11 @@ class RTNGuard:
     """Error Diffusion's safeguard (``rtn_guard``): the model is never left further from the float model than
     round-to-nearest leaves it, measured on calibration data. Every ``EVERY``-th calibration batch (at least one)
     is a guard batch, and a third stream runs them through the RTN-quantized model, block by block beside the
-    two others; after the last block, the
-    quantized stream's output and the RTN stream's are compared with the float stream's (Σ squared error over the
-    guard batches, float64; under torch.distributed summed over the ranks in batch order), and when RTN's is
-    closer, every layer the blocks solved takes its RTN weights (and the float layers Error Diffusion re-fitted
-    their original weights; static input scales are calibrated again) — said in each layer's report.
+    two others; after the last block, the quantized stream's output and the RTN stream's are compared with the
+    float stream's (Σ squared error over the guard batches, float64; under torch.distributed summed over the ranks
+    in batch order), and when RTN's is closer, every layer the blocks solved takes its RTN weights (and the float
+    layers Error Diffusion re-fitted their original weights; static input scales are calibrated again) — said in
+    each layer's report.
 
     Why the whole model and not each group of layers: a choice per group by its block's output error (tried
     first) kept most solutions on MiniLM at MXFP4, each bringing its block's output closer to the float block's,
