@@ -5,16 +5,18 @@
         [--backends auto eager compiled] [--malloc both|inherit] [--json PATH]
     .venv/bin/python benchmarks/formats.py --render benchmarks/results/formats.json   # table of a saved run
 
-Backend ``auto`` is the default path users get, ``numcast.cast(x, fmt)`` with no backend argument (compiled
-for a tensor this large where a C++ compiler is present); ``eager`` and ``compiled`` are forced. The copy
-baseline ``y.copy_(x)`` into a preallocated tensor is timed in the same process; every cast is reported in
-milliseconds and as a multiple of it (timings on these machines vary up to 2× between runs, ratios within
-one run are what to compare). Each figure is the best of ``--repeat`` runs (default 10) after a warm-up
-call, whose time (``first_call_s``: the compile, for a compiled kernel not yet in inductor's on-disk cache)
-is recorded too. Every backend's output is checked bit-identical to the eager cast before it is timed. ``x`` and
-the copy's target are advised to huge pages before they are first written (``numcast.libc.advise_huge_pages``):
-otherwise the copy ran at 3.5 or at 2 ms depending on whether the kernel had yet merged their pages into huge ones.
-A cast's own fresh output is advised the same way by numcast (``formats.fused.fresh_output``).
+Backend ``auto`` is the default path users get, ``numcast.cast(x, fmt)`` with no backend argument (compiled for a
+tensor this large where a C++ compiler is present); ``eager`` and ``compiled`` are forced. The copy baseline
+``y.copy_(x)`` into a preallocated tensor is timed in the same process; every cast is reported in milliseconds and
+as a multiple of it (timings on these machines vary up to 2× between runs, ratios within one run are what to
+compare). Each figure is the best of ``--repeat`` runs (default 10) after a warm-up call, whose time
+(``first_call_s``: the compile, for a compiled kernel not yet in inductor's on-disk cache) is recorded too. A "bit
+cast probe" row times a compiled copy through two vector bit casts, the machine property that decides how fast
+kernels reading exponent bits can be (:func:`bit_cast_probe`). Every backend's output is checked bit-identical to
+the eager cast before it is timed. ``x`` and the copy's target are advised to huge pages before they are first
+written (``numcast.libc.advise_huge_pages``): otherwise the copy ran at 3.5 or at 2 ms depending on whether the
+kernel had yet merged their pages into huge ones. A cast's own fresh output is advised the same way by numcast
+(``formats.fused.fresh_output``).
 
 glibc returns freed 64 MiB buffers to the OS, so every fresh output page faults on first touch (in 4 KiB pages
 that cost more than the cast itself; numcast's huge-page advice cuts it to about a copy's time). ``--malloc
@@ -54,6 +56,14 @@ def best_ms(fn, repeat: int) -> tuple[float, float]:
         fn()
         ts.append(time.perf_counter() - t0)
     return 1e3 * min(ts), 1e3 * statistics.median(ts)
+
+
+def bit_cast_probe(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A copy through two vector bit casts: what a vector bit cast costs in an inductor kernel on this machine
+    (inductor writes it as a scalar loop through a stack buffer; some CPUs take that at a copy's speed, others at
+    several times it). numcast's compiled casts avoid bit casts for this reason
+    (``numcast.formats.element.round_nearest_even_arithmetic``)."""
+    return y.copy_((x.view(torch.int32) >> 1).view(torch.float32))
 
 
 def peer_fns(x: torch.Tensor) -> dict:
@@ -115,6 +125,10 @@ def run(args: argparse.Namespace) -> dict:
     y.zero_()
     copy_min, copy_med = best_ms(lambda: y.copy_(x), args.repeat)
     rows = [{"name": "copy (y.copy_(x))", "backend": "-", "ms": copy_min, "median_ms": copy_med, "x_copy": 1.0}]
+    probe = torch.compile(bit_cast_probe)
+    ms, med = best_ms(lambda: probe(x, y), args.repeat)
+    rows.append({"name": "bit cast probe", "backend": "compiled", "ms": ms, "median_ms": med,
+                 "x_copy": ms / copy_min, "note": "y = (x.view(int32) >> 1).view(float32), machine probe"})  # fmt: skip
     for name in args.formats:
         for backend in args.backends:
             kw = {} if backend == "auto" else {"backend": backend}  # auto: the default call, no argument

@@ -18,7 +18,9 @@ def test_glibc_lookup():
 
 @thp_available
 def test_a_large_fresh_tensor_is_advised_to_huge_pages():
-    t = torch.empty(4 * HUGE_PAGE // 4)  # 16 MiB of float32: served by its own mapping
+    # 64 MiB: above glibc's largest dynamic mmap threshold (32 MiB on 64-bit), so a fresh mapping of its own and
+    # never heap memory that an earlier test's advice already marked
+    t = torch.empty(32 * HUGE_PAGE // 4)
     assert "hg" not in vm_flags(t.data_ptr() + HUGE_PAGE)
     assert advise_huge_pages(t)
     assert "hg" in vm_flags(t.data_ptr() + 2 * HUGE_PAGE)  # the kernel took the advice (its 2 MiB-aligned part)

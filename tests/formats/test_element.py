@@ -11,7 +11,15 @@ import pytest
 import torch
 from helpers import adversarial_f32, assert_bitwise
 
-from numcast.formats.element import decode, decode_table, encode
+from numcast.formats.element import (
+    arithmetic_rounding_exact,
+    cast_element,
+    decode,
+    decode_table,
+    encode,
+    magnitude_codes,
+    work_dtype,
+)
 from numcast.formats.ops import cast
 from numcast.formats.registry import get_format, list_formats
 
@@ -154,3 +162,60 @@ def test_custom_minifloat_from_parameters_matches_ml_dtypes():
         fmt = get_format(spec)
         dt = REFERENCE[name]
         assert fmt.element.max == float(ml_dtypes.finfo(dt).max), name
+
+
+def _every_binade_f32() -> torch.Tensor:
+    """Float32 inputs from every exponent field (0…255, so subnormals, inf and NaN too), both signs: random
+    mantissas plus a one-bit mantissa at every position and its neighbours (the ties of every grid step)."""
+    rng = np.random.default_rng(1)
+    one_bit = np.array([1 << s for s in range(23)], dtype=np.int64)
+    mant = np.unique(np.concatenate([rng.integers(0, 1 << 23, 64), one_bit, one_bit - 1, one_bit + 1, [0]]))
+    bits = (np.arange(256, dtype=np.int64)[:, None] << 23 | mant[None, :]).ravel()
+    bits = np.concatenate([bits, bits | (1 << 31)]).astype(np.uint32)
+    return torch.from_numpy(bits.view(np.float32).copy())
+
+
+ARITHMETIC = [f.name for f in list_formats() if not f.scaling.scaled and not hasattr(f.element, "qmax")]
+
+
+@pytest.mark.parametrize("saturate", [True, False], ids=["saturate", "overflow"])
+@pytest.mark.parametrize("name", ARITHMETIC)
+def test_arithmetic_rounding_equals_exponent_bits(name, saturate):
+    """The compiled kernels' rounding (Veltkamp split + magic number, no bit casts) gives the bits of the
+    exponent-bit rounding on every float32 binade, wherever ``arithmetic_rounding_exact`` says it applies."""
+    e = get_format(name).element
+    for dtype in (torch.float32, torch.float64):
+        if not arithmetic_rounding_exact(e, dtype):
+            continue
+        x = _every_binade_f32().to(dtype)
+        x = torch.cat([x, x * 2.0**-60, x * 2.0**60]) if dtype == torch.float64 else x
+        ours = cast_element(x, e, saturate=saturate, arithmetic=True)
+        assert_bitwise(ours, cast_element(x, e, saturate=saturate, arithmetic=False), f"{name} {dtype}")
+
+
+def test_arithmetic_rounding_applies_to_the_common_formats():
+    """Guards the test above against testing nothing: the formats the fast kernels serve take the path."""
+    for name in ("fp8_e4m3", "fp8_e5m2", "fp6_e2m3", "fp6_e3m2", "fp4_e2m1", "bf16", "fp16"):
+        e = get_format(name).element
+        assert arithmetic_rounding_exact(e, work_dtype(e)), name
+
+
+TABLE_ENCODED = [n for n in UNSCALED if magnitude_codes(get_format(n).element) is not None]
+
+
+@pytest.mark.parametrize("name", TABLE_ENCODED)
+def test_table_encode_gives_every_finite_code(name):
+    """The table path of ``encode`` (finite inputs, no NaN/inf in the tensor) and its general path (a NaN in the
+    same tensor) both give back the code of every finite grid value, signed zeros included."""
+    e = get_format(name).element
+    codes = torch.arange(2**e.bits)
+    vals = decode(codes, e, torch.float32)
+    finite = torch.isfinite(vals)
+    assert torch.equal(encode(vals[finite], e).long(), codes[finite]), f"{name}: finite inputs"
+    if e.has_nan:
+        mixed = torch.cat([vals[finite], torch.tensor([math.nan])])
+        assert torch.equal(encode(mixed, e).long()[:-1], codes[finite]), f"{name}: with a NaN beside them"
+
+
+def test_table_encode_covers_the_block_formats_elements():
+    assert {"fp4_e2m1", "fp6_e2m3", "fp6_e3m2", "fp8_e4m3"} <= set(TABLE_ENCODED)

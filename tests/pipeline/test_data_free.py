@@ -82,3 +82,22 @@ def test_static_activations_need_calibration_and_get_calibrated():
 def test_gptq_is_refused_here_with_the_reason():
     with pytest.raises(ValueError, match="calibration pipeline"):
         quantize_data_free(nn.Linear(4, 4), Recipe(weights="mxfp4", method="gptq"))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_weight_is_refused_naming_the_layer_and_count(bad):
+    g = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+        model[2].weight[1, 3] = bad
+        model[2].weight[5, 0] = bad
+    with pytest.raises(ValueError, match=r"^2: 2 weight\(s\) are NaN or inf"):
+        quantize_data_free(model, Recipe(weights="mxfp4"))
+    with torch.no_grad():
+        model[2].weight.nan_to_num_(0.0, 0.0, 0.0)
+    assert {r.name for r in quantize_data_free(model, Recipe(weights="mxfp4")).layers if r.action == "quantized"} == {
+        "0",
+        "2",
+    }

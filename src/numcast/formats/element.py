@@ -55,14 +55,56 @@ def pow2(k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return ((k.to(itype) + bias) << mant).view(dtype)
 
 
+def arithmetic_rounding_exact(elem: Element, dtype: torch.dtype) -> bool:
+    """Whether :func:`round_nearest_even_arithmetic` gives :func:`cast_element`'s bits for ``elem`` in the work
+    ``dtype``: 2^emin is a normal number, |y| clamped to 2^(emax+1) times Veltkamp's 2^(p−1)+1 stays finite, and
+    the grid step of every binade is at least 2^(3−p)·2^e (p: the dtype's significand bits)."""
+    _, mant, bias = _int_view(dtype)
+    p = mant + 1
+    return elem.emin >= 1 - bias and elem.emax + 1 + p <= bias and elem.mbits <= p - 3
+
+
+def round_nearest_even_arithmetic(y: torch.Tensor, elem: Element) -> torch.Tensor:
+    """``y`` rounded to the element grid, ties to even, without reading or writing exponent bits; before
+    overflow handling (values beyond the grid come back larger than ``elem.max``, NaN stays NaN).
+
+    Same values and signs as :func:`floor_log2` / :func:`pow2` / ``torch.round`` (``tests/formats/test_element.py``
+    checks every float32 binade), for the compiled kernel: inductor writes a vector bit cast (``view(int32)``) as
+    a scalar loop through a stack buffer, which on some CPUs costs more than the whole cast. Two exact float
+    steps instead (p = the work dtype's significand bits, 24 for float32):
+
+    1. The binade's power of two 2^e of a = clamp(|y|, 2^emin, 2^(emax+1)) by Veltkamp's split (Dekker 1971,
+       "A floating-point technique for extending the available precision", §6): c = a·(2^(p−1)+1),
+       h = c − (c − a) is a rounded to one significant bit, so h ∈ {2^e, 2^(e+1)}; h > a means 2^(e+1): halve it.
+    2. Round to the step 2^(e−m) with the "magic number" M = 1.5·2^(p−1)·2^(e−m): y + M lies in the binade of M,
+       whose ulp is the step, so the float addition rounds y to the grid (ties to even) and (y + M) − M is exact
+       (Sterbenz). ``copysign`` restores the sign of results that round to zero.
+
+    Needs :func:`arithmetic_rounding_exact` and a compiler that does not contract ``a·C − a`` into an FMA
+    (inductor's default ``-ffp-contract=off``; its compiled kernels are checked against eager once).
+    """
+    p = _int_view(y.dtype)[1] + 1
+    a = y.abs().clamp(math.ldexp(1.0, elem.emin), math.ldexp(1.0, elem.emax + 1))
+    c = a * (math.ldexp(1.0, p - 1) + 1.0)
+    h = c - (c - a)
+    binade = torch.where(h > a, h * 0.5, h)
+    magic = binade * math.ldexp(1.5, p - 1 - elem.mbits)
+    return torch.copysign((y + magic) - magic, y)
+
+
 def cast_element(
     y: torch.Tensor,
     elem: Element,
     rounding: str = "nearest_even",
     noise: torch.Tensor | None = None,
     saturate: bool = True,
+    arithmetic: bool | None = None,
 ) -> torch.Tensor:
     """Round ``y`` (float32/float64) to the element grid; same dtype and shape.
+
+    ``arithmetic``: round to nearest even with :func:`round_nearest_even_arithmetic` instead of reading
+    exponent bits (same bits); None: in compiled code (``torch.compiler.is_compiling()``) where
+    :func:`arithmetic_rounding_exact` allows it, never in eager code, where bit views are free.
 
     Non-finite inputs: NaN stays NaN; ±inf stays ±inf in ``ieee`` formats and becomes NaN elsewhere (never a
     silent finite value). Finite overflow saturates to ±max when ``saturate`` (always for ``finite`` and
@@ -75,10 +117,15 @@ def cast_element(
         out = r * math.ldexp(1.0, -elem.frac_bits) if elem.frac_bits else r
         return torch.where(torch.isfinite(y), out, torch.full_like(out, math.nan))
 
-    e = floor_log2(y).clamp_(elem.emin, elem.emax + 1)
-    step = pow2(e - elem.mbits, y.dtype)  # grid spacing at y's binade
-    r = round_to_int(y / step, rounding, noise)  # exact: division by a power of two
-    out = r * step
+    if arithmetic is None:
+        arithmetic = torch.compiler.is_compiling() and arithmetic_rounding_exact(elem, y.dtype)
+    if arithmetic and rounding == "nearest_even":
+        out = round_nearest_even_arithmetic(y, elem)  # no bit casts: see the function
+    else:
+        e = floor_log2(y).clamp_(elem.emin, elem.emax + 1)
+        step = pow2(e - elem.mbits, y.dtype)  # grid spacing at y's binade
+        r = round_to_int(y / step, rounding, noise)  # exact: division by a power of two
+        out = r * step
     if saturate or elem.policy == "finite":
         out = out.clamp(-elem.max, elem.max)  # NaN passes through clamp
     elif elem.policy == "ieee":
@@ -163,21 +210,18 @@ def encode(values: torch.Tensor, elem: Element) -> torch.Tensor:
     if isinstance(elem, IntElement):
         q = (values * math.ldexp(1.0, elem.frac_bits)).round().to(torch.int64)
         return (q & (2**elem.bits - 1)).to(dt)
-    x = values.double()
+    table = magnitude_codes(elem)
+    if table is not None and not n_nan and (elem.policy != "ieee" or not torch.isinf(values).any()):
+        return _encode_finite_by_table(values, elem, table.to(values.device))
     m, eb = elem.mbits, elem.ebits
+    x = values if table is not None else values.double()
     sign = torch.signbit(x).long() if elem.signed else torch.zeros_like(x, dtype=torch.long)
     a = x.abs().nan_to_num(nan=0.0, posinf=0.0)
-    e = floor_log2(a).clamp(min=elem.emin)
-    if elem.policy == "fnu":
-        expf = e + elem.bias
-        man = torch.zeros_like(expf)
+    if table is not None:  # one exact multiply and a gather instead of a dozen float64 passes
+        magnitude = torch.take(table.to(a.device), (a * (1.0 / elem.min_subnormal)).long()).long()
     else:
-        is_sub = a < elem.min_normal
-        man_n = (a * pow2(m - e, torch.float64)).long() - 2**m
-        man_s = (a * math.ldexp(1.0, m - elem.emin)).long()
-        man = torch.where(is_sub, man_s, man_n)
-        expf = torch.where(is_sub, torch.zeros_like(e), e + elem.bias)
-    code = (sign << (eb + m)) | (expf << m) | man
+        magnitude = _magnitude_code_bits(a, elem)
+    code = (sign << (eb + m)) | magnitude
     if elem.policy == "ieee":
         inf = torch.isinf(x)
         code = torch.where(inf, (sign << (eb + m)) | ((2**eb - 1) << m), code)
@@ -189,3 +233,47 @@ def encode(values: torch.Tensor, elem: Element) -> torch.Tensor:
         code = torch.where(nan, torch.full_like(code, 1 << (elem.bits - 1)), code)
         code = torch.where((code == 1 << (elem.bits - 1)) & ~nan, torch.zeros_like(code), code)
     return code.to(dt)
+
+
+def _encode_finite_by_table(values: torch.Tensor, elem: Element, table: torch.Tensor) -> torch.Tensor:
+    """:func:`encode` of finite grid values by :func:`magnitude_codes`, in a few passes over the code dtype (uint8)
+    instead of int64 temporaries."""
+    code = torch.take(table, (values.abs() * (1.0 / elem.min_subnormal)).long())  # (faster than indexing)
+    if elem.signed:  # fnuz has no −0: a zero of either sign is code 0
+        negative = values < 0 if elem.policy == "fnuz" else torch.signbit(values)
+        code = code | (negative.to(code.dtype) << (elem.bits - 1))
+    return code
+
+
+def _magnitude_code_bits(a: torch.Tensor, elem: Element) -> torch.Tensor:
+    """Exponent and mantissa fields (int64) of the non-negative float64 grid values ``a``, from their bits."""
+    m = elem.mbits
+    e = floor_log2(a).clamp(min=elem.emin)
+    if elem.policy == "fnu":
+        return (e + elem.bias) << m
+    is_sub = a < elem.min_normal
+    man_n = (a * pow2(m - e, torch.float64)).long() - 2**m
+    man_s = (a * math.ldexp(1.0, m - elem.emin)).long()
+    man = torch.where(is_sub, man_s, man_n)
+    expf = torch.where(is_sub, torch.zeros_like(e), e + elem.bias)
+    return (expf << m) | man
+
+
+@functools.lru_cache(maxsize=256)
+def magnitude_codes(elem: Element) -> torch.Tensor | None:
+    """The code of each non-negative finite grid value v at index v / min_subnormal (in the code dtype, at most
+    256 KiB), for minifloats of ≤ 8 bits whose largest value is at most 2^18 smallest subnormals (E2M1, E2M3,
+    E3M2, E4M3; not E5M2 or E8M0); None for the others. Every grid value is an integer multiple of the smallest
+    subnormal, so the index is exact. :func:`encode` uses it; its two paths agree on every code
+    (``tests/formats/test_element.py``)."""
+    if isinstance(elem, IntElement) or elem.bits > 8 or elem.policy == "fnu":
+        return None
+    span = elem.max / elem.min_subnormal
+    if span > 2**18:
+        return None
+    values = decode_table(elem, torch.float64).tolist()
+    table = torch.zeros(int(span) + 1, dtype=code_dtype(elem.bits))
+    for code, v in enumerate(values):
+        if math.isfinite(v) and math.copysign(1.0, v) > 0:  # +0 and the positive grid (not −0, not NaN)
+            table[int(v / elem.min_subnormal)] = code
+    return table

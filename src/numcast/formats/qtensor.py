@@ -57,8 +57,9 @@ class QTensor:
         """Encode an engine result (:func:`numcast.formats.engine.grid_cast`) of a ``shape`` tensor."""
         sc = r.scales
         values = r.values
-        if sc.scale is not None:  # a NaN scale already says "this block is NaN": store its elements as 0
-            values = torch.where(torch.isnan(sc.scale.to(values.dtype))[:, None], torch.zeros_like(values), values)
+        nan_blocks = torch.isnan(sc.scale) if sc.scale is not None else None
+        if nan_blocks is not None and nan_blocks.any():  # a NaN scale says "this block is NaN": its elements as 0
+            values = values.masked_fill(nan_blocks.to(values.device)[:, None], 0.0)
         codes = r.layout.from_rows(encode(values, fmt.element)).reshape(shape).contiguous()
         scale_codes = zp = None
         if sc.scale is not None:
