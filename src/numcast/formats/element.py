@@ -74,18 +74,20 @@ def round_nearest_even_arithmetic(y: torch.Tensor, elem: Element) -> torch.Tenso
     steps instead (p = the work dtype's significand bits, 24 for float32):
 
     1. The binade's power of two 2^e of a = clamp(|y|, 2^emin, 2^(emax+1)) by Veltkamp's split (Dekker 1971,
-       "A floating-point technique for extending the available precision", §6): c = a·(2^(p−1)+1),
-       h = c − (c − a) is a rounded to one significant bit, so h ∈ {2^e, 2^(e+1)}; h > a means 2^(e+1): halve it.
+       "A floating-point technique for extending the available precision", §6): c = a·(2^(p−1)+1), computed as
+       a·2^(p−1) + a (an exact product, so an FMA gives the same c), and h = c − (c − a) is a rounded to one
+       significant bit, so h ∈ {2^e, 2^(e+1)}; h > a means 2^(e+1): halve it.
     2. Round to the step 2^(e−m) with the "magic number" M = 1.5·2^(p−1)·2^(e−m): y + M lies in the binade of M,
        whose ulp is the step, so the float addition rounds y to the grid (ties to even) and (y + M) − M is exact
        (Sterbenz). ``copysign`` restores the sign of results that round to zero.
 
-    Needs :func:`arithmetic_rounding_exact` and a compiler that does not contract ``a·C − a`` into an FMA
-    (inductor's default ``-ffp-contract=off``; its compiled kernels are checked against eager once).
+    Needs :func:`arithmetic_rounding_exact`. Every product here is exact (a power of two, or 1.5 times one, times
+    a float), so a compiler that contracts a product and a sum into an FMA (``TORCHINDUCTOR_CPP_ENABLE_FLOATING_
+    POINT_CONTRACT_FLAG=fast``) computes the same bits.
     """
     p = _int_view(y.dtype)[1] + 1
     a = y.abs().clamp(math.ldexp(1.0, elem.emin), math.ldexp(1.0, elem.emax + 1))
-    c = a * (math.ldexp(1.0, p - 1) + 1.0)
+    c = a * math.ldexp(1.0, p - 1) + a  # = a·(2^(p−1)+1) rounded once, also when contracted to an FMA
     h = c - (c - a)
     binade = torch.where(h > a, h * 0.5, h)
     magic = binade * math.ldexp(1.5, p - 1 - elem.mbits)
