@@ -22,6 +22,7 @@ from numcast.formats.element import (
 )
 from numcast.formats.ops import cast
 from numcast.formats.registry import get_format, list_formats
+from numcast.formats.spec import IntElement
 
 # numcast name -> reference numpy dtype
 REFERENCE = {
@@ -175,7 +176,7 @@ def _every_binade_f32() -> torch.Tensor:
     return torch.from_numpy(bits.view(np.float32).copy())
 
 
-ARITHMETIC = [f.name for f in list_formats() if not f.scaling.scaled and not hasattr(f.element, "qmax")]
+ARITHMETIC = [f.name for f in list_formats() if not f.scaling.scaled and not isinstance(f.element, IntElement)]
 
 
 @pytest.mark.parametrize("saturate", [True, False], ids=["saturate", "overflow"])
