@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -106,14 +107,52 @@ thp_available = pytest.mark.skipif(
 )
 
 
-def vm_flags(address: int) -> set[str]:
-    """The kernel's VmFlags of the mapping that holds ``address`` (``hg``: advised to huge pages)."""
-    inside = False
+def smaps_entry(address: int) -> dict[str, str]:
+    """The kernel's ``/proc/self/smaps`` entry of the mapping that holds ``address``: field → value text
+    (``Rss`` in kB, ``VmFlags``; ``path``: the mapped file, empty for anonymous memory)."""
+    entry: dict[str, str] | None = None
     for line in Path("/proc/self/smaps").read_text().splitlines():
         head = line.split()[0]
         if "-" in head and not head.endswith(":"):
+            if entry is not None:
+                break
             lo, hi = (int(v, 16) for v in head.split("-"))
-            inside = lo <= address < hi
-        elif inside and head == "VmFlags:":
-            return set(line.split()[1:])
-    raise AssertionError(f"no mapping holds {address:#x}")
+            if lo <= address < hi:
+                fields = line.split(maxsplit=5)
+                entry = {"path": fields[5] if len(fields) == 6 else ""}
+        elif entry is not None:
+            entry[head.rstrip(":")] = line.split(maxsplit=1)[1] if len(line.split()) > 1 else ""
+    if entry is None:
+        raise AssertionError(f"no mapping holds {address:#x}")
+    return entry
+
+
+def vm_flags(address: int) -> set[str]:
+    """The kernel's VmFlags of the mapping that holds ``address`` (``hg``: advised to huge pages)."""
+    return set(smaps_entry(address)["VmFlags"].split())
+
+
+def rss_kb(address: int) -> int:
+    """Resident kB of the mapping that holds ``address``."""
+    return int(smaps_entry(address)["Rss"].split()[0])
+
+
+def sync_file(path) -> None:
+    """Write a just-written file's pages to disk (fsync): the kernel reclaims only clean file pages, so a test of
+    giving pages back needs a checkpoint as a user has one, not one still being written back."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def resident_bytes(t: torch.Tensor) -> int:
+    """Bytes of the pages holding ``t``'s data that this process has resident (``/proc/self/pagemap``, bit 63:
+    page present; kernel doc ``admin-guide/mm/pagemap``), boundary pages included."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    first, end = t.data_ptr() // page, -(-(t.data_ptr() + t.numel() * t.element_size()) // page)
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(first * 8)
+        entries = np.frombuffer(f.read((end - first) * 8), dtype=np.uint64)
+    return int(((entries >> np.uint64(63)) & np.uint64(1)).sum()) * page

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import sys
 
+import pytest
 import torch
-from helpers import thp_available, vm_flags
+from helpers import rss_kb, smaps_entry, sync_file, thp_available, vm_flags
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from numcast.libc import HUGE_PAGE, advise_huge_pages, glibc
+from numcast.libc import HUGE_PAGE, advise_huge_pages, glibc, page_out_file_pages
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc/self/smaps: Linux")
 
 
 def test_glibc_lookup():
@@ -31,3 +36,39 @@ def test_a_large_fresh_tensor_is_advised_to_huge_pages():
 def test_small_and_non_cpu_tensors_are_left_alone():
     assert not advise_huge_pages(torch.empty(1000))  # under two huge pages
     assert not advise_huge_pages(torch.empty(8 * HUGE_PAGE, device="meta"))
+
+
+def _file_tensor(path, n: int) -> torch.Tensor:
+    """``n`` float32 values read from a safetensors file (safetensors maps it privately; transformers loads
+    checkpoints so), every page touched."""
+    save_file({"w": torch.arange(n, dtype=torch.float32)}, path)
+    sync_file(path)
+    with safe_open(path, framework="pt") as f:
+        t = f.get_tensor("w")
+    assert torch.equal(t, torch.arange(n, dtype=torch.float32))  # reads every page: resident now
+    return t
+
+
+@linux_only
+def test_page_out_gives_back_a_file_mapping_and_keeps_its_values(tmp_path):
+    n = 4 << 20  # 16 MiB
+    t = _file_tensor(tmp_path / "w.safetensors", n)
+    before = rss_kb(t.data_ptr())
+    assert smaps_entry(t.data_ptr())["path"].endswith("w.safetensors") and before >= 15 * 1024
+    t[5] = -1.0  # a page the process wrote to (copy-on-write: now anonymous memory of this process)
+    advised = page_out_file_pages(t)
+    assert advised >= 4 * n - 2 * 4096  # the whole pages inside the tensor's bytes
+    after = rss_kb(t.data_ptr())
+    assert after <= 64, (before, after)  # the clean pages left; at most the written one stays
+    expected = torch.arange(n, dtype=torch.float32)
+    expected[5] = -1.0
+    assert torch.equal(t, expected)  # read back from the file, the written page kept
+
+
+@linux_only
+def test_page_out_leaves_anonymous_memory_and_partial_pages_alone():
+    t = torch.ones(4 << 20)
+    assert page_out_file_pages(t) == 0  # not a file mapping: never paged out
+    assert rss_kb(t.data_ptr()) >= 15 * 1024
+    assert page_out_file_pages(torch.ones(100)) == 0
+    assert page_out_file_pages(torch.empty(4 << 20, device="meta")) == 0

@@ -71,6 +71,27 @@ def test_quant_embedding_and_set_qweight():
         QuantLinear(lin, "int4_g32", qweight=rtn(torch.randn(8, 16), "int4_g32"))
 
 
+def test_a_released_float_weight_is_decoded_again_where_the_module_was_moved():
+    lin = nn.Linear(64, 16)
+    q = QuantLinear(lin, "mxfp4")
+    x = torch.randn(3, 64, generator=gen(5))
+    y = q(x)
+    q.release_float_weight()
+    assert q._buffers["weight"] is None and "weight" not in dict(q.named_buffers())  # the memory is gone
+    assert_bitwise(q(x), y, "forward after release")  # decoded again on use, and cached
+    assert q._buffers["weight"] is not None
+    q.release_float_weight()
+    q.double()  # a move while released: the weight decodes in the module's new dtype
+    assert q.weight.dtype == torch.float64 and torch.equal(q.weight, cast(lin.weight.detach(), "mxfp4").double())
+    from numcast.algorithms.rtn import rtn
+
+    other = rtn(torch.randn(16, 64, generator=gen(6)), "mxfp4")
+    q.release_float_weight()
+    q.set_qweight(other)  # stays released: no decode until used
+    assert q._buffers["weight"] is None
+    assert torch.equal(q.weight, other.dequantize().double())
+
+
 def test_static_activation_observers():
     x = torch.randn(100_000, generator=gen(5)) * 3
     x[0:6:2] = 40.0  # three outliers (on the observer's sampling stride)

@@ -4,6 +4,7 @@ layer gets a method and an SQNR, grouped convolutions get per-group Hessians."""
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -410,3 +411,40 @@ def test_rtn_guard_reverts_static_activation_layers_with_their_scales_calibrated
     assert quantizers and all(q.calibrated and not q.bypass for q in quantizers)
     with torch.no_grad():
         assert torch.isfinite(model(batches(1, seed=5)[0])).all()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/pagemap: Linux")
+def test_an_in_memory_run_holds_finished_blocks_as_codes_and_gives_back_checkpoint_pages(tmp_path):
+    """A checkpoint transformers memory-maps: after GPTQ in memory, the quantized layers' pages of the file are
+    no longer resident (each was read by the probe forward, the finiteness check and the solve) and no finished
+    layer keeps its float copy; the model still computes what its codes say."""
+    import transformers as tf
+    from helpers import resident_bytes, smaps_entry, sync_file
+
+    from numcast.nn.modules import QuantWeightModule
+
+    config = tf.LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+                            num_attention_heads=4, tie_word_embeddings=False)  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        tf.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    sync_file(tmp_path / "model.safetensors")
+    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    originals = {n: m.weight for n, m in model.model.layers.named_modules() if isinstance(m, nn.Linear)}
+    assert smaps_entry(originals["1.mlp.up_proj"].data_ptr())["path"].endswith("model.safetensors")  # mapped
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    batches = [{"input_ids": ids[i : i + 2]} for i in (0, 2)]
+    with torch.no_grad():
+        model(**batches[0])
+    assert all(resident_bytes(w) >= w.nbytes for w in originals.values())  # a forward leaves them resident
+    result = quantize_blockwise(model, list(model.model.layers), batches, Recipe(weights="mxfp4", method="gptq"),
+                                progress=False)  # fmt: skip
+    left = {n: resident_bytes(w) for n, w in originals.items()}
+    # what may stay: the pages each weight shares with a neighbour, and pages a core has not yet put on the
+    # kernel's LRU lists (per-CPU batches of a few dozen pages cannot be reclaimed until drained)
+    assert sum(left.values()) <= 0.1 * sum(w.nbytes for w in originals.values()), left
+    layers = [m for m in model.model.layers.modules() if isinstance(m, QuantWeightModule)]
+    assert len(layers) == 14 and all(m._buffers["weight"] is None for m in layers)  # codes only
+    for m in layers:
+        assert torch.equal(m.weight, m.qweight.dequantize().reshape(m.weight_shape))  # decoded again on use
+    assert [r.method for r in result.layers if r.action == "quantized"] == ["gptq"] * 14

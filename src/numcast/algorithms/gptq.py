@@ -80,11 +80,17 @@ def gptq(
     perm = torch.argsort(diag.sum(0), descending=True) if act_order else idx
     # the quantizer works in original column order; GPTQ visits columns in `perm` order
     cq = ColumnQuantizer(w.float(), fmt, scale_rule="static" if act_order else "dynamic")
-    w = w[:, perm]
-    h = h[:, perm][:, :, perm]
+    if act_order:  # (the identity order needs no permuted copies: [in, in] float64 each)
+        w = w[:, perm]
+        h = h[:, perm][:, :, perm]
     mean_diag = torch.diagonal(h, dim1=1, dim2=2).mean(1)
-    h += (damp * mean_diag)[:, None, None] * torch.eye(in_f, dtype=h.dtype)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # [g, in, in]
+    torch.diagonal(h, dim1=1, dim2=2).add_((damp * mean_diag)[:, None])
+    # H⁻¹'s upper Cholesky factor [g, in, in], at most two such float64 matrices alive at a time (down
+    # projections of LLMs: in = 2816 … 28672)
+    hinv = torch.linalg.cholesky(h)
+    del h
+    hinv = torch.cholesky_inverse(hinv)
+    hinv = torch.linalg.cholesky(hinv, upper=True)
     if fmt_block and not act_order:
         block_size = max(fmt_block, block_size // fmt_block * fmt_block)
     q = torch.zeros_like(w)

@@ -1,5 +1,7 @@
 """Quantized layers: weights stored as a packed :class:`~numcast.formats.qtensor.QTensor`, dequantized once
-(cached) for a float forward; optional input and output activation quantizers.
+(cached) for a float forward; optional input and output activation quantizers. The cached float weight can be
+released (:meth:`QuantWeightModule.release_float_weight`): the block-wise runner does so for every block it has
+finished, so that the quantize phase holds only codes; the first use decodes it again.
 
 Blocks run along the reduction axis: Linear weights [out, in] along ``in``; convolution weights
 [out, in/groups, *k] are viewed as [out, in/groups·Πk] (grouped and depthwise convolutions included), and
@@ -20,9 +22,11 @@ from numcast.nn.act_quant import ActQuantizer
 
 class QuantWeightModule(nn.Module):
     """The base of numcast's quantized layers: holds ``qweight`` (QTensor of the 2-D view) and a cached float
-    ``weight`` of the module's shape, and the optional input and output quantizers."""
+    ``weight`` of the module's shape (a non-persistent buffer, decoded again on first use once released), and the
+    optional input and output quantizers."""
 
     weight_shape: tuple[int, ...]
+    _weight_like: torch.Tensor  # empty: the device and dtype of the float weight, moved by .to() like a buffer
 
     def _init_quant(
         self,
@@ -41,14 +45,38 @@ class QuantWeightModule(nn.Module):
         if tuple(qweight.shape) != expected:
             raise ValueError(f"qweight shape {qweight.shape} does not match the weight view {expected}")
         self.qweight = qweight
-        self.register_buffer("weight", qweight.dequantize().reshape(self.weight_shape), persistent=False)
+        cached = qweight.dequantize().reshape(self.weight_shape)
+        self._weight_like = cached.new_empty(0)
+        self.register_buffer("weight", cached, persistent=False)
         self.input_quant = _act(input_format, act_axis)
         self.output_quant = _act(output_format, act_axis)
 
     def set_qweight(self, qweight: QTensor) -> None:
-        """Replace the quantized weight (a solver's result) and refresh the cached float weight."""
+        """Replace the quantized weight (a solver's result); a cached float weight is refreshed."""
         self.qweight = qweight
-        self.weight = qweight.dequantize().reshape(self.weight_shape).to(self.weight.device)
+        if self._buffers.get("weight") is not None:
+            self.weight = self._decoded_weight()
+
+    def release_float_weight(self) -> None:
+        """Free the cached float weight (its codes stay; the next read of ``weight`` decodes it again, on the
+        device and in the dtype the module has been moved to). A module without codes (spilled to disk) keeps
+        what it has."""
+        if self.qweight is not None:
+            self._buffers["weight"] = None
+
+    def _decoded_weight(self) -> torch.Tensor:
+        like = self._weight_like
+        return self.qweight.dequantize().reshape(self.weight_shape).to(device=like.device, dtype=like.dtype)
+
+    def __getattr__(self, name: str):
+        buffers = self.__dict__["_buffers"]
+        if name == "weight" and buffers.get("weight") is None and self.__dict__.get("qweight") is not None:
+            buffers["weight"] = self._decoded_weight()  # released: decoded again, and cached
+        return super().__getattr__(name)
+
+    def _apply(self, fn, recurse=True):
+        self._weight_like = fn(self._weight_like)  # .to(device / dtype) moves where a released weight decodes to
+        return super()._apply(fn, recurse)
 
     def _quantized_io(self, x: torch.Tensor, fn) -> torch.Tensor:
         if self.input_quant is not None:

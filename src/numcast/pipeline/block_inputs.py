@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from numcast.libc import page_out_module
+from numcast.nn.modules import QuantWeightModule
 from numcast.nn.observe import call_model
 from numcast.pipeline.offload import DiskOffload
 
@@ -60,6 +62,14 @@ class Placement:
         """The runner is done with ``block``: its quantized layers are spilled and its weights released."""
         if self.disk is not None:
             self.disk.leave(block)
+
+    def release(self, finished: nn.Module) -> None:
+        """The runner is done with the ``finished`` block (as the model now calls it): its quantized layers'
+        cached float weights are freed (their codes stay; the first use after the run decodes them again), so
+        that an in-memory run holds the finished part of the model as codes only."""
+        for m in finished.modules():
+            if isinstance(m, QuantWeightModule):
+                m.release_float_weight()
 
     def compute(self, obj):
         return obj.to(self.device) if isinstance(obj, nn.Module) else _move(obj, self.device)
@@ -173,7 +183,7 @@ def probe_transitions(model: nn.Module, blocks: list[nn.Module], batch, placemen
     called by the forward, and no block more than once (``ValueError`` naming it otherwise). A later block the
     forward never calls (a view over the model's modules, like a classifier head assembled for quantization)
     reads the previous block's output (``direct``). Only the latest block's call and output are held while the
-    forward runs (memory of one block)."""
+    forward runs, and each block's checkpoint pages are given back after it ran (memory of one block)."""
     count = [0] * len(blocks)
     kinds = ["first"] + [DIRECT] * (len(blocks) - 1)
     held: dict[int, tuple[BlockCall, object]] = {}  # the latest finished block: its call and output
@@ -194,6 +204,7 @@ def probe_transitions(model: nn.Module, blocks: list[nn.Module], batch, placemen
     def post(i: int, out) -> None:
         held.clear()
         held[i] = (pending.pop(i), out)
+        page_out_module(blocks[i])  # one forward over a memory-mapped model would leave all of it resident
 
     hooks = []
     for i, b in enumerate(blocks):

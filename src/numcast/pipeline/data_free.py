@@ -11,6 +11,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from numcast.libc import page_out_module
 from numcast.nn.act_quant import ActQuantizer, calibrate
 from numcast.nn.convert import make_quantizable
 from numcast.nn.observe import call_model
@@ -56,6 +57,7 @@ def quantize_data_free(
         if plan.quantized:
             new = make_quant_module(plan, recipe, qweight=method.quantize_layer(plan))
             set_module(model, plan.name, new)
+            page_out_module(plan.module)  # the float layer's pages of a memory-mapped checkpoint go back
             plan.module, plan.method = new, method.name
     if static:
         calibrate_activations(model, batches)

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from numcast.libc import page_out_file_pages
 from numcast.nn.act_quant import ActQuantizer
 from numcast.nn.surgery import quant_class, why_not_quantizable
 from numcast.pipeline.accumulator import check_budgets, check_weight_format, resolve_input_signs
@@ -96,11 +97,16 @@ def _check_patterns(recipe: Recipe, names: list[str]) -> None:
                              f"{shown}; `*` matches dots too)")  # fmt: skip
 
 
-def check_finite_weights(plans: list[LayerPlan]) -> None:
-    """``ValueError`` naming the first layer whose weight holds NaN or inf."""
+def check_finite_weights(plans: list[LayerPlan], page_out: bool = False) -> None:
+    """``ValueError`` naming the first layer whose weight holds NaN or inf. With ``page_out`` a weight read from a
+    memory-mapped checkpoint has its pages given back after its check (:func:`~numcast.libc.page_out_file_pages`):
+    checking a whole model up front would otherwise leave all of it resident before the first layer is solved."""
     for p in plans:
         w = p.module.weight.detach()
-        if w.numel() and all(map(math.isfinite, torch.aminmax(w))):  # one pass; NaN and ±inf reach the extremes
+        finite = w.numel() and all(map(math.isfinite, torch.aminmax(w)))  # one pass; NaN and ±inf reach the extremes
+        if page_out:
+            page_out_file_pages(w)
+        if finite:
             continue
         bad = int((~torch.isfinite(w)).sum())
         if bad:
@@ -116,7 +122,7 @@ def resolve_plans(model: nn.Module, plans: list[LayerPlan], recipe: Recipe, batc
         why = "; ".join(f"{p.name}: {p.reason}" for p in plans[:4]) or "the model holds no parameters"
         raise ValueError(f"nothing to quantize: all {len(plans)} modules with parameters stay in float ({why}"
                          f"{'; ...' if len(plans) > 4 else ''})")  # fmt: skip
-    check_finite_weights([p for p in todo if not p.module.weight.is_meta])  # offloaded ones: when loaded
+    check_finite_weights([p for p in todo if not p.module.weight.is_meta], page_out=True)  # offloaded: when loaded
     if recipe.mixed_precision.to_decide:
         if any(p.module.weight.is_meta for p in todo):
             raise ValueError("mixed precision measures every layer before quantizing; it does not run with the "

@@ -46,6 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from numcast.formats.qtensor import QTensor
+from numcast.libc import page_out_module
 from numcast.nn.act_quant import ActQuantizer, calibrate
 from numcast.nn.convert import make_quantizable
 from numcast.nn.surgery import set_module
@@ -123,6 +124,7 @@ class OpenBlock:
         else:
             self.block = new
         self.installed.pop(id(plan.module), None)  # a quantized version replaced by another
+        page_out_module(plan.module)  # the replaced layer's pages of a memory-mapped checkpoint go back
         plan.module = new
         self.installed[id(new)] = (plan, twin)
 
@@ -481,6 +483,7 @@ def _quantize_blockwise(model, blocks, batches, recipe, placement, true_sequenti
         if guard:
             guard.advance(job, block)  # after the streams: the float twin becomes the RTN block
         blocks_now[i] = placement.offload(job.block)
+        placement.release(blocks_now[i])
         del job, floats  # the float twin, the float originals and the kept float inputs go (memory ~ one model)
         placement.leave(block)
         trim_heap()

@@ -23,13 +23,25 @@ from torch import nn
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (MiB): Linux VmHWM (which :class:`PhasePeaks` resets), else
     ru_maxrss (KiB on Linux)."""
+    kib = _proc_status_kib("VmHWM")
+    return (kib if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now (MiB): Linux VmRSS, else the peak so far (:func:`peak_rss_mb`)."""
+    kib = _proc_status_kib("VmRSS")
+    return kib / 1024 if kib is not None else peak_rss_mb()
+
+
+def _proc_status_kib(field: str) -> int | None:
+    """A kB field of ``/proc/self/status`` (proc(5)), or None where there is none."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return None
 
 
 def _reset_peak() -> bool:
