@@ -184,3 +184,19 @@ def test_identity_q_refits_float_weights():
     refit = error_diffusion(w, *grams(a, a_hat), None).weight
     best = torch.linalg.lstsq(a_hat.double(), a.double() @ w.double().T).solution.T  # the least-squares optimum
     assert rel_error(a, a_hat, w, best) <= rel_error(a, a_hat, w, refit) < rel_error(a, a_hat, w, w)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_overwrite_gram_gives_the_same_bits(order):
+    """``overwrite_gram`` permutes the caller's matrices in place (one order) or leaves them alone (``auto``); the
+    result is the same either way."""
+    w = weight(24, 64)
+    a, a_hat = streams(256, 64, noise=0.2)
+    g, h = grams(a, a_hat)
+    want = error_diffusion(w, g, h, "mxfp4", order=order)
+    g2, h2 = g.clone(), h.clone()
+    got = error_diffusion(w, g2, h2, "mxfp4", order=order, overwrite_gram=True)
+    assert_bitwise(got.weight, want.weight, order)
+    assert got.order == want.order
+    unchanged = torch.equal(g2, g) and torch.equal(h2, h)
+    assert unchanged == (order in ("auto", "natural"))  # otherwise permuted in their own memory

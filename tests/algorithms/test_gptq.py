@@ -101,3 +101,42 @@ def test_grouped_hessians_equal_separate_gptq_per_group():
         assert torch.allclose(grouped[4 * k : 4 * k + 4], alone, atol=1e-6), k
     with pytest.raises(ValueError, match="does not match"):
         gptq(w, torch.stack([hessian(xs[0])] * 5), "int4_channel")
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_the_factorisation_reads_the_lower_triangle_in_either_layout_and_leaves_the_input_alone(act_order):
+    """LAPACK's convention: only H's lower triangle is read (a Gram sum is symmetric only up to rounding; with
+    act-order, the lower triangle of P H P), whether H comes row-major or column-major; the caller's H is
+    unchanged unless ``overwrite_h``."""
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(8))
+    h = hessian(correlated_inputs(512, 64))
+    want = gptq(w, h, "mxfp4", act_order=act_order)
+    upper = torch.triu(torch.ones(64, 64, dtype=torch.bool), 1)
+    # a different, asymmetric strict upper triangle (act-order moves entries across the diagonal: H itself)
+    scrambled = h if act_order else torch.where(upper, h * 1.5 + 1.0, h)
+    column_major = scrambled.mT.contiguous().mT
+    for given in (scrambled, column_major):
+        before = given.clone()
+        got = gptq(w, given, "mxfp4", act_order=act_order)
+        assert_bitwise(got.weight, want.weight, "layout")
+        assert got.proxy_loss == want.proxy_loss
+        assert torch.equal(given, before), "the input Hessian was modified"
+    single = h.float()  # a float32 Hessian: its float64 values, and left alone
+    before = single.clone()
+    got = gptq(w, single, "mxfp4", act_order=act_order, overwrite_h=True)
+    assert_bitwise(got.weight, gptq(w, single.double(), "mxfp4", act_order=act_order).weight, "float32 H")
+    assert torch.equal(single, before)
+
+
+def test_overwrite_h_factors_the_callers_column_major_buffer_in_place():
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(9))
+    h = hessian(correlated_inputs(512, 64))
+    want = gptq(w, h, "int4_g32")
+    buffer = h.mT.contiguous().mT
+    got = gptq(w, buffer, "int4_g32", overwrite_h=True)
+    assert_bitwise(got.weight, want.weight, "in place")
+    assert not torch.equal(buffer, h)  # it now holds the factor
+    assert not torch.tril(buffer, -1).any() and (torch.diagonal(buffer) > 0).all()  # H⁻¹'s upper Cholesky factor
+    row_major = h.clone()  # a layout it cannot factor in place: copied, left alone
+    assert_bitwise(gptq(w, row_major, "int4_g32", overwrite_h=True).weight, want.weight, "copied")
+    assert torch.equal(row_major, h)

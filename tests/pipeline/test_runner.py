@@ -448,3 +448,49 @@ def test_an_in_memory_run_holds_finished_blocks_as_codes_and_gives_back_checkpoi
     for m in layers:
         assert torch.equal(m.weight, m.qweight.dequantize().reshape(m.weight_shape))  # decoded again on use
     assert [r.method for r in result.layers if r.action == "quantized"] == ["gptq"] * 14
+
+
+@pytest.mark.parametrize("kind", [HessianStatistics, GramStatistics])
+def test_the_last_reader_takes_the_sums_and_earlier_readers_get_copies(kind):
+    """q/k/v share one statistics object: the first two reads get fresh tensors, the third the sums' own memory
+    (float64 [in, in] each), the same values every time; a fourth read is refused. Unknown readers: never spent."""
+    lin = nn.Linear(16, 4)
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(11))
+
+    def fed(readers):
+        s = kind()
+        s.add(lin, x, x + 0.1) if kind is GramStatistics else s.add(lin, x)
+        s.readers = readers
+        return s
+
+    def values(r):
+        return [t.clone() for t in (r if isinstance(r, tuple) else (r,))]
+
+    want = values(fed(None).result())
+    s = fed(3)
+    sums = [s.h] if kind is HessianStatistics else [s.g, s.h]
+    for read in range(3):
+        got = s.result()
+        for t, v, mine in zip(got if isinstance(got, tuple) else (got,), want, sums, strict=True):
+            assert_bitwise(t, v, f"read {read}")
+            assert (t.data_ptr() == mine.data_ptr()) == (read == 2)
+    with pytest.raises(RuntimeError, match="last reader"):
+        s.result()
+    forever = fed(None)
+    for _ in range(3):
+        for t, v in zip(values(forever.result()), want, strict=True):
+            assert_bitwise(t, v, "unknown readers")
+
+
+def test_hessian_in_column_major_layout_has_the_same_values():
+    lin = nn.Linear(16, 4)
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(12))
+    for readers in (None, 1):
+        s = HessianStatistics()
+        s.add(lin, x)
+        s.readers = readers
+        rows = s.result() if readers is None else None
+        h = s.result(column_major=True)
+        assert h.mT.is_contiguous()
+        if rows is not None:
+            assert_bitwise(h, rows, "layout")

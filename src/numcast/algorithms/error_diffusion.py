@@ -141,6 +141,7 @@ def error_diffusion(
     *,
     scale_rule: str = "static",
     order: str = "strong-first",
+    overwrite_gram: bool = False,
 ) -> EDResult:
     """Quantize ``weight`` [out, in] to ``fmt`` from the Gram matrices ``g`` = ÂᵀA and ``h`` = ÂᵀÂ.
 
@@ -150,7 +151,9 @@ def error_diffusion(
     factor of g and h (e.g. 1/m) cancels. ``order``: the column order (module docstring; ``auto`` keeps the
     better of strong-first and weak-first by the objective; the one used is ``EDResult.order``).
     ``fmt=None`` is Q = identity: the float weight re-fitted to the quantized network's inputs (the paper's
-    calibration of layers kept in high precision; ``qtensor`` None)."""
+    calibration of layers kept in high precision; ``qtensor`` None). ``overwrite_gram``: ``g`` and ``h`` are the
+    caller's to lose; with one column order and contiguous float64 matrices they are permuted in place (two
+    float64 [in, in] matrices alive instead of four)."""
     _check(weight, g, h)
     if g.dim() == 2:
         g, h = g[None], h[None]
@@ -161,9 +164,10 @@ def error_diffusion(
     orders, whole = _orders_and_whole_block(fmt, scale_rule, order)
     w = weight.detach().double().reshape(ng, out // ng, n_in)  # [groups, rows per group, in]
     g, h = g.detach().double(), h.detach().double()
+    in_place = overwrite_gram and len(orders) == 1 and g.is_contiguous() and h.is_contiguous()
     best, best_loss = None, None
     for o in orders:
-        res = _diffuse(weight, w, g, h, fmt, scale_rule, visiting_order(h, o, whole), o)
+        res = _diffuse(weight, w, g, h, fmt, scale_rule, visiting_order(h, o, whole), o, in_place)
         if len(orders) == 1:
             return res
         loss = layer_objective(res.weight, weight, g, h)
@@ -184,14 +188,19 @@ def layer_objective(q: torch.Tensor, weight: torch.Tensor, g: torch.Tensor, h: t
     return float((torch.bmm(qd, h) * qd).sum() - 2 * (torch.bmm(qd, g) * w).sum())
 
 
-def _diffuse(weight, w, g, h, fmt, scale_rule, perm, order_name) -> EDResult:
-    """The Gram-form pass over the columns in ``perm`` (see module docstring)."""
+def _diffuse(weight, w, g, h, fmt, scale_rule, perm, order_name, in_place: bool = False) -> EDResult:
+    """The Gram-form pass over the columns in ``perm`` (see module docstring); ``in_place``: ``g`` and ``h`` are
+    permuted in their own memory."""
     ng, rpg, n_in = w.shape
     out = ng * rpg
     cq = None if fmt is None else ColumnQuantizer(weight.detach().float(), get_format(fmt), scale_rule=scale_rule)
     fb = cq.block if cq else None
     # below, everything is in visiting order: position k holds input column perm[k]
-    w, g, h = w[:, :, perm], g[:, perm][:, :, perm], h[:, perm][:, :, perm]
+    w = w[:, :, perm]
+    if in_place:
+        g, h = g.copy_(g[:, perm[:, None], perm]), h.copy_(h[:, perm[:, None], perm])
+    else:
+        g, h = g[:, perm[:, None], perm], h[:, perm[:, None], perm]  # one gather each
     gd, hd = torch.diagonal(g, dim1=1, dim2=2), torch.diagonal(h, dim1=1, dim2=2)  # [groups, in]
     live = hd > 0
     ratio = torch.where(live, gd / torch.where(live, hd, torch.ones_like(hd)), torch.ones_like(hd))

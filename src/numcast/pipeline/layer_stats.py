@@ -38,6 +38,23 @@ class OrderedSums:
     SUMS: ClassVar[tuple[str, ...]] = ()
     COUNTS: ClassVar[tuple[str, ...]] = ()
     _pending: list[dict[str, torch.Tensor]] | None = None
+    readers: int | None = None  # the layers that will read the result (the runner's group); None: not known
+    _spent = False
+
+    def _check_readable(self, total: torch.Tensor | None) -> None:
+        if self._spent:
+            raise RuntimeError(f"{type(self).__name__}: the result was already handed to its last reader")
+        if total is None or self.n == 0:
+            raise ValueError("no calibration inputs reached this layer")
+
+    def _read(self) -> bool:
+        """Count one read of the result; True for the last of ``readers``, which may take the sums' own memory
+        (the statistics are spent then: a down projection's float64 [in, in] sums are 63 MiB at in = 2816)."""
+        if self.readers is None:
+            return False
+        self.readers -= 1
+        self._spent = self.readers <= 0
+        return self._spent
 
     def _fold(self, pieces: dict[str, torch.Tensor]) -> None:
         if self._pending is not None:
@@ -91,10 +108,19 @@ class HessianStatistics(OrderedSums):
             self._fold({"h": rows.transpose(1, 2) @ rows})
             self.n += rows.shape[1]
 
-    def result(self) -> torch.Tensor:
-        if self.h is None or self.n == 0:
-            raise ValueError("no calibration inputs reached this layer")
-        return 2.0 * self.h / self.n
+    def result(self, column_major: bool = False) -> torch.Tensor:
+        """H [groups, in, in] (float64). ``column_major``: the same values in LAPACK's layout (``h.mT`` contiguous),
+        which :func:`numcast.algorithms.gptq.gptq` factors in place. The last reader (``readers``) gets the sum's
+        memory (row-major), or a column-major copy with the sum freed."""
+        self._check_readable(self.h)
+        h = self.h
+        if self._read():
+            self.h = None
+        elif not column_major:
+            return 2.0 * h / self.n
+        if column_major:
+            h = h.mT.contiguous().mT  # a copy of the values (the sum is not exactly symmetric)
+        return h.mul_(2.0).div_(self.n)  # = 2.0 * h / n, bit for bit
 
 
 class GramStatistics(OrderedSums):
@@ -128,6 +154,9 @@ class GramStatistics(OrderedSums):
             self.n += rq.shape[1]
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.g is None or self.n == 0:
-            raise ValueError("no calibration inputs reached this layer")
+        """(G, H) [groups, in, in] (float64); the last reader (``readers``) gets the sums' own memory."""
+        self._check_readable(self.g)
+        if self._read():
+            g, h, self.g, self.h = self.g, self.h, None, None
+            return g.div_(self.n), h.div_(self.n)
         return self.g / self.n, self.h / self.n

@@ -145,8 +145,9 @@ class GPTQ(Method):
 
     def solve(self, plan: LayerPlan, stats: HessianStatistics) -> QTensor:
         st = self.settings
-        return gptq(_weight_2d(plan.module), stats.result(), get_format(plan.weight_format), damp=st.damp,
-                    block_size=st.block_size, act_order=st.act_order).qtensor  # fmt: skip
+        h = stats.result(column_major=True)  # a fresh buffer (or the spent statistics' own): GPTQ factors it in place
+        return gptq(_weight_2d(plan.module), h, get_format(plan.weight_format), damp=st.damp,
+                    block_size=st.block_size, act_order=st.act_order, overwrite_h=True).qtensor  # fmt: skip
 
 
 @register_method
@@ -175,12 +176,12 @@ class ErrorDiffusion(Method):
                           f"{stats.unpaired_batches} batch(es); for those, Error Diffusion targets the quantized "
                           "stream's inputs (GPTQ's objective)", stacklevel=2)  # fmt: skip
         return error_diffusion(_weight_2d(plan.module), g, h, get_format(plan.weight_format),
-                               scale_rule=st.scale_rule, order=st.order).qtensor  # fmt: skip
+                               scale_rule=st.scale_rule, order=st.order, overwrite_gram=True).qtensor  # fmt: skip
 
     def refit_float(self, module: nn.Module, stats: GramStatistics) -> None:
         """Layer calibration: the same diffusion with Q = identity; the float weight is replaced in place."""
         g, h = stats.result()
-        new = error_diffusion(_weight_2d(module), g, h, None, order=self.settings.order).weight
+        new = error_diffusion(_weight_2d(module), g, h, None, order=self.settings.order, overwrite_gram=True).weight
         with torch.no_grad():
             module.weight.copy_(new.reshape(module.weight.shape).to(module.weight.dtype))
 

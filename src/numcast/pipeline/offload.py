@@ -53,17 +53,19 @@ def available_memory() -> int:
 
 
 def return_freed_memory() -> bool:
-    """Ask glibc's allocator to serve every allocation of 64 KiB or more with its own mapping and to trim the heap
-    on every free (``mallopt(M_MMAP_THRESHOLD, 65536)``, ``mallopt(M_TRIM_THRESHOLD, 0)``), so a freed block's
-    tensors go back to the system. Without it, the heap's dynamic threshold keeps one block's freed tensors as
-    fragmented heap that the next blocks cannot reuse, and the resident memory of an offloaded run grows with
-    depth (benchmarks/memory.py: +38 % from 8 to 32 layers; +0.2 % with it). Process-wide; False where the C
-    library is not glibc."""
+    """Ask glibc's allocator to serve every allocation of 4 MiB or more with its own mapping, returned to the
+    system when freed (``mallopt(M_MMAP_THRESHOLD, 4 MiB)``, which also fixes ``M_TRIM_THRESHOLD`` at glibc's
+    default 128 KiB). Without it, glibc's dynamic threshold rises to 32 MiB once such a block is freed, and a
+    solve's freed float64 matrices and a block's activations stay in the process as fragmented heap that later
+    allocations of other sizes cannot reuse: the quantize phase's peak then grows with depth under disk offload
+    and carries several hundred MiB of freed memory in memory (``benchmarks/memory.py``). Smaller allocations
+    (a GPTQ column's update) keep the heap, so allocation stays fast. Process-wide, for the rest of the process
+    (quantize runs and disk offload call it); False where the C library is not glibc."""
     mallopt = glibc("mallopt")
     if mallopt is None:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    return bool(mallopt(m_mmap_threshold, 65536)) and bool(mallopt(m_trim_threshold, 0))
+    return bool(mallopt(m_mmap_threshold, 4 << 20)) and bool(mallopt(m_trim_threshold, 128 << 10))
 
 
 def trim_heap() -> bool:

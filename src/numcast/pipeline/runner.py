@@ -64,7 +64,7 @@ from numcast.pipeline.block_inputs import (
 )
 from numcast.pipeline.data_free import calibrate_activations
 from numcast.pipeline.methods import RTN, Method
-from numcast.pipeline.offload import available_memory, trim_heap
+from numcast.pipeline.offload import available_memory, return_freed_memory, trim_heap
 from numcast.pipeline.plan import (
     LayerPlan,
     QuantizationResult,
@@ -287,6 +287,9 @@ class Streams:
         stats = {id(p.module): method.statistics(p.module) for p in (group[:1] if one else group)}
         if one:
             stats.update({id(p.module): stats[id(group[0].module)] for p in group})
+        for p in group:  # the last layer to read a statistics object may take its memory
+            s = stats[id(p.module)]
+            s.readers = (s.readers or 0) + 1
         recorded = {id(group[0].module)} if one else {id(p.module) for p in group}
         unique = list({id(s): s for s in stats.values()}.values())  # the same objects, in order, on every rank
         distributed.defer_statistics(unique)
@@ -436,6 +439,7 @@ def _without_kv_cache(model: nn.Module):
 def _quantize_blockwise(model, blocks, batches, recipe, placement, true_sequential, progress, first_block_input,
                         share_inputs) -> QuantizationResult:  # fmt: skip
     t0 = time.perf_counter()
+    return_freed_memory()  # freed solver matrices and activations go back to the system (not fragmented heap)
     everything, batches = batches, distributed.my_share(batches)  # torch.distributed: this rank's batches
     method = recipe.make_method(progress=progress)
     model.eval()
@@ -478,6 +482,7 @@ def _quantize_blockwise(model, blocks, batches, recipe, placement, true_sequenti
             stats = streams.feed(job, group, method, shared, floats) if method.needs_inputs else {}
             for j, plan in enumerate(group):  # torch.distributed: layer j is solved on rank j mod N
                 _solve_layer(model, job, plan, method, recipe, stats.get(id(plan.module)), solved.get(plan.name), j)
+            del stats  # before the next group's statistics
         streams.calibrate_static_inputs(job.block)
         streams.advance(job.block, job.float_block, job.installed, floats)
         if guard:
