@@ -117,7 +117,7 @@ def main() -> None:
         for offload in args.offloads:
             by = {r["layers"]: r["peak_rss_quantize_mb"] for r in rows if r["method"] == method
                   and r["offload"] == offload}  # fmt: skip
-            if min(args.depths) in by and max(args.depths) in by:
+            if min(args.depths) < max(args.depths) and min(args.depths) in by and max(args.depths) in by:
                 lo, hi = by[min(args.depths)], by[max(args.depths)]
                 growth[f"{method}/{offload}"] = (hi - lo) / lo
     bound = {f"{r['method']}/L{r['layers']}": {"peak_above_process_mb": r["peak_above_process_mb"],
