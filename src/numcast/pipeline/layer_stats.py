@@ -113,13 +113,13 @@ class HessianStatistics(OrderedSums):
         which :func:`numcast.algorithms.gptq.gptq` factors in place. The last reader (``readers``) gets the sum's
         memory (row-major), or a column-major copy with the sum freed."""
         self._check_readable(self.h)
-        h = self.h
-        if self._read():
+        h, last = self.h, self._read()
+        if last:
             self.h = None
-        elif not column_major:
-            return 2.0 * h / self.n
         if column_major:
             h = h.mT.contiguous().mT  # a copy of the values (the sum is not exactly symmetric)
+        elif not last:
+            return 2.0 * h / self.n
         return h.mul_(2.0).div_(self.n)  # = 2.0 * h / n, bit for bit
 
 
