@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from helpers import rss_kb, smaps_entry, sync_file, thp_available, vm_flags
+from helpers import resident_bytes, rss_kb, smaps_entry, sync_file, thp_available, vm_flags
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -69,6 +69,8 @@ def test_page_out_gives_back_a_file_mapping_and_keeps_its_values(tmp_path):
 def test_page_out_leaves_anonymous_memory_and_partial_pages_alone():
     t = torch.ones(4 << 20)
     assert page_out_file_pages(t) == 0  # not a file mapping: never paged out
-    assert rss_kb(t.data_ptr()) >= 15 * 1024
+    # the tensor's own pages, not its mapping's Rss: glibc may place it in heap memory whose mapping an earlier
+    # madvise split (CI saw 9.4 MiB in the mapping that holds its first byte)
+    assert resident_bytes(t) >= 16 << 20
     assert page_out_file_pages(torch.ones(100)) == 0
     assert page_out_file_pages(torch.empty(4 << 20, device="meta")) == 0
