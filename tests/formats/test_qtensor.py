@@ -7,7 +7,7 @@ import torch
 
 from numcast.formats.ops import cast, quantize
 from numcast.formats.packing import pack_bits, packed_nbytes, unpack_bits
-from numcast.formats.qtensor import QTensor
+from numcast.formats.qtensor import PackedQTensor, QTensor
 from numcast.formats.registry import get_format
 
 
@@ -89,3 +89,21 @@ def test_dequantize_keeps_input_dtype():
     qt = quantize(x, "mxfp8_e4m3")
     assert qt.dequantize().dtype == torch.bfloat16
     assert torch.equal(qt.dequantize(), cast(x, get_format("mxfp8_e4m3")))
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "int4_g32", "uint4_g128_zp", "mx6", "mxfp6_e3m2"])
+def test_packed_qtensor_gives_the_tensor_back_bit_for_bit_in_its_packed_size(fmt):
+    """PackedQTensor holds the true bit widths (QTensor.nbytes) and unpacks to the same codes, scales, zero
+    points and offsets, dtypes included."""
+    x = torch.randn(24, 300, generator=torch.Generator().manual_seed(3), dtype=torch.float64).float()
+    qt = quantize(x, fmt)
+    packed = PackedQTensor.of(qt)
+    assert len(packed.data) == qt.nbytes < qt.codes.numel() * qt.codes.element_size()
+    back = packed.unpack()
+    for name in ("codes", "scale_codes", "zero_point", "sub_offsets"):
+        a, b = getattr(qt, name), getattr(back, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert back.tensor_scale == qt.tensor_scale and back.shape == qt.shape and back.dtype == qt.dtype
+    assert torch.equal(back.dequantize(), qt.dequantize())

@@ -153,7 +153,8 @@ def error_diffusion(
     ``fmt=None`` is Q = identity: the float weight re-fitted to the quantized network's inputs (the paper's
     calibration of layers kept in high precision; ``qtensor`` None). ``overwrite_gram``: ``g`` and ``h`` are the
     caller's to lose; with one column order and contiguous float64 matrices they are permuted in place (two
-    float64 [in, in] matrices alive instead of four)."""
+    float64 [in, in] matrices alive instead of four) and their storage is released at the end (reading them
+    afterwards raises instead of giving permuted values)."""
     _check(weight, g, h)
     if g.dim() == 2:
         g, h = g[None], h[None]
@@ -162,12 +163,11 @@ def error_diffusion(
     if g.shape != h.shape or g.shape[1:] != (n_in, n_in) or weight.shape[1] != n_in or out % ng:
         raise ValueError(f"Gram shapes {tuple(g.shape)}/{tuple(h.shape)} do not match weight {tuple(weight.shape)}")
     orders, whole = _orders_and_whole_block(fmt, scale_rule, order)
-    w = weight.detach().double().reshape(ng, out // ng, n_in)  # [groups, rows per group, in]
     g, h = g.detach().double(), h.detach().double()
     in_place = overwrite_gram and len(orders) == 1 and g.is_contiguous() and h.is_contiguous()
     best, best_loss = None, None
     for o in orders:
-        res = _diffuse(weight, w, g, h, fmt, scale_rule, visiting_order(h, o, whole), o, in_place)
+        res = _diffuse(weight, ng, g, h, fmt, scale_rule, visiting_order(h, o, whole), o, in_place)
         if len(orders) == 1:
             return res
         loss = layer_objective(res.weight, weight, g, h)
@@ -188,15 +188,15 @@ def layer_objective(q: torch.Tensor, weight: torch.Tensor, g: torch.Tensor, h: t
     return float((torch.bmm(qd, h) * qd).sum() - 2 * (torch.bmm(qd, g) * w).sum())
 
 
-def _diffuse(weight, w, g, h, fmt, scale_rule, perm, order_name, in_place: bool = False) -> EDResult:
-    """The Gram-form pass over the columns in ``perm`` (see module docstring); ``in_place``: ``g`` and ``h`` are
-    permuted in their own memory."""
-    ng, rpg, n_in = w.shape
-    out = ng * rpg
+def _diffuse(weight, ng, g, h, fmt, scale_rule, perm, order_name, in_place: bool = False) -> EDResult:
+    """The Gram-form pass over the columns in ``perm`` (see module docstring) for ``weight`` [out, in] whose rows
+    split into ``ng`` groups; ``in_place``: ``g`` and ``h`` are permuted in their own memory."""
+    out, n_in = weight.shape
+    rpg = out // ng
     cq = None if fmt is None else ColumnQuantizer(weight.detach().float(), get_format(fmt), scale_rule=scale_rule)
     fb = cq.block if cq else None
     # below, everything is in visiting order: position k holds input column perm[k]
-    w = w[:, :, perm]
+    w = weight.detach().reshape(ng, rpg, n_in)[:, :, perm].double()  # [groups, rows per group, in]
     if in_place:
         g, h = g.copy_(g[:, perm[:, None], perm]), h.copy_(h[:, perm[:, None], perm])
     else:
@@ -240,8 +240,12 @@ def _diffuse(weight, w, g, h, fmt, scale_rule, perm, order_name, in_place: bool 
             rest = slice(i2, n_in)
             r[:, :, rest] += torch.bmm(w[:, :, cur], g[:, rest, cur].transpose(1, 2))
             r[:, :, rest] -= torch.bmm(q[:, :, cur], h[:, rest, cur].transpose(1, 2))
-    q = q[:, :, torch.argsort(perm)]
-    return EDResult(cq.qtensor() if cq else None, q.reshape(out, n_in).float(), order_name)
+    r = w = None  # (the closures' too) before the result's copies
+    if in_place:  # the caller's to lose (permuted already): their memory goes before the encoding's temporaries
+        g.untyped_storage().resize_(0)
+        h.untyped_storage().resize_(0)
+    q = q[:, :, torch.argsort(perm)].reshape(out, n_in).float()
+    return EDResult(cq.qtensor() if cq else None, q, order_name)
 
 
 def error_diffusion_direct(

@@ -218,6 +218,24 @@ class QTensor:
             raise ValueError(f"{path}: {exc}") from exc
 
 
+@dataclass(frozen=True)
+class PackedQTensor:
+    """A :class:`QTensor` held in memory as its :meth:`QTensor.pack` bytes: the true bit widths (MXFP4: 4.25 bits
+    per value instead of the 8 of its one-byte codes), given back bit for bit by :meth:`unpack`."""
+
+    data: bytes
+    format: Format
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @staticmethod
+    def of(qt: QTensor) -> PackedQTensor:
+        return PackedQTensor(qt.pack(), qt.format, tuple(qt.shape), qt.dtype)
+
+    def unpack(self) -> QTensor:
+        return QTensor.unpack(self.data, self.format, self.shape, self.dtype)
+
+
 def storage_parts(shape: tuple[int, ...], fmt: Format) -> list[tuple[str, int, int]]:
     """(name, bits, count) of each stored part of a ``shape`` tensor in ``fmt``."""
     n = math.prod(shape)

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from numcast.formats.qtensor import QTensor
+from numcast.formats.qtensor import PackedQTensor, QTensor
 from numcast.libc import page_out_module
 from numcast.nn.act_quant import ActQuantizer, calibrate
 from numcast.nn.convert import make_quantizable
@@ -517,8 +517,8 @@ class RTNGuard:
     other's errors. The guard batches stay in the statistics: holding them out (tried) cost SmolLM2 at MXFP4 0.8
     of perplexity (26.26 → 27.04, 28 of 32 windows solved on) and changed no decision — MiniLM's loss shows on
     the batches the solves saw as well. Memory: the RTN weights of every solved layer (as
-    QTensors; under disk offload in the spill folder, a reverted layer's spilled file rewritten) and the RTN
-    stream on the guard batches."""
+    QTensors, 4-bit ones packed; under disk offload in the spill folder, a reverted layer's spilled file
+    rewritten) and the RTN stream on the guard batches."""
 
     EVERY = 8
 
@@ -533,7 +533,7 @@ class RTNGuard:
         self.recipe, self.method, self.disk = recipe, RTN.from_recipe(recipe), streams.placement.disk
         # plan name -> (plan, its RTN QTensor, or the file it waits in under disk offload, or a re-fitted float
         # layer's original weight)
-        self.fallback: dict[str, tuple[LayerPlan, QTensor | Path | torch.Tensor]] = {}
+        self.fallback: dict[str, tuple[LayerPlan, QTensor | PackedQTensor | Path | torch.Tensor]] = {}
 
     def enter(self, i: int, kind: str, model: nn.Module, blocks_now: list[nn.Module], batches: list,
               float_outside) -> None:  # fmt: skip
@@ -565,10 +565,12 @@ class RTNGuard:
         self.rtn.calibrate_static_inputs(rtn_block)
         self.rtn.advance(rtn_block)
 
-    def _keep(self, qt: QTensor) -> QTensor | Path:
-        """The RTN QTensor in memory, or under disk offload in a spill folder file (:meth:`settle` removes it)."""
+    def _keep(self, qt: QTensor) -> QTensor | PackedQTensor | Path:
+        """The RTN QTensor in memory, or under disk offload in a spill folder file (:meth:`settle` removes it). In
+        memory, 4-bit codes are held packed two to a byte (half the memory; wider codes would need a bit-stream
+        temporary of 8 bytes per bit to pack, and 8-bit ones are packed already)."""
         if self.disk is None:
-            return qt
+            return PackedQTensor.of(qt) if qt.format.element.bits == 4 else qt
         path = self.disk.spill / f"rtn-guard-{len(self.fallback)}.qtensor"
         qt.save(path, overwrite=True)
         return path
@@ -587,7 +589,7 @@ class RTNGuard:
                 fallback.unlink(missing_ok=True)
         self.fallback = {}
 
-    def _revert(self, p: LayerPlan, fallback: QTensor | Path | torch.Tensor) -> None:
+    def _revert(self, p: LayerPlan, fallback: QTensor | PackedQTensor | Path | torch.Tensor) -> None:
         """One layer back to its RTN version (a re-fitted float layer: to its original weights)."""
         if not p.quantized:
             p.module.weight.copy_(fallback.to(p.module.weight.device))
@@ -596,6 +598,7 @@ class RTNGuard:
         if p.method.startswith(self.method.name):  # RTN already (an expert no calibration token reached)
             return
         qt = QTensor.load(fallback) if isinstance(fallback, Path) else fallback
+        qt = qt.unpack() if isinstance(qt, PackedQTensor) else qt
         if self.disk is not None and p.module.qweight is None:  # spilled
             self.disk.respill(p.module, qt)
         else:
