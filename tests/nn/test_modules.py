@@ -92,6 +92,27 @@ def test_a_released_float_weight_is_decoded_again_where_the_module_was_moved():
     assert torch.equal(q.weight, other.dequantize().double())
 
 
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "int4_g32", "mxfp6_e3m2", "int8_channel"])
+def test_release_with_pack_holds_4_bit_codes_packed_and_gives_them_back_bit_for_bit(fmt):
+    """``release_float_weight(pack=True)`` keeps 4-bit codes as their packed bytes (QTensor.nbytes, not a byte per
+    code) until ``qweight`` is read; the read gives the same codes and scales, and the forward the same bits.
+    Other widths keep their QTensor."""
+    lin = nn.Linear(96, 24)
+    q = QuantLinear(lin, fmt)
+    x = torch.randn(3, 96, generator=gen(7))
+    want_y, want = q(x), q.qweight
+    q.release_float_weight(pack=True)
+    packed = q.__dict__["_packed_qweight"]
+    if get_format(fmt).element.bits == 4:
+        assert len(packed.data) == want.nbytes < want.codes.numel() and q.__dict__["_qweight"] is None
+    else:
+        assert packed is None and q.__dict__["_qweight"] is want
+    assert_bitwise(q(x), want_y, "forward after a packed release")  # decoded through the unpacked codes
+    got = q.qweight
+    assert torch.equal(got.codes, want.codes) and torch.equal(got.scale_codes, want.scale_codes)
+    assert q.__dict__["_packed_qweight"] is None and q.qweight is got  # unpacked once, and kept
+
 def test_static_activation_observers():
     x = torch.randn(100_000, generator=gen(5)) * 3
     x[0:6:2] = 40.0  # three outliers (on the observer's sampling stride)

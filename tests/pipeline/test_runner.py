@@ -245,6 +245,30 @@ def test_float_originals_are_released_block_by_block(method):
     assert all(r() is None for r in refs.values()), [n for n, r in refs.items() if r() is not None]
 
 
+
+def test_finished_blocks_hold_their_4_bit_codes_packed_during_an_in_memory_run(monkeypatch):
+    """While later blocks are solved, a finished block's MXFP4 layers hold packed codes and no float weight; the
+    model after the run computes what a run without packing computes (the codes unpack bit for bit)."""
+    from numcast.nn.modules import QuantWeightModule
+
+    model = TinyLM()
+    seen = []
+
+    def check(_mod, _args):
+        seen.append([(m._buffers.get("weight") is None, m.__dict__.get("_packed_qweight") is not None)
+                     for m in model.blocks[0].modules() if isinstance(m, QuantWeightModule)])  # fmt: skip
+
+    model.blocks[1].register_forward_pre_hook(check)
+    quantize_blockwise(model, list(model.blocks), batches(), Recipe(weights="mxfp4", method="gptq"), progress=False)
+    assert seen[-1] and all(released and packed for released, packed in seen[-1])
+    release = QuantWeightModule.release_float_weight
+    monkeypatch.setattr(QuantWeightModule, "release_float_weight", lambda m, pack=False: release(m, pack=False))
+    ref = TinyLM()
+    quantize_blockwise(ref, list(ref.blocks), batches(), Recipe(weights="mxfp4", method="gptq"), progress=False)
+    ids = torch.cat(batches(2, seed=9))
+    with torch.no_grad():
+        assert_bitwise(model(ids), ref(ids), "packed vs unpacked run")
+
 def test_attention_round_block_and_layer_objectives_beat_rtn_and_are_deterministic():
     data = batches()
     ids = torch.cat(batches(4, seed=5))

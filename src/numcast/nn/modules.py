@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from numcast.formats.ops import quantize
-from numcast.formats.qtensor import QTensor
+from numcast.formats.qtensor import PackedQTensor, QTensor
 from numcast.formats.registry import FormatLike, get_format
 from numcast.nn.act_quant import ActQuantizer
 
@@ -57,12 +57,34 @@ class QuantWeightModule(nn.Module):
         if self._buffers.get("weight") is not None:
             self.weight = self._decoded_weight()
 
-    def release_float_weight(self) -> None:
+    @property
+    def qweight(self) -> QTensor | None:
+        """The quantized weight (None while spilled to disk). Held packed (:meth:`release_float_weight`), it is
+        unpacked on its first read, bit for bit, and kept so."""
+        packed = self.__dict__.get("_packed_qweight")
+        if packed is not None:
+            self.__dict__["_qweight"], self.__dict__["_packed_qweight"] = packed.unpack(), None
+        return self.__dict__.get("_qweight")
+
+    @qweight.setter
+    def qweight(self, qt: QTensor | None) -> None:
+        self.__dict__["_qweight"], self.__dict__["_packed_qweight"] = qt, None
+
+    def _has_codes(self) -> bool:
+        return self.__dict__.get("_qweight") is not None or self.__dict__.get("_packed_qweight") is not None
+
+    def release_float_weight(self, pack: bool = False) -> None:
         """Free the cached float weight (its codes stay; the next read of ``weight`` decodes it again, on the
-        device and in the dtype the module has been moved to). A module without codes (spilled to disk) keeps
-        what it has."""
-        if self.qweight is not None:
-            self._buffers["weight"] = None
+        device and in the dtype the module has been moved to). ``pack``: 4-bit codes are held packed two to a
+        byte as well (half their memory, :class:`~numcast.formats.qtensor.PackedQTensor`) until ``qweight`` is
+        next read; wider codes stay as they are (8-bit ones are packed already; packing other widths needs a
+        temporary of 8 bytes per bit). A module without codes (spilled to disk) keeps what it has."""
+        if not self._has_codes():
+            return
+        self._buffers["weight"] = None
+        qt = self.__dict__.get("_qweight")
+        if pack and qt is not None and qt.format.element.bits == 4:
+            self.__dict__["_packed_qweight"], self.__dict__["_qweight"] = PackedQTensor.of(qt), None
 
     def _decoded_weight(self) -> torch.Tensor:
         like = self._weight_like
@@ -70,7 +92,7 @@ class QuantWeightModule(nn.Module):
 
     def __getattr__(self, name: str):
         buffers = self.__dict__["_buffers"]
-        if name == "weight" and buffers.get("weight") is None and self.__dict__.get("qweight") is not None:
+        if name == "weight" and buffers.get("weight") is None and self._has_codes():
             buffers["weight"] = self._decoded_weight()  # released: decoded again, and cached
         return super().__getattr__(name)
 

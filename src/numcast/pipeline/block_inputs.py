@@ -66,10 +66,11 @@ class Placement:
     def release(self, finished: nn.Module) -> None:
         """The runner is done with the ``finished`` block (as the model now calls it): its quantized layers'
         cached float weights are freed (their codes stay; the first use after the run decodes them again), so
-        that an in-memory run holds the finished part of the model as codes only."""
+        that an in-memory run holds the finished part of the model as codes only, 4-bit ones packed two to a
+        byte (under disk offload the codes are spilled next instead)."""
         for m in finished.modules():
             if isinstance(m, QuantWeightModule):
-                m.release_float_weight()
+                m.release_float_weight(pack=self.disk is None)
 
     def compute(self, obj):
         return obj.to(self.device) if isinstance(obj, nn.Module) else _move(obj, self.device)
