@@ -236,6 +236,13 @@ class PackedQTensor:
         return QTensor.unpack(self.data, self.format, self.shape, self.dtype)
 
 
+def compact(qt: QTensor) -> QTensor | PackedQTensor:
+    """``qt`` as it is best held in memory between uses: 4-bit codes packed two to a byte (half their memory),
+    other widths as they are (8-bit codes are packed already; packing other widths goes through a bit-stream
+    temporary of 8 bytes per code bit, :func:`numcast.formats.packing.pack_bits`)."""
+    return PackedQTensor.of(qt) if qt.format.element.bits == 4 else qt
+
+
 def storage_parts(shape: tuple[int, ...], fmt: Format) -> list[tuple[str, int, int]]:
     """(name, bits, count) of each stored part of a ``shape`` tensor in ``fmt``."""
     n = math.prod(shape)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from numcast.formats.ops import quantize
-from numcast.formats.qtensor import PackedQTensor, QTensor
+from numcast.formats.qtensor import PackedQTensor, QTensor, compact
 from numcast.formats.registry import FormatLike, get_format
 from numcast.nn.act_quant import ActQuantizer
 
@@ -75,16 +75,16 @@ class QuantWeightModule(nn.Module):
 
     def release_float_weight(self, pack: bool = False) -> None:
         """Free the cached float weight (its codes stay; the next read of ``weight`` decodes it again, on the
-        device and in the dtype the module has been moved to). ``pack``: 4-bit codes are held packed two to a
-        byte as well (half their memory, :class:`~numcast.formats.qtensor.PackedQTensor`) until ``qweight`` is
-        next read; wider codes stay as they are (8-bit ones are packed already; packing other widths needs a
-        temporary of 8 bytes per bit). A module without codes (spilled to disk) keeps what it has."""
+        device and in the dtype the module has been moved to). ``pack``: the codes are held as
+        :func:`~numcast.formats.qtensor.compact` keeps them (4-bit ones packed two to a byte) until ``qweight`` is
+        next read. A module without codes (spilled to disk) keeps what it has."""
         if not self._has_codes():
             return
         self._buffers["weight"] = None
         qt = self.__dict__.get("_qweight")
-        if pack and qt is not None and qt.format.element.bits == 4:
-            self.__dict__["_packed_qweight"], self.__dict__["_qweight"] = PackedQTensor.of(qt), None
+        held = compact(qt) if pack and qt is not None else qt
+        if isinstance(held, PackedQTensor):
+            self.__dict__["_packed_qweight"], self.__dict__["_qweight"] = held, None
 
     def _decoded_weight(self) -> torch.Tensor:
         like = self._weight_like

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from numcast.formats.qtensor import PackedQTensor, QTensor
+from numcast.formats.qtensor import PackedQTensor, QTensor, compact
 from numcast.libc import page_out_module
 from numcast.nn.act_quant import ActQuantizer, calibrate
 from numcast.nn.convert import make_quantizable
@@ -566,11 +566,10 @@ class RTNGuard:
         self.rtn.advance(rtn_block)
 
     def _keep(self, qt: QTensor) -> QTensor | PackedQTensor | Path:
-        """The RTN QTensor in memory, or under disk offload in a spill folder file (:meth:`settle` removes it). In
-        memory, 4-bit codes are held packed two to a byte (half the memory; wider codes would need a bit-stream
-        temporary of 8 bytes per bit to pack, and 8-bit ones are packed already)."""
+        """The RTN QTensor in memory (:func:`~numcast.formats.qtensor.compact`: 4-bit codes packed), or under disk
+        offload in a spill folder file (:meth:`settle` removes it)."""
         if self.disk is None:
-            return PackedQTensor.of(qt) if qt.format.element.bits == 4 else qt
+            return compact(qt)
         path = self.disk.spill / f"rtn-guard-{len(self.fallback)}.qtensor"
         qt.save(path, overwrite=True)
         return path
