@@ -355,12 +355,9 @@ def test_rtn_guard_keeps_the_solutions_where_they_end_closer():
         assert_bitwise(w, runs[False][name], name)
 
 
-@pytest.mark.parametrize("refit", [False, True])
-def test_the_kept_float_pass_gives_the_same_model_as_float_passes_per_group(monkeypatch, refit):
+def test_the_kept_float_pass_gives_the_same_model_as_float_passes_per_group(monkeypatch):
     """Error Diffusion with the float twin run once per block (its layer inputs kept) equals the run with a float
-    pass per group (forced: no memory to keep them), bit for bit, and the kept pass does run. With layers kept in
-    float and re-fitted in place, the per-group passes read the twin after the re-fits: it must hold the
-    originals (the twin shares only the parameters of the layers that are replaced)."""
+    pass per group (forced: no memory to keep them), bit for bit, and the kept pass does run."""
     from numcast.pipeline import runner
 
     kept = []  # per block: whether the float pass was kept
@@ -376,17 +373,13 @@ def test_the_kept_float_pass_gives_the_same_model_as_float_passes_per_group(monk
     for memory in (1 << 40, 0):
         monkeypatch.setattr(runner, "available_memory", lambda memory=memory: memory)
         model = TinyLM()
-        recipe = Recipe(weights="mxfp4", method="error-diffusion", exclude=["*.up"] if refit else [],
-                        error_diffusion={"calibrate_float_layers": refit})  # fmt: skip
+        recipe = Recipe(weights="mxfp4", method="error-diffusion")
         res = quantize_blockwise(model, list(model.blocks), batches(), recipe, progress=False)
-        with torch.no_grad():
-            out = model(torch.cat(batches(2, seed=5)))
-        runs.append((_qweights(model), {r.name: r.sqnr_db for r in res.layers}, out))
+        runs.append((_qweights(model), {r.name: r.sqnr_db for r in res.layers}))
     assert kept == [True] * 3 + [False] * 3
     for name, w in runs[0][0].items():
         assert_bitwise(w, runs[1][0][name], name)
     assert runs[0][1] == runs[1][1]
-    assert_bitwise(runs[0][2], runs[1][2], "model output")
 
 
 def test_layer_sqnr_is_measured_on_evenly_spaced_batches():

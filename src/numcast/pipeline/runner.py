@@ -81,8 +81,8 @@ from numcast.pipeline.recipe import Recipe
 @dataclass
 class OpenBlock:
     """The block being solved: the block (on the compute device), its float twin (a copy taken before any of its
-    layers changed, sharing the parameters of the layers that are replaced), its plans in execution order, and
-    the quantized layers installed so far with their float twins (for the SQNR measurement)."""
+    layers changed), its plans in execution order, and the quantized layers installed so far with their float
+    twins (for the SQNR measurement)."""
 
     block: nn.Module
     float_block: nn.Module
@@ -489,7 +489,6 @@ def _quantize_blockwise(model, blocks, batches, recipe, placement, true_sequenti
             guard.advance(job, block)  # after the streams: the float twin becomes the RTN block
         blocks_now[i] = placement.offload(job.block)
         placement.release(blocks_now[i])
-        page_out_module(job.float_block)  # the pages its forwards read back from a memory-mapped checkpoint
         del job, floats  # the float twin, the float originals and the kept float inputs go (memory ~ one model)
         placement.leave(block)
         trim_heap()
@@ -670,11 +669,7 @@ def _open_block(block: nn.Module, todo: dict[int, LayerPlan], placement: Placeme
         return None
     plans = [todo.pop(id(m)) for m in block.modules() if id(m) in todo]
     check_finite_weights([p for p in plans if p.quantized])  # weights offloaded to disk arrive only now
-    # the twin shares the block's parameters: quantized layers are replaced, never changed in place, so one copy
-    # of the block's float weights is enough; the layers kept in float are re-fitted in place and copied
-    refit = {id(t) for p in plans if not p.quantized for t in p.module.parameters()}
-    shared = {id(t): t for t in block.parameters() if id(t) not in refit}
-    float_block = placement.compute(copy.deepcopy(block, shared))
+    float_block = placement.compute(copy.deepcopy(block))
     return OpenBlock(placement.compute(block), float_block, plans, placement, inner)
 
 
