@@ -92,7 +92,6 @@ def test_a_released_float_weight_is_decoded_again_where_the_module_was_moved():
     assert torch.equal(q.weight, other.dequantize().double())
 
 
-
 @pytest.mark.parametrize("fmt", ["mxfp4", "int4_g32", "mxfp6_e3m2", "int8_channel"])
 def test_release_with_pack_holds_4_bit_codes_packed_and_gives_them_back_bit_for_bit(fmt):
     """``release_float_weight(pack=True)`` keeps 4-bit codes as their packed bytes (QTensor.nbytes, not a byte per
@@ -112,6 +111,7 @@ def test_release_with_pack_holds_4_bit_codes_packed_and_gives_them_back_bit_for_
     got = q.qweight
     assert torch.equal(got.codes, want.codes) and torch.equal(got.scale_codes, want.scale_codes)
     assert q.__dict__["_packed_qweight"] is None and q.qweight is got  # unpacked once, and kept
+
 
 def test_static_activation_observers():
     x = torch.randn(100_000, generator=gen(5)) * 3

@@ -245,7 +245,6 @@ def test_float_originals_are_released_block_by_block(method):
     assert all(r() is None for r in refs.values()), [n for n, r in refs.items() if r() is not None]
 
 
-
 def test_finished_blocks_hold_their_4_bit_codes_packed_during_an_in_memory_run(monkeypatch):
     """While later blocks are solved, a finished block's MXFP4 layers hold packed codes and no float weight; the
     model after the run computes what a run without packing computes (the codes unpack bit for bit)."""
@@ -268,6 +267,7 @@ def test_finished_blocks_hold_their_4_bit_codes_packed_during_an_in_memory_run(m
     ids = torch.cat(batches(2, seed=9))
     with torch.no_grad():
         assert_bitwise(model(ids), ref(ids), "packed vs unpacked run")
+
 
 def test_attention_round_block_and_layer_objectives_beat_rtn_and_are_deterministic():
     data = batches()
