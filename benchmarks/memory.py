@@ -4,7 +4,7 @@
 layers in memory and with ``offload="disk"`` (:mod:`numcast.pipeline.offload`).
 
     .venv/bin/python benchmarks/memory.py [--depths 8 16 32] [--methods gptq error-diffusion]
-        [--calibration 8] [--json benchmarks/results/memory.json]
+        [--calibration 8] [--allocators numcast glibc-default] [--json benchmarks/results/memory.json]
 
 Each cell runs in its own process (``--cell``), which loads the model, then measures the peak resident memory
 of the quantize phase alone (the kernel's high-water mark reset when it starts: :class:`PhasePeaks`).
@@ -13,7 +13,9 @@ in-memory bound is 1.5 × the stored checkpoint + one block's calibration activa
 X̂, float32, all windows), and the record states both terms. The bound is compared with the peak above the
 process (``peak_above_process_mb``: the peak minus the cell's resident memory with Python, torch and
 transformers imported, before the model is loaded), since a few hundred MiB of interpreter and libraries are
-there whatever the model.
+there whatever the model. ``--allocators numcast glibc-default`` runs every cell twice, the second time without
+the runner's allocator settings (:func:`~numcast.pipeline.offload.return_freed_memory`,
+:func:`~numcast.pipeline.offload.trim_heap`): the A/B of their memory and their time, side by side.
 """
 
 from __future__ import annotations
@@ -46,9 +48,18 @@ def make_checkpoint(folder: Path, layers: int) -> Path:
     return folder
 
 
-def run_cell(folder: Path, method: str, offload: str, calibration: int) -> dict:
-    """One cell, in this process: load, then quantize under a fresh memory high-water mark."""
+def run_cell(folder: Path, method: str, offload: str, calibration: int, allocator: str = "numcast") -> dict:
+    """One cell, in this process: load, then quantize under a fresh memory high-water mark. ``allocator``
+    ``glibc-default``: the runner's allocator settings are switched off (no ``return_freed_memory``, no
+    ``trim_heap``: glibc's dynamic mmap threshold and its own trimming), for the A/B of their cost and effect."""
     import torch
+
+    if allocator == "glibc-default":
+        import numcast.pipeline.offload as offload_module
+        import numcast.pipeline.runner as runner_module
+
+        for module in (offload_module, runner_module):
+            module.return_freed_memory = module.trim_heap = lambda: False
     from transformers import AutoModelForCausalLM
 
     from numcast.models.hf_local import load_offloaded
@@ -75,7 +86,7 @@ def run_cell(folder: Path, method: str, offload: str, calibration: int) -> dict:
         quantize_blockwise(model, list(model.model.layers), batches, recipe, progress=False,
                            placement=Placement(disk=disk_offload_of(model)))  # fmt: skip
     stored = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    return {"layers": model.config.num_hidden_layers, "method": method, "offload": offload,
+    return {"layers": model.config.num_hidden_layers, "method": method, "offload": offload, "allocator": allocator,
             "peak_rss_quantize_mb": mem.peaks["quantize"], "rss_at_quantize_start_mb": rss_before,
             "process_before_load_mb": process_mb,
             "peak_above_process_mb": mem.peaks["quantize"] - process_mb,
@@ -92,45 +103,53 @@ def main() -> None:
     ap.add_argument("--calibration", type=int, default=8, help="calibration windows of 512 tokens")
     ap.add_argument("--work", type=Path, default=Path("out/bench-memory"))
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/memory.json"))
-    ap.add_argument("--cell", nargs=3, metavar=("FOLDER", "METHOD", "OFFLOAD"), help=argparse.SUPPRESS)
+    ap.add_argument("--allocators", nargs="+", default=["numcast"], choices=["numcast", "glibc-default"],
+                    help="glibc-default: without the runner's allocator settings (A/B; growth and bound use numcast)")
+    ap.add_argument("--cell", nargs=4, metavar=("FOLDER", "METHOD", "OFFLOAD", "ALLOCATOR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.cell:
-        print(json.dumps(run_cell(Path(args.cell[0]), args.cell[1], args.cell[2], args.calibration)))
+        print(json.dumps(run_cell(Path(args.cell[0]), *args.cell[1:3], args.calibration, args.cell[3])))
         return
     rows = []
     for depth in args.depths:
         folder = make_checkpoint(args.work / f"llama-h{HIDDEN}-l{depth}", depth)
         for method in args.methods:
             for offload in args.offloads:
-                cmd = [sys.executable, __file__, "--cell", str(folder), method, offload,
-                       "--calibration", str(args.calibration)]  # fmt: skip
-                proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-                if proc.returncode != 0:
-                    raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-1500:]}")
-                row = json.loads(proc.stdout.strip().splitlines()[-1])
-                rows.append(row)
-                peak = row["peak_rss_quantize_mb"]
-                print(f"L={depth:3d} {method:16s} offload={offload:5s} quantize peak {peak:8.0f} MiB  (stored "
-                      f"{row['stored_mb']:.0f} MiB, {row['quantize_s']:.0f} s)", flush=True)  # fmt: skip
+                for allocator in args.allocators:
+                    cmd = [sys.executable, __file__, "--cell", str(folder), method, offload, allocator,
+                           "--calibration", str(args.calibration)]  # fmt: skip
+                    proc = subprocess.run(cmd, capture_output=True, text=True,
+                                          env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+                    if proc.returncode != 0:
+                        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-1500:]}")
+                    row = json.loads(proc.stdout.strip().splitlines()[-1])
+                    rows.append(row)
+                    print(f"L={depth:3d} {method:16s} offload={offload:5s} allocator={allocator:13s} quantize peak "
+                          f"{row['peak_rss_quantize_mb']:8.0f} MiB  (stored {row['stored_mb']:.0f} MiB, "
+                          f"{row['quantize_s']:.0f} s)", flush=True)  # fmt: skip
+    main_rows = [r for r in rows if r["allocator"] == "numcast"]
     growth = {}
     for method in args.methods:
         for offload in args.offloads:
-            by = {r["layers"]: r["peak_rss_quantize_mb"] for r in rows if r["method"] == method
+            by = {r["layers"]: r["peak_rss_quantize_mb"] for r in main_rows if r["method"] == method
                   and r["offload"] == offload}  # fmt: skip
             if min(args.depths) < max(args.depths) and min(args.depths) in by and max(args.depths) in by:
                 lo, hi = by[min(args.depths)], by[max(args.depths)]
                 growth[f"{method}/{offload}"] = (hi - lo) / lo
     bound = {f"{r['method']}/L{r['layers']}": {"peak_above_process_mb": r["peak_above_process_mb"],
              "bound_mb": 1.5 * r["stored_mb"] + r["activations_both_streams_mb"]}
-             for r in rows if r["offload"] == "none"}  # fmt: skip
+             for r in main_rows if r["offload"] == "none"}  # fmt: skip
     for v in bound.values():
         v["within"] = v["peak_above_process_mb"] <= v["bound_mb"]
-    print("\n| layers | method | offload | stored (MiB) | quantize peak RSS (MiB) | above the process (MiB) | "
-          "in-memory bound (MiB) |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    ab = len(args.allocators) > 1
+    print(f"\n| layers | method | offload |{' allocator |' * ab} stored (MiB) | quantize peak RSS (MiB) | above the "
+          f"process (MiB) | in-memory bound (MiB) | quantize (s) |\n|---|---|---|{'---|' * ab}---|---|---|---|---|")
     for r in rows:
         limit = f"{1.5 * r['stored_mb'] + r['activations_both_streams_mb']:.0f}" if r["offload"] == "none" else ""
-        print(f"| {r['layers']} | {r['method']} | {r['offload']} | {r['stored_mb']:.0f} | "
-              f"{r['peak_rss_quantize_mb']:.0f} | {r['peak_above_process_mb']:.0f} | {limit} |")  # fmt: skip
+        alloc = f" {r['allocator']} |" if ab else ""
+        print(f"| {r['layers']} | {r['method']} | {r['offload']} |{alloc} "
+              f"{r['stored_mb']:.0f} | {r['peak_rss_quantize_mb']:.0f} | {r['peak_above_process_mb']:.0f} | {limit} | "
+              f"{r['quantize_s']:.0f} |")  # fmt: skip
     print(f"\npeak_rss_growth_{min(args.depths)}_to_{max(args.depths)}_layers:",
           ", ".join(f"{k} {v:+.1%}" for k, v in growth.items()))  # fmt: skip
     record = {"hidden": HIDDEN, "intermediate": INTERMEDIATE, "vocab": VOCAB, "seq": SEQ,

@@ -7,7 +7,12 @@ import pytest
 import torch
 from helpers import assert_bitwise
 
-from numcast.algorithms.error_diffusion import error_diffusion, error_diffusion_direct, visiting_order
+from numcast.algorithms.error_diffusion import (
+    error_diffusion,
+    error_diffusion_direct,
+    permute_in_place,
+    visiting_order,
+)
 from numcast.algorithms.rtn import rtn
 
 FORMATS = ["mxfp4", "mxfp6_e2m3", "nvfp4", "int4_g128", "int3_g64", "mxint8", "int4_channel", "fp8_e4m3",
@@ -202,3 +207,18 @@ def test_overwrite_gram_gives_the_same_bits(order):
         assert torch.equal(g2, g) and torch.equal(h2, h)
     else:  # used in their own memory, then released: reading them raises instead of giving permuted values
         assert g2.untyped_storage().nbytes() == 0 and h2.untyped_storage().nbytes() == 0
+
+
+@pytest.mark.parametrize(("groups", "n", "rows_per_step"), [(1, 67, 16), (3, 9, 256), (1, 300, 256), (2, 40, 7)])
+def test_permute_in_place_equals_the_gather(groups, n, rows_per_step):
+    """The in-place permutation gives the gather's matrix bit for bit, in the same memory, for random
+    permutations (several cycles), the identity and a single long cycle; slabs that do not divide n included."""
+    gen = torch.Generator().manual_seed(n)
+    m = torch.randn(groups, n, n, generator=gen, dtype=torch.float64)
+    cycle = torch.roll(torch.arange(n), 1)
+    for perm in (torch.randperm(n, generator=gen), torch.arange(n), cycle):
+        work = m.clone()
+        ptr = work.data_ptr()
+        out = permute_in_place(work, perm, rows_per_step)
+        assert out.data_ptr() == ptr
+        assert torch.equal(out, m[:, perm[:, None], perm])

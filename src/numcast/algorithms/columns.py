@@ -59,7 +59,9 @@ class ColumnQuantizer:
             self._col_fmt = replace(fmt, scaling=replace(sc, block_size=1, sub_block_size=None, sub_offset_bits=0))
         out, inp = self.shape
         self.n_blocks = -(-inp // self.block) if self.block else 1
-        self.values = torch.zeros(self.shape, dtype=torch.float64)  # element units, filled per column
+        # element units, filled per column, in the cast's work dtype (exact there; float32 for every format
+        # of 11 bits or fewer: half a float64 [out, in]); made at the first column
+        self.values: torch.Tensor | None = None
         self.tensor_scale = None
         self._block_scales: list[Scales | None] = [None] * self.n_blocks
         w = weight.detach().float()
@@ -102,7 +104,9 @@ class ColumnQuantizer:
         col = column.detach().float().reshape(-1, 1)
         r = grid_cast(col, self._col_fmt, scales=self.scales_for(j))
         vals = r.layout.from_rows(r.values).reshape(-1)
-        self.values[:, j] = vals.double()
+        if self.values is None:  # the work dtype is the column format's, the same for every column
+            self.values = torch.zeros(self.shape, dtype=vals.dtype)
+        self.values[:, j] = vals
         return r.output(col.shape, torch.float32).reshape(-1)
 
     def qtensor(self) -> QTensor:
@@ -124,6 +128,8 @@ class ColumnQuantizer:
             if fmt.scaling.sub_block_size:  # [out, n_blocks, block/sub] -> one row per (out, block), as the layout
                 sub = torch.stack([s.sub_offset for s in per_block], dim=1).reshape(scale.shape[0], -1)
             scales = Scales(scale, per_block[0].tensor_scale, zp, sub, fmt.scaling.sub_block_size or 0)
+        if self.values is None:
+            raise RuntimeError("no column was quantized")
         work = self.values.dtype
         r = GridCast(layout, layout.to_rows(self.values), layout.to_rows(self.values), scales, work)
         return QTensor.from_grid_cast(r, fmt, self.shape, torch.float32)

@@ -70,6 +70,7 @@ from numcast.formats.qtensor import QTensor
 from numcast.formats.registry import FormatLike, get_format
 
 LAZY_BATCH = 128  # about this many columns (whole blocks) per lazy update of the residual
+REST_SLAB = 512  # later columns per product of that update (its temporary: [out, 512] float64, not [out, in])
 ORDERS = ("auto", "strong-first", "weak-first", "natural")
 
 
@@ -107,6 +108,28 @@ def visiting_order(h: torch.Tensor, order: str, whole_blocks: int | None = None)
         for bi in torch.sort(sums, descending=desc, stable=True).indices.tolist()
     ]
     return torch.cat(perm)
+
+
+def permute_in_place(m: torch.Tensor, perm: torch.Tensor, rows_per_step: int = 256) -> torch.Tensor:
+    """``m`` [groups, n, n] becomes ``m[:, perm[:, None], perm]`` in its own memory (returned): columns one slab
+    of ``rows_per_step`` rows at a time (a temporary of that slab), then rows by following the cycles of
+    ``perm`` (one row's temporary per cycle). Copies only, so bit for bit the gather's result, without the
+    gather's second [groups, n, n] matrix (60 MiB for a 2816-wide float64 Gram matrix)."""
+    n = m.shape[-1]
+    for r0 in range(0, n, rows_per_step):
+        slab = m[:, r0 : r0 + rows_per_step]
+        slab.copy_(slab[:, :, perm])
+    order, seen = perm.tolist(), [False] * n
+    for start in range(n):
+        if seen[start] or order[start] == start:
+            continue
+        held, k = m[:, start].clone(), start  # new row k = old row order[k], along the cycle through start
+        while order[k] != start:
+            m[:, k].copy_(m[:, order[k]])
+            seen[k], k = True, order[k]
+        m[:, k].copy_(held)
+        seen[k] = True
+    return m
 
 
 def _batches(perm: torch.Tensor, block: int | None) -> list[tuple[int, int]]:
@@ -152,9 +175,9 @@ def error_diffusion(
     better of strong-first and weak-first by the objective; the one used is ``EDResult.order``).
     ``fmt=None`` is Q = identity: the float weight re-fitted to the quantized network's inputs (the paper's
     calibration of layers kept in high precision; ``qtensor`` None). ``overwrite_gram``: ``g`` and ``h`` are the
-    caller's to lose; with one column order and contiguous float64 matrices they are permuted in place (two
-    float64 [in, in] matrices alive instead of four) and their storage is released at the end (reading them
-    afterwards raises instead of giving permuted values)."""
+    caller's to lose; with one column order and contiguous float64 matrices they are permuted in place
+    (:func:`permute_in_place`: two float64 [in, in] matrices alive instead of three) and their storage is
+    released at the end (reading them afterwards raises instead of giving permuted values)."""
     _check(weight, g, h)
     if g.dim() == 2:
         g, h = g[None], h[None]
@@ -195,10 +218,11 @@ def _diffuse(weight, ng, g, h, fmt, scale_rule, perm, order_name, in_place: bool
     rpg = out // ng
     cq = None if fmt is None else ColumnQuantizer(weight.detach().float(), get_format(fmt), scale_rule=scale_rule)
     fb = cq.block if cq else None
-    # below, everything is in visiting order: position k holds input column perm[k]
-    w = weight.detach().reshape(ng, rpg, n_in)[:, :, perm].double()  # [groups, rows per group, in]
+    # below, everything is in visiting order: position k holds input column perm[k]; the weight and the chosen
+    # values are held in their own dtypes (exact) and taken to float64 one batch of columns at a time
+    w = weight.detach().reshape(ng, rpg, n_in)[:, :, perm]  # [groups, rows per group, in]
     if in_place:
-        g, h = g.copy_(g[:, perm[:, None], perm]), h.copy_(h[:, perm[:, None], perm])
+        g, h = permute_in_place(g, perm), permute_in_place(h, perm)
     else:
         g, h = g[:, perm[:, None], perm], h[:, perm[:, None], perm]  # one gather each
     gd, hd = torch.diagonal(g, dim1=1, dim2=2), torch.diagonal(h, dim1=1, dim2=2)  # [groups, in]
@@ -207,26 +231,29 @@ def _diffuse(weight, ng, g, h, fmt, scale_rule, perm, order_name, in_place: bool
     inv_h = torch.where(live, 1.0 / torch.where(live, hd, torch.ones_like(hd)), torch.zeros_like(hd))
 
     def targets(r: torch.Tensor, cols: slice) -> torch.Tensor:  # p at positions `cols` given residuals r
-        p = r * inv_h[:, None, cols] + w[:, :, cols] * ratio[:, None, cols]
-        return torch.where(live[:, None, cols], p, w[:, :, cols])  # dead features: the weight itself
+        wc = w[:, :, cols].double()
+        p = r * inv_h[:, None, cols] + wc * ratio[:, None, cols]
+        return torch.where(live[:, None, cols], p, wc)  # dead features: the weight itself
 
-    r = torch.zeros_like(w)  # r[:, :, k] = <Â_perm[k], U> over the columns of the batches before k's
-    q = torch.zeros_like(w)
+    r = torch.zeros(w.shape, dtype=torch.float64)  # r[:, :, k] = <Â_perm[k], U> over the batches before k's
+    q = torch.zeros(w.shape, dtype=torch.float64 if cq is None else torch.float32)  # cast values: float32 exact
     for i1, i2 in _batches(perm, fb):
         cur = slice(i1, i2)
+        w_cur = w[:, :, cur].double()  # [groups, rows per group, batch]
+        q_cur = torch.zeros_like(w_cur)  # the batch's chosen values
         # inside a batch, residuals are completed when needed ("left-looking"): the weights' part at once (a
         # strictly lower triangle: column s < k of the batch reaches k), the chosen values' part per column
-        r_w = torch.bmm(w[:, :, cur], torch.tril(g[:, cur, cur], -1).transpose(1, 2))
+        r_w = torch.bmm(w_cur, torch.tril(g[:, cur, cur], -1).transpose(1, 2))
 
-        def residual(cols: slice, k: int, i1: int = i1, r_w: torch.Tensor = r_w) -> torch.Tensor:
+        def residual(cols: slice, k: int, i1: int = i1, r_w=r_w, w_cur=w_cur, q_cur=q_cur) -> torch.Tensor:
             # r at positions `cols`, the batch's columns i1..k−1 included
             if k == i1:
                 return r[:, :, cols]
-            done = slice(i1, k)
-            q_part = torch.bmm(q[:, :, done], h[:, cols, done].transpose(1, 2))
+            done, d = slice(i1, k), k - i1
+            q_part = torch.bmm(q_cur[:, :, :d], h[:, cols, done].transpose(1, 2))
             if cols.stop == k + 1:  # the column itself: its weights' part is the lower triangle's
-                return r[:, :, cols] + r_w[:, :, k - i1 : k - i1 + 1] - q_part
-            return r[:, :, cols] + torch.bmm(w[:, :, done], g[:, cols, done].transpose(1, 2)) - q_part
+                return r[:, :, cols] + r_w[:, :, d : d + 1] - q_part
+            return r[:, :, cols] + torch.bmm(w_cur[:, :, :d], g[:, cols, done].transpose(1, 2)) - q_part
 
         for k in range(i1, i2):
             col = int(perm[k])
@@ -235,12 +262,13 @@ def _diffuse(weight, ng, g, h, fmt, scale_rule, perm, order_name, in_place: bool
                 cq.fix_block(col // fb * fb, targets(residual(blk, k), blk)[:, :, torch.argsort(perm[blk])]
                              .reshape(out, -1).float())  # fmt: skip
             p = targets(residual(slice(k, k + 1), k), slice(k, k + 1))[:, :, 0]  # [groups, rows]
-            q[:, :, k] = p if cq is None else cq.quantize(p.reshape(out), col).double().reshape(ng, rpg)
-        if i2 < n_in:  # residuals of the later columns, in one product per batch
-            rest = slice(i2, n_in)
-            r[:, :, rest] += torch.bmm(w[:, :, cur], g[:, rest, cur].transpose(1, 2))
-            r[:, :, rest] -= torch.bmm(q[:, :, cur], h[:, rest, cur].transpose(1, 2))
-    r = w = None  # (the closures' too) before the result's copies
+            q_cur[:, :, k - i1] = p if cq is None else cq.quantize(p.reshape(out), col).double().reshape(ng, rpg)
+        q[:, :, cur] = q_cur
+        for c1 in range(i2, n_in, REST_SLAB):  # residuals of the later columns: one product per batch and slab
+            rest = slice(c1, min(c1 + REST_SLAB, n_in))
+            r[:, :, rest] += torch.bmm(w_cur, g[:, rest, cur].transpose(1, 2))
+            r[:, :, rest] -= torch.bmm(q_cur, h[:, rest, cur].transpose(1, 2))
+    r = w = w_cur = q_cur = r_w = residual = None  # before the result's copies
     if in_place:  # the caller's to lose (permuted already): their memory goes before the encoding's temporaries
         g.untyped_storage().resize_(0)
         h.untyped_storage().resize_(0)

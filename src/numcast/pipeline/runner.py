@@ -481,6 +481,7 @@ def _quantize_blockwise(model, blocks, batches, recipe, placement, true_sequenti
             shared = true_sequential and share_inputs
             stats = streams.feed(job, group, method, shared, floats) if method.needs_inputs else {}
             for j, plan in enumerate(group):  # torch.distributed: layer j is solved on rank j mod N
+                trim_heap()  # the freed temporaries of the statistics and of the last solve go before this solve
                 _solve_layer(model, job, plan, method, recipe, stats.get(id(plan.module)), solved.get(plan.name), j)
             del stats  # before the next group's statistics
         streams.calibrate_static_inputs(job.block)
