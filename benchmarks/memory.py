@@ -150,8 +150,9 @@ def main() -> None:
         print(f"| {r['layers']} | {r['method']} | {r['offload']} |{alloc} "
               f"{r['stored_mb']:.0f} | {r['peak_rss_quantize_mb']:.0f} | {r['peak_above_process_mb']:.0f} | {limit} | "
               f"{r['quantize_s']:.0f} |")  # fmt: skip
-    print(f"\npeak_rss_growth_{min(args.depths)}_to_{max(args.depths)}_layers:",
-          ", ".join(f"{k} {v:+.1%}" for k, v in growth.items()))  # fmt: skip
+    if growth:
+        print(f"\npeak_rss_growth_{min(args.depths)}_to_{max(args.depths)}_layers:",
+              ", ".join(f"{k} {v:+.1%}" for k, v in growth.items()))  # fmt: skip
     record = {"hidden": HIDDEN, "intermediate": INTERMEDIATE, "vocab": VOCAB, "seq": SEQ,
               "calibration_windows": args.calibration, "format": "mxfp4", "rows": rows,
               f"peak_rss_growth_{min(args.depths)}_to_{max(args.depths)}_layers": growth,

@@ -70,9 +70,10 @@ def return_freed_memory() -> bool:
 
 def trim_heap() -> bool:
     """Give the memory freed so far back to the system (glibc ``malloc_trim(0)``: the heap's free top and its free
-    pages inside, without changing how later allocations are served). The runner calls it after each block: a
-    block's freed float weights and activations would otherwise stay in the process as fragmented heap and the
-    peak would grow with depth. False where the C library is not glibc."""
+    pages inside, without changing how later allocations are served). The runner calls it before each layer's
+    solve and after each block: freed statistics temporaries, float weights and activations would otherwise stay
+    in the process as fragmented heap, and the peak would grow with depth (``benchmarks/memory.py
+    --allocators``). False where the C library is not glibc."""
     malloc_trim = glibc("malloc_trim")
     return malloc_trim is not None and bool(malloc_trim(0))
 
