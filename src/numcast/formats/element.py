@@ -147,6 +147,12 @@ def cast_element(
 # ---- codes ↔ values -------------------------------------------------------------------------------
 
 
+def lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` for integer ``index`` of any shape with entries < 2^31: one ``index_select`` with an
+    int32 index (faster on CPU than ``torch.take``, which needs an int64 copy of the index)."""
+    return torch.index_select(table, 0, index.reshape(-1).int()).reshape(index.shape)
+
+
 def code_dtype(bits: int) -> torch.dtype:
     """Smallest torch dtype holding raw ``bits``-bit codes as non-negative integers."""
     return torch.uint8 if bits <= 8 else torch.int32 if bits <= 16 else torch.int64
@@ -156,7 +162,7 @@ def decode(codes: torch.Tensor, elem: Element, dtype: torch.dtype = torch.float3
     """Values of raw codes (bit patterns, non-negative integers < 2^bits)."""
     if elem.bits <= 16:
         table = decode_table(elem, dtype)
-        return torch.take(table.to(codes.device), codes.long())  # (faster than indexing)
+        return lookup(table.to(codes.device), codes)
     return _decode_arith(codes.long(), elem).to(dtype)
 
 
@@ -240,7 +246,7 @@ def encode(values: torch.Tensor, elem: Element) -> torch.Tensor:
 def _encode_finite_by_table(values: torch.Tensor, elem: Element, table: torch.Tensor) -> torch.Tensor:
     """:func:`encode` of finite grid values by :func:`magnitude_codes`, in a few passes over the code dtype (uint8)
     instead of int64 temporaries."""
-    code = torch.take(table, (values.abs() * (1.0 / elem.min_subnormal)).long())  # (faster than indexing)
+    code = lookup(table, (values.abs() * (1.0 / elem.min_subnormal)).int())
     if elem.signed:  # fnuz has no −0: a zero of either sign is code 0
         negative = values < 0 if elem.policy == "fnuz" else torch.signbit(values)
         code = code | (negative.to(code.dtype) << (elem.bits - 1))
