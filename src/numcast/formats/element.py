@@ -226,7 +226,7 @@ def encode(values: torch.Tensor, elem: Element) -> torch.Tensor:
     sign = torch.signbit(x).long() if elem.signed else torch.zeros_like(x, dtype=torch.long)
     a = x.abs().nan_to_num(nan=0.0, posinf=0.0)
     if table is not None:  # one exact multiply and a gather instead of a dozen float64 passes
-        magnitude = torch.take(table.to(a.device), (a * (1.0 / elem.min_subnormal)).long()).long()
+        magnitude = lookup(table.to(a.device), (a * (1.0 / elem.min_subnormal)).int()).long()
     else:
         magnitude = _magnitude_code_bits(a, elem)
     code = (sign << (eb + m)) | magnitude
