@@ -270,6 +270,9 @@ def test_quantize_in_slices_equals_the_whole_tensor(name, monkeypatch):
             assert torch.equal(a, b), f"{name} {part}"
     assert sliced.shape == whole.shape and sliced.tensor_scale == whole.tensor_scale
     assert_bitwise(sliced.dequantize(), cast(x, name), name)
+    out = torch.full_like(x, 7.0)  # quantize(out=): the cast's values as well, slice by slice, no second decode
+    assert torch.equal(quantize(x, name, out=out).codes, whole.codes)
+    assert_bitwise(out, cast(x, name), f"{name} out= (sliced)")
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
@@ -291,5 +294,8 @@ def test_nonfinite_inputs_follow_one_policy_in_cast_quantize_and_the_file(name, 
         assert "cannot be encoded" in str(exc)
         return
     assert_bitwise(qt.dequantize(), y, name)
+    out = torch.zeros_like(x)
+    quantize(x, name, out=out)
+    assert_bitwise(out, y, f"{name} out=")
     qt.save(tmp_path / "q.safetensors")
     assert_bitwise(QTensor.load(tmp_path / "q.safetensors").dequantize(), y, name)

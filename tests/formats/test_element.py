@@ -12,6 +12,7 @@ import torch
 from helpers import adversarial_f32, assert_bitwise
 
 from numcast.formats.element import (
+    all_finite,
     arithmetic_rounding_exact,
     cast_element,
     decode,
@@ -220,3 +221,19 @@ def test_table_encode_gives_every_finite_code(name):
 
 def test_table_encode_covers_the_block_formats_elements():
     assert {"fp4_e2m1", "fp6_e2m3", "fp6_e3m2", "fp8_e4m3"} <= set(TABLE_ENCODED)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_all_finite_sees_every_nan_and_inf_wherever_it_is(dtype):
+    """The check that lets eager casts and encoders skip their non-finite masks: one NaN, +inf or -inf at any
+    position (first, last, the middle, beside a NaN of the other sign) makes it False; empty and finite are True."""
+    x = torch.randn(257, generator=torch.Generator().manual_seed(3)).to(dtype)
+    assert all_finite(x) and all_finite(x[:0]) and all_finite(torch.tensor([torch.finfo(dtype).max], dtype=dtype))
+    for bad in (math.nan, math.inf, -math.inf):
+        for pos in (0, 128, 256):
+            y = x.clone()
+            y[pos] = bad
+            assert not all_finite(y), (bad, pos)
+    y = x.clone()
+    y[5], y[9] = -math.inf, math.inf  # lo = -inf, hi = +inf
+    assert not all_finite(y)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from numcast.formats.ops import cast, cast_stats, cast_ste
+from numcast.formats.ops import cast, cast_stats, cast_ste, quantize
 
 
 def test_integer_tensors_are_refused_with_type_error():
@@ -39,6 +39,9 @@ def test_out_argument():
     assert cast(x, "mxfp4", out=y) is y and torch.equal(y, cast(x, "mxfp4"))
     with pytest.raises(ValueError, match="out must match"):
         cast(x, "mxfp4", out=torch.empty(8, 32))
+    for bad in (torch.empty(8, 32), torch.empty(8, 64, dtype=torch.float64)):  # quantize(out=) checks the same
+        with pytest.raises(ValueError, match="out must match"):
+            quantize(x, "mxfp4", out=bad)
 
 
 def test_ste_passes_gradient_and_masks_saturated_values():

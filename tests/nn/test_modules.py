@@ -71,6 +71,26 @@ def test_quant_embedding_and_set_qweight():
         QuantLinear(lin, "int4_g32", qweight=rtn(torch.randn(8, 16), "int4_g32"))
 
 
+def test_a_layer_decodes_given_codes_once_and_its_own_rounding_never(monkeypatch):
+    """Building a quantized layer costs one decode of a solver's codes (none when it rounds its own weight: the
+    cast gives the float weight), not one more for ``register_buffer``'s attribute check; the weight is the same."""
+    from numcast.algorithms.rtn import rtn
+    from numcast.formats.qtensor import QTensor
+
+    decodes = []
+    real = QTensor.dequantize
+    monkeypatch.setattr(QTensor, "dequantize", lambda self: decodes.append(1) or real(self))
+    lin = nn.Linear(96, 24)
+    for fmt in ("mxfp4", "nvfp4", "int4_g32"):
+        own = QuantLinear(lin, fmt)
+        assert not decodes, fmt
+        given = QuantLinear(lin, fmt, qweight=rtn(lin.weight, fmt))
+        assert len(decodes) == 1, fmt
+        decodes.clear()
+        assert_bitwise(own.weight, given.weight, fmt)
+        assert_bitwise(own.weight, cast(lin.weight.detach(), fmt), fmt)
+
+
 def test_a_released_float_weight_is_decoded_again_where_the_module_was_moved():
     lin = nn.Linear(64, 16)
     q = QuantLinear(lin, "mxfp4")

@@ -113,11 +113,12 @@ def cast_element(
     integer grids), else becomes the policy's inf/NaN. ``fnuz`` has no −0: negative zeros become +0.
     ``fnu`` (E8M0) is unsigned without zero: zero and negative inputs become NaN (as ml_dtypes).
     """
+    finite = not torch.compiler.is_compiling() and all_finite(y)  # eager: skip the non-finite selects
     if isinstance(elem, IntElement):
         v = y * math.ldexp(1.0, elem.frac_bits) if elem.frac_bits else y
         r = round_to_int(v, rounding, noise).clamp_(elem.qmin, elem.qmax) + 0.0  # integers have no −0
         out = r * math.ldexp(1.0, -elem.frac_bits) if elem.frac_bits else r
-        return torch.where(torch.isfinite(y), out, torch.full_like(out, math.nan))
+        return out if finite else torch.where(torch.isfinite(y), out, torch.full_like(out, math.nan))
 
     if arithmetic is None:
         arithmetic = torch.compiler.is_compiling() and arithmetic_rounding_exact(elem, y.dtype)
@@ -134,14 +135,25 @@ def cast_element(
         out = torch.where(out.abs() > elem.max, torch.copysign(torch.full_like(out, math.inf), out), out)
     else:
         out = torch.where(out.abs() > elem.max, torch.full_like(out, math.nan), out)
-    inf_in = y.abs() == math.inf  # (not isinf: compiles to a vector compare)
-    out = torch.where(inf_in, y if elem.policy == "ieee" else torch.full_like(out, math.nan), out)
+    if not finite:
+        inf_in = y.abs() == math.inf  # (not isinf: compiles to a vector compare)
+        out = torch.where(inf_in, y if elem.policy == "ieee" else torch.full_like(out, math.nan), out)
     if elem.policy == "fnuz":
         out = out + 0.0  # −0 + 0 = +0 under round-to-nearest
     elif elem.policy == "fnu":
         out = torch.where(y > 0, out, torch.full_like(out, math.nan))
         out = torch.where(out == 0, torch.full_like(out, elem.min_normal), out)
     return out
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds no NaN or inf, by one reduction without temporaries (``torch.aminmax``: NaN
+    propagates) and a host sync: eager code checks once and skips its full-size non-finite masks and selects,
+    which on CPU cost more than the arithmetic around them."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
 
 # ---- codes ↔ values -------------------------------------------------------------------------------
@@ -211,15 +223,16 @@ def encode(values: torch.Tensor, elem: Element) -> torch.Tensor:
     NaN (``finite``, integers) raises ``ValueError`` naming the count, since its codes cannot say NaN.
     """
     dt = code_dtype(elem.bits)
-    nan = torch.isnan(values)
-    n_nan = int(nan.sum())
+    finite = all_finite(values)
+    nan = torch.zeros_like(values, dtype=torch.bool) if finite else torch.isnan(values)
+    n_nan = 0 if finite else int(nan.sum())
     if n_nan and not elem.has_nan:
         raise ValueError(f"{n_nan} NaN/inf value(s) cannot be encoded in {elem.name}, which has no NaN code")
     if isinstance(elem, IntElement):
         q = (values * math.ldexp(1.0, elem.frac_bits)).round().to(torch.int64)
         return (q & (2**elem.bits - 1)).to(dt)
     table = magnitude_codes(elem)
-    if table is not None and not n_nan and (elem.policy != "ieee" or not torch.isinf(values).any()):
+    if table is not None and finite:
         return _encode_finite_by_table(values, elem, table.to(values.device))
     m, eb = elem.mbits, elem.ebits
     x = values if table is not None else values.double()

@@ -227,19 +227,34 @@ def quantize(
     rounding: str | None = None,
     generator: torch.Generator | None = None,
     seed: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> QTensor:
     """Quantize ``x`` to a :class:`~numcast.formats.qtensor.QTensor` (codes + scales + format). Large tensors whose
-    scales allow it are quantized in slices along their first axis (the same bits, a fraction of the memory)."""
+    scales allow it are quantized in slices along their first axis (the same bits, a fraction of the memory).
+
+    ``out``: a tensor of x's shape, dtype and device that also receives the dequantized values, bit for bit
+    ``quantize(x).dequantize()`` (= ``cast(x)``), from the cast itself rather than by decoding the codes again:
+    for callers that keep both (a quantized layer's cached float weight)."""
     fmt = get_format(fmt)
     check_input(x)
+    if out is not None:
+        _check_out(out, x)
     _warn_if_scales_saturate(x, fmt)
     step = _independent_slices(x, fmt, rounding or fmt.rounding)
     if step is None:
-        return QTensor.from_grid_cast(grid_cast(x, fmt, rounding, generator, seed), fmt, tuple(x.shape), x.dtype)
+        r = grid_cast(x, fmt, rounding, generator, seed)
+        if out is not None:
+            out.copy_(r.output(x.shape, x.dtype))
+        return QTensor.from_grid_cast(r, fmt, tuple(x.shape), x.dtype)
     t = tensor_scale_of(x, fmt)  # two-level formats: the whole tensor's, so every slice is scaled as the whole
-    return QTensor.concat([QTensor.from_grid_cast(grid_cast(x[i : i + step], fmt, rounding, tensor_scale=t), fmt,
-                                                  tuple(x[i : i + step].shape), x.dtype)
-                           for i in range(0, x.shape[0], step)])  # fmt: skip
+    parts = []
+    for i in range(0, x.shape[0], step):
+        piece = x[i : i + step]
+        r = grid_cast(piece, fmt, rounding, tensor_scale=t)
+        if out is not None:
+            out[i : i + step] = r.output(piece.shape, x.dtype)
+        parts.append(QTensor.from_grid_cast(r, fmt, tuple(piece.shape), x.dtype))
+    return QTensor.concat(parts)
 
 
 def _independent_slices(x: torch.Tensor, fmt: Format, mode: str) -> int | None:

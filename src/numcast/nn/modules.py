@@ -39,13 +39,16 @@ class QuantWeightModule(nn.Module):
     ) -> None:
         self.weight_format = get_format(weight_format)
         self.weight_shape = tuple(weight.shape)
-        if qweight is None:  # round to nearest with the format's scaling, blocks along the reduction axis
-            qweight = quantize(weight.detach().reshape(weight.shape[0], -1).float(), self.weight_format)
-        expected = (weight.shape[0], weight[0].numel())
-        if tuple(qweight.shape) != expected:
-            raise ValueError(f"qweight shape {qweight.shape} does not match the weight view {expected}")
+        view = weight.detach().reshape(weight.shape[0], -1)
+        cached = None
+        if qweight is None:  # round to nearest with the format's scaling, blocks along the reduction axis; the
+            # cast gives the float weight too (no second decode of the codes)
+            cached = torch.empty(view.shape, dtype=torch.float32, device=view.device)
+            qweight = quantize(view.float(), self.weight_format, out=cached)
+        if tuple(qweight.shape) != tuple(view.shape):
+            raise ValueError(f"qweight shape {qweight.shape} does not match the weight view {tuple(view.shape)}")
         self.qweight = qweight
-        cached = qweight.dequantize().reshape(self.weight_shape)
+        cached = (qweight.dequantize() if cached is None else cached).reshape(self.weight_shape)
         self._weight_like = cached.new_empty(0)
         self.register_buffer("weight", cached, persistent=False)
         self.input_quant = _act(input_format, act_axis)
@@ -92,7 +95,7 @@ class QuantWeightModule(nn.Module):
 
     def __getattr__(self, name: str):
         buffers = self.__dict__["_buffers"]
-        if name == "weight" and buffers.get("weight") is None and self._has_codes():
+        if name == "weight" and "weight" in buffers and buffers["weight"] is None and self._has_codes():
             buffers["weight"] = self._decoded_weight()  # released: decoded again, and cached
         return super().__getattr__(name)
 

@@ -54,8 +54,9 @@ def quantize_data_free(
     plans = plan_layers(model, recipe)
     resolve_plans(model, plans, recipe, batches)
     for plan in plans:
-        if plan.quantized:
-            new = make_quant_module(plan, recipe, qweight=method.quantize_layer(plan))
+        if plan.quantized:  # plain RTN: the layer rounds its own weight (same codes), keeping the cast
+            qweight = None if method.rounds_to_nearest_only else method.quantize_layer(plan)
+            new = make_quant_module(plan, recipe, qweight=qweight)
             set_module(model, plan.name, new)
             page_out_module(plan.module)  # the float layer's pages of a memory-mapped checkpoint go back
             plan.module, plan.method = new, method.name

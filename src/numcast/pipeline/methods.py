@@ -84,6 +84,14 @@ class Method:
         self.accumulator = accumulator or AccumulatorSettings()
         self.progress = progress  # per-layer or per-block progress bars
 
+    @property
+    def rounds_to_nearest_only(self) -> bool:
+        """Whether every layer's QTensor is its weight rounded to nearest with the format's own scaling and nothing
+        more (RTN without an accumulator budget): :func:`~numcast.pipeline.data_free.quantize_data_free` then lets
+        the quantized layer round its weight itself, which keeps the cast as its float weight instead of decoding
+        the codes again."""
+        return False
+
     @classmethod
     def from_recipe(cls, recipe, progress: bool = False) -> Method:
         """The method configured by a :class:`~numcast.pipeline.recipe.Recipe`."""
@@ -127,6 +135,11 @@ class RTN(Method):
 
     name = "rtn"
     needs_calibration = False
+
+    @property
+    def rounds_to_nearest_only(self) -> bool:  # not for a subclass that solves or fits layers its own way
+        cls = type(self)
+        return self.accumulator.bits is None and cls.solve is RTN.solve and cls.quantize_layer is Method.quantize_layer
 
     def solve(self, plan: LayerPlan, stats=None) -> QTensor:
         return rtn(plan.module.weight, plan.weight_format)
