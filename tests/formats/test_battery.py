@@ -299,3 +299,29 @@ def test_nonfinite_inputs_follow_one_policy_in_cast_quantize_and_the_file(name, 
     assert_bitwise(out, y, f"{name} out=")
     qt.save(tmp_path / "q.safetensors")
     assert_bitwise(QTensor.load(tmp_path / "q.safetensors").dequantize(), y, name)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_the_finite_fast_path_gives_the_same_bits(name, monkeypatch):
+    """Eager casts of large tensors check once that they are finite and then skip the non-finite selects
+    (``element.FINITE_CHECK_MIN``): with the check forced on for every tensor and off for every tensor, cast and
+    quantize give the same bits, on finite inputs and on inputs holding NaN/inf (which must take the selects)."""
+    from numcast.formats import element
+
+    fmt = by_name[name]
+    x = sample(fmt, (8, 96), seed=5)
+    bad = x.clone()
+    if fmt.scaling.scaled or fmt.element.has_nan:
+        bad[1, 3], bad[6, 70] = float("nan"), float("-inf")
+    else:
+        bad[1, 3] = float("inf")
+    for t in (x, bad):
+        got = {}
+        for limit in (0, 1 << 62):
+            monkeypatch.setattr(element, "FINITE_CHECK_MIN", limit)
+            got[limit] = cast(t, name, backend="eager")
+        assert_bitwise(got[0], got[1 << 62], name)
+    monkeypatch.setattr(element, "FINITE_CHECK_MIN", 0)
+    fast = quantize(x, name)
+    monkeypatch.setattr(element, "FINITE_CHECK_MIN", 1 << 62)
+    assert torch.equal(fast.codes, quantize(x, name).codes)

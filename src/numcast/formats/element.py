@@ -18,6 +18,7 @@ from numcast.formats.rounding import round_to_int
 from numcast.formats.spec import Element, IntElement, Scaling
 
 _F32_EXP = (-126, 127)
+FINITE_CHECK_MIN = 1 << 14  # elements from which the eager cast_element checks all_finite first
 _F64_EXP = (-1022, 1023)
 
 
@@ -113,7 +114,9 @@ def cast_element(
     integer grids), else becomes the policy's inf/NaN. ``fnuz`` has no −0: negative zeros become +0.
     ``fnu`` (E8M0) is unsigned without zero: zero and negative inputs become NaN (as ml_dtypes).
     """
-    finite = not torch.compiler.is_compiling() and all_finite(y)  # eager: skip the non-finite selects
+    # eager casts of large tensors check once and skip the non-finite selects (below FINITE_CHECK_MIN elements,
+    # a GPTQ column say, the selects cost less than the check's host sync; compiled code fuses them)
+    finite = not torch.compiler.is_compiling() and y.numel() >= FINITE_CHECK_MIN and all_finite(y)
     if isinstance(elem, IntElement):
         v = y * math.ldexp(1.0, elem.frac_bits) if elem.frac_bits else y
         r = round_to_int(v, rounding, noise).clamp_(elem.qmin, elem.qmax) + 0.0  # integers have no −0
@@ -224,8 +227,8 @@ def encode(values: torch.Tensor, elem: Element) -> torch.Tensor:
     """
     dt = code_dtype(elem.bits)
     finite = all_finite(values)
-    nan = torch.zeros_like(values, dtype=torch.bool) if finite else torch.isnan(values)
-    n_nan = 0 if finite else int(nan.sum())
+    nan = None if finite else torch.isnan(values)
+    n_nan = 0 if nan is None else int(nan.sum())
     if n_nan and not elem.has_nan:
         raise ValueError(f"{n_nan} NaN/inf value(s) cannot be encoded in {elem.name}, which has no NaN code")
     if isinstance(elem, IntElement):
@@ -234,6 +237,8 @@ def encode(values: torch.Tensor, elem: Element) -> torch.Tensor:
     table = magnitude_codes(elem)
     if table is not None and finite:
         return _encode_finite_by_table(values, elem, table.to(values.device))
+    if nan is None:
+        nan = torch.zeros_like(values, dtype=torch.bool)
     m, eb = elem.mbits, elem.ebits
     x = values if table is not None else values.double()
     sign = torch.signbit(x).long() if elem.signed else torch.zeros_like(x, dtype=torch.long)
