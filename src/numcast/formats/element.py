@@ -18,8 +18,8 @@ from numcast.formats.rounding import round_to_int
 from numcast.formats.spec import Element, IntElement, Scaling
 
 _F32_EXP = (-126, 127)
-FINITE_CHECK_MIN = 1 << 14  # elements from which the eager cast_element checks all_finite first
 _F64_EXP = (-1022, 1023)
+FINITE_CHECK_MIN = 1 << 14  # elements from which the eager cast_element checks all_finite first
 
 
 def work_dtype(elem: Element, scaling: Scaling | None = None, input_dtype: torch.dtype = torch.float32) -> torch.dtype:
