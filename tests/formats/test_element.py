@@ -18,7 +18,10 @@ from numcast.formats.element import (
     decode,
     decode_table,
     encode,
+    floor_log2,
+    grid_step,
     magnitude_codes,
+    pow2,
     work_dtype,
 )
 from numcast.formats.ops import cast
@@ -193,6 +196,19 @@ def test_arithmetic_rounding_equals_exponent_bits(name, saturate):
         x = torch.cat([x, x * 2.0**-60, x * 2.0**60]) if dtype == torch.float64 else x
         ours = cast_element(x, e, saturate=saturate, arithmetic=True)
         assert_bitwise(ours, cast_element(x, e, saturate=saturate, arithmetic=False), f"{name} {dtype}")
+
+
+@pytest.mark.parametrize("name", ARITHMETIC)
+def test_grid_step_is_the_clamped_binade_spacing(name):
+    """The eager cast's grid spacing (the exponent field clamped in place) is the definition's
+    2^(clamp(floor(log2|y|), emin, emax + 1) − mbits) on every float32 exponent field (±0, subnormals, ±inf, NaN
+    included), in the work dtype and in float64."""
+    e = get_format(name).element
+    x = _every_binade_f32()
+    for dtype in {work_dtype(e), torch.float64}:
+        y = x.to(dtype)
+        want = pow2(floor_log2(y).clamp(e.emin, e.emax + 1) - e.mbits, dtype)
+        assert_bitwise(grid_step(y, e), want, f"{name} {dtype}")
 
 
 def test_arithmetic_rounding_applies_to_the_common_formats():

@@ -135,3 +135,27 @@ def test_compiled_casts_keep_their_bits_when_the_compiler_contracts_to_fma(tmp_p
            "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))}  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_a_kernel_compiled_on_a_small_tensor_still_runs_on_every_thread():
+    """Inductor decides which loops OpenMP splits from the size of the call that compiles a kernel (and its on-disk
+    cache keeps that code), so NVFP4's kernel first compiled on 56 rows came out single-threaded for every later
+    tensor. numcast compiles with ``cpp.dynamic_threads``: the kernel's C++ has its OpenMP region whatever the first
+    size. A fresh kernel (not the cached one), compiled without the on-disk cache so its source is generated here."""
+    from torch._inductor import config
+    from torch._inductor.utils import run_and_get_code
+
+    from numcast.formats import fused
+    from numcast.formats.engine import tensor_scale_of
+    from numcast.formats.layout import Layout
+
+    fmt = get_format("nvfp4")
+    x = torch.randn(7, 128, generator=torch.Generator().manual_seed(0))
+    layout = Layout.of(x.shape, fmt.scaling)
+    rows = fused._mark_dynamic(layout.to_rows(x), layout)
+    kernel = fused._kernel.__wrapped__(fused.kernel_key(x, fmt, "nearest_even"), False)
+    with config.patch(fx_graph_cache=False):
+        out, sources = run_and_get_code(kernel, rows, tensor_scale_of(x, fmt))
+    assert_bitwise(layout.from_rows(out).reshape(x.shape), cast(x, fmt, backend="eager"))
+    kernels = [s for s in sources if 'extern "C"' in s]
+    assert kernels and all("#pragma omp parallel" in s for s in kernels)

@@ -56,6 +56,19 @@ def pow2(k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return ((k.to(itype) + bias) << mant).view(dtype)
 
 
+def grid_step(y: torch.Tensor, elem: Element) -> torch.Tensor:
+    """The minifloat grid's spacing at each value of ``y`` (float32/float64), 2^(e − mbits) with
+    e = clamp(floor(log2|y|), emin, emax + 1): :func:`floor_log2` and :func:`pow2` in one integer temporary worked on
+    in place (the exponent field is clamped where it lies, then lowered by mbits); zero, subnormals, inf and NaN
+    give the clamped ends as there. Needs 2^(emin − mbits) … 2^(emax + 1 − mbits) to be normal numbers of the dtype
+    (:func:`work_dtype`)."""
+    itype, mant, bias = _int_view(y.dtype)
+    top = 2 * bias + 1  # the all-ones exponent field (inf, NaN)
+    bits = y.view(itype) & (top << mant)
+    bits.clamp_((elem.emin + bias) << mant, min(elem.emax + 1 + bias, top) << mant)
+    return bits.sub_(elem.mbits << mant).view(y.dtype)
+
+
 def arithmetic_rounding_exact(elem: Element, dtype: torch.dtype) -> bool:
     """Whether :func:`round_nearest_even_arithmetic` gives :func:`cast_element`'s bits for ``elem`` in the work
     ``dtype``: 2^emin is a normal number, |y| clamped to 2^(emax+1) times Veltkamp's 2^(p−1)+1 stays finite, and
@@ -118,9 +131,12 @@ def cast_element(
     # a GPTQ column say, the selects cost less than the check's host sync; compiled code fuses them)
     finite = not torch.compiler.is_compiling() and y.numel() >= FINITE_CHECK_MIN and all_finite(y)
     if isinstance(elem, IntElement):
+        # fresh temporaries are worked on in place: a new CPU tensor is new pages to fault in (benchmarks/formats.py)
         v = y * math.ldexp(1.0, elem.frac_bits) if elem.frac_bits else y
-        r = round_to_int(v, rounding, noise).clamp_(elem.qmin, elem.qmax) + 0.0  # integers have no −0
-        out = r * math.ldexp(1.0, -elem.frac_bits) if elem.frac_bits else r
+        r = v.round_() if v is not y and rounding == "nearest_even" else round_to_int(v, rounding, noise)
+        out = r.clamp_(elem.qmin, elem.qmax).add_(0.0)  # integers have no −0
+        if elem.frac_bits:
+            out.mul_(math.ldexp(1.0, -elem.frac_bits))
         return out if finite else torch.where(torch.isfinite(y), out, torch.full_like(out, math.nan))
 
     if arithmetic is None:
@@ -128,12 +144,11 @@ def cast_element(
     if arithmetic and rounding == "nearest_even":
         out = round_nearest_even_arithmetic(y, elem)  # no bit casts: see the function
     else:
-        e = floor_log2(y).clamp_(elem.emin, elem.emax + 1)
-        step = pow2(e - elem.mbits, y.dtype)  # grid spacing at y's binade
-        r = round_to_int(y / step, rounding, noise)  # exact: division by a power of two
-        out = r * step
+        step = grid_step(y, elem)
+        q = y / step  # exact: division by a power of two
+        out = (q.round_() if rounding == "nearest_even" else round_to_int(q, rounding, noise)).mul_(step)
     if saturate or elem.policy == "finite":
-        out = out.clamp(-elem.max, elem.max)  # NaN passes through clamp
+        out = out.clamp_(-elem.max, elem.max)  # NaN passes through clamp
     elif elem.policy == "ieee":
         out = torch.where(out.abs() > elem.max, torch.copysign(torch.full_like(out, math.inf), out), out)
     else:
