@@ -167,6 +167,9 @@ def run_evaluate(out: Path, stage=lambda text: None, eval_data: str | None = Non
         stage("lm-eval on the float model")
         kw = {"include_path": lm_eval_include, "limit": lm_eval_limit}
         harness["float"] = run_lm_eval(w.model, w.tokenizer, lm_eval_tasks, **kw)
+    if w.reference_from_first_evaluation:  # its comparison metrics refer to the float model: measured first
+        stage("measuring the float model")
+        w.evaluate(w.model)
     stage("loading the packed weights")
     load_quantized(w.model, path)
     stage("measuring")

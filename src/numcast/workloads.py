@@ -5,7 +5,10 @@
   WordSim words and the Lee documents), WordSim-353 Spearman, Lee-50 Pearson (task scores: with 353 pairs and
   50 documents they move by ±0.01 under mere rounding noise, RTN at 8 bits even "beats" float).
 - ``smollm2-135m``: SmolLM2-135M decoder; sample = a 512-token window (BOS first) of calibration articles;
-  metric: perplexity on 8 × 512 evaluation tokens.
+  metrics: perplexity on 8 × 512 evaluation tokens (primary), and against the float model's next-token
+  distributions on them: KL divergence (a lower bound: its 64 most likely tokens apart, the rest merged) and top-1
+  agreement (:func:`numcast.evaluate.text.lm_fidelity`). The float reference is the first model evaluated
+  (``Workload.reference_from_first_evaluation``; a model with quantized layers first is refused).
 - ``mobilenet-v2`` / ``efficientnet-lite0``: ImageNet CNNs; sample = a random crop of a shipped photo (seed 1);
   metrics: top-1 agreement (primary) and KL divergence against float on 256 crops (seed 0).
 - ``fmnist-cnn``: numcast's Fashion-MNIST CNN; sample = a training image (file order); metrics: test top-1
@@ -57,6 +60,8 @@ class Workload:
     source: Path | None = None  # the file or folder the model was loaded from (a .gguf, a HF folder), if any
     dtype: str = "float32"  # the dtype the model was loaded in
     offload: str = "none"  # "disk": the model's layers stay on disk until used (numcast.pipeline.offload)
+    reference_from_first_evaluation: bool = False  # comparison metrics refer to the first model evaluated (the float
+    # one, which numcast's runs measure first), not to a reference taken at load time
 
 
 def _batches(items, size: int) -> list:
@@ -119,7 +124,7 @@ def _causal_lm(name: str, model: nn.Module, tok, blocks, description: str, notes
                data: Data = None, source: Path | None = None) -> Workload:  # fmt: skip
     """Perplexity protocol: 512-token windows of the calibration articles; 8 × 512 evaluation tokens. User text:
     the same windows of it (evaluation: up to 8 windows, as many as it holds)."""
-    from numcast.evaluate.text import perplexity, token_windows, wiki_split
+    from numcast.evaluate.text import lm_fidelity, token_windows, wiki_split
 
     user_cal, user_ev = data or (None, None)
     cal, ev = wiki_split()
@@ -136,8 +141,26 @@ def _causal_lm(name: str, model: nn.Module, tok, blocks, description: str, notes
         win = token_windows(tok, cal, n, 512)
         return [{"input_ids": b, "use_cache": False} for b in _batches(win, CALIB_BATCH["smollm2-135m"])]
 
-    return Workload(name, model, blocks, calibration, lambda m: {"perplexity": perplexity(m, eval_windows)},
-                    "perplexity", False, description, notes, tokenizer=tok, source=source)  # fmt: skip
+    reference: list = []  # the float model's next-token distributions, once measured
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        if not reference and has_quantized_layers(m):
+            raise ValueError(f"{name}: evaluate the float model first; its next-token distributions are the reference "
+                             "of kl_divergence and top1_agreement")  # fmt: skip
+        metrics, ref = lm_fidelity(m, eval_windows, reference[0] if reference else None)
+        reference[:] = [ref]
+        return metrics
+
+    return Workload(name, model, blocks, calibration, evaluate, "perplexity", False, description, notes, tokenizer=tok,
+                    source=source, reference_from_first_evaluation=True)  # fmt: skip
+
+
+def has_quantized_layers(model: nn.Module) -> bool:
+    """Whether ``model`` holds any of numcast's quantized layers (weights or activation quantizers)."""
+    from numcast.nn.act_quant import ActQuantizer
+    from numcast.nn.modules import QuantWeightModule
+
+    return any(isinstance(m, (QuantWeightModule, ActQuantizer)) for m in model.modules())
 
 
 def _minilm(data: Data = None, dtype: str = "auto", offload: str = "none") -> Workload:

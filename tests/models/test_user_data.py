@@ -134,8 +134,27 @@ def test_a_language_model_measures_perplexity_on_the_users_text(tmp_path):
     n = min(8, len(tok(text).input_ids) // 511)
     assert n >= 2
     want = perplexity(w.model, token_windows(tok, [text], n, 512))
-    assert w.evaluate(w.model)["perplexity"] == pytest.approx(want)
+    first = w.evaluate(w.model)
+    assert first["perplexity"] == pytest.approx(want)
+    assert first["kl_divergence"] == 0.0 and first["top1_agreement"] == 1.0  # the float model is the reference
     assert w.calibration(2)[0]["input_ids"].shape == (2, 512)
     (tmp_path / "short.txt").write_text("too short")
     with pytest.raises(ValueError, match="short.txt: too short for one evaluation window"):
         load_workload(str(tmp_path / "llm"), eval_data=tmp_path / "short.txt")
+
+
+def test_a_language_models_fidelity_refers_to_the_float_model_measured_first(tmp_path):
+    """KL divergence and top-1 agreement compare with the first model evaluated: a quantized one first is refused
+    (it would be its own reference); after the float model, RTN's distance is positive."""
+    from numcast.pipeline.data_free import quantize_data_free
+    from numcast.pipeline.recipe import Recipe
+    from numcast.workloads import load_workload
+
+    tiny_llama_folder(tmp_path / "llm")
+    w = load_workload(str(tmp_path / "llm"))
+    quantized = quantize_data_free(w.model, Recipe(weights="int2_g32")).model
+    with pytest.raises(ValueError, match="evaluate the float model first"):
+        w.evaluate(quantized)
+    assert w.evaluate(w.model)["kl_divergence"] == 0.0
+    got = w.evaluate(quantized)
+    assert got["kl_divergence"] > 0.0 and 0.0 <= got["top1_agreement"] <= 1.0

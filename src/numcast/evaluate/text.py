@@ -16,6 +16,7 @@ human ratings; fidelity = mean cosine between float and quantized embeddings of 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -54,11 +55,83 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1) -> float:
     nll, count = 0.0, 0
     for i in range(0, windows.shape[0], batch_size):
         x = windows[i : i + batch_size]
-        logits = model(input_ids=x).logits.float()
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
-        nll += float(loss)
+        nll += _nll(model(input_ids=x).logits.float(), x)
         count += x[:, 1:].numel()
     return math.exp(nll / count)
+
+
+def _nll(logits: torch.Tensor, x: torch.Tensor) -> float:
+    """Σ next-token negative log-likelihood of windows ``x`` [b, T] under ``logits`` [b, T, V] (float32)."""
+    return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"))
+
+
+REFERENCE_TOP_K = 64  # tokens of the reference distribution kept apart per position (the rest: one outcome)
+
+
+@dataclass
+class NextTokenReference:
+    """A reference model's next-token distributions on evaluation windows [n, T], per predicted position: the log-
+    probabilities of its ``k`` most likely tokens (``logp`` [n, T−1, k], float32) and their ids (``index``), the
+    log of the probability left to every other token (``log_rest`` [n, T−1]) and its most likely token
+    (``top1`` [n, T−1], ``argmax``)."""
+
+    logp: torch.Tensor
+    index: torch.Tensor
+    log_rest: torch.Tensor
+    top1: torch.Tensor
+
+    def window(self, i: int) -> NextTokenReference:
+        """Window i's part (a batch of one)."""
+        return NextTokenReference(*(getattr(self, f.name)[i : i + 1] for f in fields(self)))
+
+    @staticmethod
+    def cat(parts: list[NextTokenReference]) -> NextTokenReference:
+        """Windows' parts put together in order."""
+        return NextTokenReference(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(NextTokenReference)))
+
+
+@torch.no_grad()
+def lm_fidelity(model, windows: torch.Tensor, reference: NextTokenReference | None = None,
+                k: int = REFERENCE_TOP_K) -> tuple[dict[str, float], NextTokenReference]:  # fmt: skip
+    """Perplexity of a causal LM on ``windows`` [n, T] (as :func:`perplexity`) and its fidelity to ``reference``,
+    another model's next-token distributions on the same windows (None: this model's own, taken here), one
+    window at a time. Returns (metrics, the reference used). Metrics:
+
+    - ``perplexity``;
+    - ``kl_divergence``: mean over predicted positions of KL(P_ref ‖ Q) in nats, with the reference's ``k`` most
+      likely tokens apart and all other tokens as one outcome (probability p_rest = Σ of theirs, q_rest for this
+      model, both from a log-sum-exp). Merging outcomes never increases a KL divergence (log-sum inequality), so
+      this is a lower bound of the full KL over the vocabulary, equal to it when ``k`` covers the vocabulary
+      (keeping the whole reference would take 8 × 512 × 49,152 floats for SmolLM2);
+    - ``top1_agreement``: the fraction of positions whose most likely token (``argmax``) is the reference's."""
+    nll = kl = 0.0
+    agree = count = 0
+    refs: list[NextTokenReference] = []
+    for i in range(windows.shape[0]):
+        x = windows[i : i + 1]
+        logits = model(input_ids=x).logits.float()
+        nll += _nll(logits, x)
+        logq = F.log_softmax(logits[:, :-1], dim=-1)  # [1, T−1, V]
+        del logits
+        if reference is None:
+            top = logq.topk(min(k, logq.shape[-1]), dim=-1)
+            ref = NextTokenReference(top.values, top.indices, _log_rest(logq, top.indices), logq.argmax(-1))
+            refs.append(ref)
+        else:
+            ref = reference.window(i)
+        pair = ref.logp.exp() * (ref.logp - logq.gather(-1, ref.index))
+        rest = ref.log_rest.exp() * (ref.log_rest - _log_rest(logq, ref.index))
+        rest = torch.where(ref.log_rest > -math.inf, rest, torch.zeros_like(rest))  # 0·log 0 = 0
+        kl += float(pair.sum(dtype=torch.float64) + rest.sum(dtype=torch.float64))
+        agree += int((logq.argmax(-1) == ref.top1).sum())
+        count += x.shape[1] - 1
+    metrics = {"perplexity": math.exp(nll / count), "kl_divergence": kl / count, "top1_agreement": agree / count}
+    return metrics, reference if reference is not None else NextTokenReference.cat(refs)
+
+
+def _log_rest(logp: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """log Σ exp(logp) over the tokens not in ``index`` (last axis), −inf where there are none."""
+    return logp.scatter(-1, index, -math.inf).logsumexp(-1)
 
 
 def chunked_perplexity(model, ids: list[int] | torch.Tensor, n_ctx: int, chunks: int, bos_id: int | None) -> float:
