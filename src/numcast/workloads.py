@@ -141,14 +141,16 @@ def _causal_lm(name: str, model: nn.Module, tok, blocks, description: str, notes
         win = token_windows(tok, cal, n, 512)
         return [{"input_ids": b, "use_cache": False} for b in _batches(win, CALIB_BATCH["smollm2-135m"])]
 
-    reference: list = []  # the float model's next-token distributions, once measured
+    reference: list = []  # the float model's next-token distributions, taken at its (the first) evaluation
 
     def evaluate(m: nn.Module) -> dict[str, float]:
-        if not reference and has_quantized_layers(m):
+        if reference:
+            return lm_fidelity(m, eval_windows, reference[0])[0]
+        if has_quantized_layers(m):
             raise ValueError(f"{name}: evaluate the float model first; its next-token distributions are the reference "
                              "of kl_divergence and top1_agreement")  # fmt: skip
-        metrics, ref = lm_fidelity(m, eval_windows, reference[0] if reference else None)
-        reference[:] = [ref]
+        metrics, ref = lm_fidelity(m, eval_windows)
+        reference.append(ref)
         return metrics
 
     return Workload(name, model, blocks, calibration, evaluate, "perplexity", False, description, notes, tokenizer=tok,
