@@ -95,6 +95,10 @@ def test_a_non_finite_weight_is_refused_naming_the_layer_and_count(bad):
         model[2].weight[5, 0] = bad
     with pytest.raises(ValueError, match=r"^2: 2 weight\(s\) are NaN or inf"):
         quantize_data_free(model, Recipe(weights="mxfp4"))
+    first = model[0].weight.detach().clone()
+    with pytest.raises(ValueError, match=r"^2: 2 weight\(s\) are NaN or inf"):  # layer 0 passed, layer 2 did not:
+        quantize_data_free(model, Recipe(weights="mxfp4"), inplace=True)  # nothing is installed
+    assert type(model[0]) is nn.Linear and torch.equal(model[0].weight, first)
     with torch.no_grad():
         model[2].weight.nan_to_num_(0.0, 0.0, 0.0)
     layers = quantize_data_free(model, Recipe(weights="mxfp4")).layers

@@ -249,9 +249,9 @@ def encode(values: torch.Tensor, elem: Element) -> torch.Tensor:
     if isinstance(elem, IntElement):
         q = (values * math.ldexp(1.0, elem.frac_bits)).round().to(torch.int64)
         return (q & (2**elem.bits - 1)).to(dt)
+    if finite and (bits := pattern_codes(elem, values.dtype)) is not None:
+        return _encode_finite_by_pattern(values, elem, bits.to(values.device))
     table = magnitude_codes(elem)
-    if table is not None and finite:
-        return _encode_finite_by_table(values, elem, table.to(values.device))
     if nan is None:
         nan = torch.zeros_like(values, dtype=torch.bool)
     m, eb = elem.mbits, elem.ebits
@@ -276,14 +276,44 @@ def encode(values: torch.Tensor, elem: Element) -> torch.Tensor:
     return code.to(dt)
 
 
-def _encode_finite_by_table(values: torch.Tensor, elem: Element, table: torch.Tensor) -> torch.Tensor:
-    """:func:`encode` of finite grid values by :func:`magnitude_codes`, in a few passes over the code dtype (uint8)
-    instead of int64 temporaries."""
-    code = lookup(table, (values.abs() * (1.0 / elem.min_subnormal)).int())
-    if elem.signed:  # fnuz has no −0: a zero of either sign is code 0
-        negative = values < 0 if elem.policy == "fnuz" else torch.signbit(values)
-        code = code | (negative.to(code.dtype) << (elem.bits - 1))
-    return code
+def _encode_finite_by_pattern(values: torch.Tensor, elem: Element, table: torch.Tensor) -> torch.Tensor:
+    """:func:`encode` of finite grid values by :func:`pattern_codes`: the top bits of each value's IEEE pattern
+    index the table (a shift and a mask in the integer view, one gather into the code dtype: three passes)."""
+    itype, mant, _ = _int_view(values.dtype)
+    index = (values.view(itype) >> (mant - elem.mbits)).bitwise_and_(table.numel() - 1)
+    return lookup(table, index)
+
+
+@functools.lru_cache(maxsize=256)
+def pattern_codes(elem: Element, dtype: torch.dtype) -> torch.Tensor | None:
+    """The code of each finite grid value of ``elem`` at the index its ``dtype`` (float32/float64) bit pattern
+    has in its sign, exponent and top ``mbits`` mantissa bits (a table of 2^(1 + exponent bits + mbits) entries
+    in the code dtype: 4 KiB for E4M3 in float32), for minifloats of ≤ 8 bits whose every finite value is a
+    normal number or zero in ``dtype`` — the lower mantissa bits of a grid value are then zero and the index
+    tells its value apart from every other (checked here: None where two values would collide or one does not
+    convert exactly, and for integer grids). ``fnuz`` formats, without −0, give −0 the code of +0; entries of
+    bit patterns that are not grid values are never read for grid values (:func:`encode` requires them)."""
+    if isinstance(elem, IntElement) or elem.bits > 8:
+        return None
+    itype, mant, _ = _int_view(dtype)
+    exp_bits = 8 if dtype == torch.float32 else 11
+    index_bits = 1 + exp_bits + elem.mbits
+    codes = torch.arange(2**elem.bits)
+    exact = decode(codes, elem, torch.float64)
+    values = exact.to(dtype)
+    finite = torch.isfinite(values)
+    tiny = torch.finfo(dtype).tiny
+    if not torch.equal(values[finite].double(), exact[finite]) or bool((values[finite].abs() < tiny).logical_and(
+            values[finite] != 0).any()):  # fmt: skip
+        return None
+    index = (values.view(itype) >> (mant - elem.mbits)) & (2**index_bits - 1)
+    if len(set(index[finite].tolist())) != int(finite.sum()):
+        return None
+    table = torch.zeros(2**index_bits, dtype=code_dtype(elem.bits))
+    table[index[finite]] = codes[finite].to(table.dtype)
+    if elem.policy == "fnuz":  # −0 (a rounding result) is code 0
+        table[int((torch.tensor(-0.0, dtype=dtype).view(itype) >> (mant - elem.mbits)) & (2**index_bits - 1))] = 0
+    return table
 
 
 def _magnitude_code_bits(a: torch.Tensor, elem: Element) -> torch.Tensor:

@@ -18,6 +18,7 @@ from numcast.nn.observe import call_model
 from numcast.nn.surgery import set_module
 from numcast.pipeline.plan import (
     QuantizationResult,
+    check_finite_weights,
     layer_reports,
     make_quant_module,
     plan_layers,
@@ -52,14 +53,22 @@ def quantize_data_free(
         model = copy.deepcopy(model)
     make_quantizable(model)
     plans = plan_layers(model, recipe)
-    resolve_plans(model, plans, recipe, batches)
+    # each weight is checked just before its cast reads it (one read of a memory-mapped checkpoint, not a check
+    # up front that gives the pages back and the cast faulting them in again); nothing is installed until every
+    # layer has passed, so a broken one leaves the model as it was. Mixed precision reads every weight first.
+    check_up_front = recipe.mixed_precision.to_decide
+    resolve_plans(model, plans, recipe, batches, check_finite=check_up_front)
+    done = []
     for plan in plans:
-        if plan.quantized:  # plain RTN: the layer rounds its own weight (same codes), keeping the cast
-            qweight = None if method.rounds_to_nearest_only else method.quantize_layer(plan)
-            new = make_quant_module(plan, recipe, qweight=qweight)
-            set_module(model, plan.name, new)
+        if plan.quantized:
+            if not check_up_front and not plan.module.weight.is_meta:
+                check_finite_weights([plan])
+            qweight = None if method.rounds_to_nearest_only else method.quantize_layer(plan)  # plain RTN: the
+            done.append((plan, make_quant_module(plan, recipe, qweight=qweight)))  # layer rounds its own weight
             page_out_module(plan.module)  # the float layer's pages of a memory-mapped checkpoint go back
-            plan.module, plan.method = new, method.name
+    for plan, new in done:
+        set_module(model, plan.name, new)
+        plan.module, plan.method = new, method.name
     if static:
         calibrate_activations(model, batches)
     return QuantizationResult(model, layer_reports(plans), recipe=resolved_recipe(recipe, plans))

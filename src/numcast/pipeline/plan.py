@@ -114,15 +114,19 @@ def check_finite_weights(plans: list[LayerPlan], page_out: bool = False) -> None
                              "(exclude it, or fix the checkpoint)")  # fmt: skip
 
 
-def resolve_plans(model: nn.Module, plans: list[LayerPlan], recipe: Recipe, batches: list) -> None:
+def resolve_plans(model: nn.Module, plans: list[LayerPlan], recipe: Recipe, batches: list,
+                  check_finite: bool = True) -> None:  # fmt: skip
     """The decisions taken on the float model before any layer is quantized (module docstring, step 2); they
-    change the plans only."""
+    change the plans only. Every weight to quantize is first checked to be finite (a memory-mapped one given back
+    after its check), unless ``check_finite`` is False: a caller that checks each layer just before it reads it
+    and installs nothing until all have passed (:func:`numcast.pipeline.data_free.quantize_data_free`)."""
     todo = [p for p in plans if p.quantized]
     if not todo:
         why = "; ".join(f"{p.name}: {p.reason}" for p in plans[:4]) or "the model holds no parameters"
         raise ValueError(f"nothing to quantize: all {len(plans)} modules with parameters stay in float ({why}"
                          f"{'; ...' if len(plans) > 4 else ''})")  # fmt: skip
-    check_finite_weights([p for p in todo if not p.module.weight.is_meta], page_out=True)  # offloaded: when loaded
+    if check_finite:
+        check_finite_weights([p for p in todo if not p.module.weight.is_meta], page_out=True)  # offloaded: at load
     if recipe.mixed_precision.to_decide:
         if any(p.module.weight.is_meta for p in todo):
             raise ValueError("mixed precision measures every layer before quantizing; it does not run with the "
