@@ -296,23 +296,23 @@ def pattern_codes(elem: Element, dtype: torch.dtype) -> torch.Tensor | None:
     if isinstance(elem, IntElement) or elem.bits > 8:
         return None
     itype, mant, _ = _int_view(dtype)
-    exp_bits = 8 if dtype == torch.float32 else 11
-    index_bits = 1 + exp_bits + elem.mbits
+    size = 2 ** (1 + (8 if dtype == torch.float32 else 11) + elem.mbits)
+
+    def index(v: torch.Tensor) -> torch.Tensor:
+        return (v.view(itype) >> (mant - elem.mbits)) & (size - 1)
+
     codes = torch.arange(2**elem.bits)
     exact = decode(codes, elem, torch.float64)
-    values = exact.to(dtype)
-    finite = torch.isfinite(values)
-    tiny = torch.finfo(dtype).tiny
-    if not torch.equal(values[finite].double(), exact[finite]) or bool((values[finite].abs() < tiny).logical_and(
-            values[finite] != 0).any()):  # fmt: skip
+    finite = torch.isfinite(exact)
+    v = exact[finite].to(dtype)
+    if not torch.equal(v.double(), exact[finite]) or bool(((v != 0) & (v.abs() < torch.finfo(dtype).tiny)).any()):
+        return None  # a value that does not convert exactly, or a subnormal of dtype
+    if len(set(index(v).tolist())) != v.numel():
         return None
-    index = (values.view(itype) >> (mant - elem.mbits)) & (2**index_bits - 1)
-    if len(set(index[finite].tolist())) != int(finite.sum()):
-        return None
-    table = torch.zeros(2**index_bits, dtype=code_dtype(elem.bits))
-    table[index[finite]] = codes[finite].to(table.dtype)
+    table = torch.zeros(size, dtype=code_dtype(elem.bits))
+    table[index(v)] = codes[finite].to(table.dtype)
     if elem.policy == "fnuz":  # −0 (a rounding result) is code 0
-        table[int((torch.tensor(-0.0, dtype=dtype).view(itype) >> (mant - elem.mbits)) & (2**index_bits - 1))] = 0
+        table[index(torch.tensor([-0.0], dtype=dtype))] = 0
     return table
 
 
@@ -335,8 +335,8 @@ def magnitude_codes(elem: Element) -> torch.Tensor | None:
     """The code of each non-negative finite grid value v at index v / min_subnormal (in the code dtype, at most
     256 KiB), for minifloats of ≤ 8 bits whose largest value is at most 2^18 smallest subnormals (E2M1, E2M3,
     E3M2, E4M3; not E5M2 or E8M0); None for the others. Every grid value is an integer multiple of the smallest
-    subnormal, so the index is exact. :func:`encode` uses it; its two paths agree on every code
-    (``tests/formats/test_element.py``)."""
+    subnormal, so the index is exact. :func:`encode` uses it for tensors holding NaN/inf (finite ones take
+    :func:`pattern_codes`); both paths give every code back (``tests/formats/test_element.py``)."""
     if isinstance(elem, IntElement) or elem.bits > 8 or elem.policy == "fnu":
         return None
     span = elem.max / elem.min_subnormal
