@@ -249,17 +249,17 @@ def encode(values: torch.Tensor, elem: Element) -> torch.Tensor:
     if isinstance(elem, IntElement):
         q = (values * math.ldexp(1.0, elem.frac_bits)).round().to(torch.int64)
         return (q & (2**elem.bits - 1)).to(dt)
-    if finite and (bits := pattern_codes(elem, values.dtype)) is not None:
-        return _encode_finite_by_pattern(values, elem, bits.to(values.device))
-    table = magnitude_codes(elem)
+    x = values if pattern_codes(elem, values.dtype) is not None else values.double()
+    table = pattern_codes(elem, x.dtype)
+    if finite and table is not None:
+        return _encode_finite_by_pattern(x, elem, table.to(x.device))
     if nan is None:
         nan = torch.zeros_like(values, dtype=torch.bool)
     m, eb = elem.mbits, elem.ebits
-    x = values if table is not None else values.double()
     sign = torch.signbit(x).long() if elem.signed else torch.zeros_like(x, dtype=torch.long)
     a = x.abs().nan_to_num(nan=0.0, posinf=0.0)
-    if table is not None:  # one exact multiply and a gather instead of a dozen float64 passes
-        magnitude = lookup(table.to(a.device), (a * (1.0 / elem.min_subnormal)).int()).long()
+    if table is not None:  # the finite magnitudes by their bit patterns; NaN/inf codes set below
+        magnitude = _encode_finite_by_pattern(a, elem, table.to(a.device)).long()
     else:
         magnitude = _magnitude_code_bits(a, elem)
     code = (sign << (eb + m)) | magnitude
@@ -291,9 +291,10 @@ def pattern_codes(elem: Element, dtype: torch.dtype) -> torch.Tensor | None:
     in the code dtype: 4 KiB for E4M3 in float32), for minifloats of ≤ 8 bits whose every finite value is a
     normal number or zero in ``dtype`` — the lower mantissa bits of a grid value are then zero and the index
     tells its value apart from every other (checked here: None where two values would collide or one does not
-    convert exactly, and for integer grids). ``fnuz`` formats, without −0, give −0 the code of +0; entries of
-    bit patterns that are not grid values are never read for grid values (:func:`encode` requires them)."""
-    if isinstance(elem, IntElement) or elem.bits > 8:
+    convert exactly, for integer grids and other dtypes). ``fnuz`` formats, without −0, give −0 the code of +0;
+    entries of bit patterns that are not grid values are never read for grid values (:func:`encode` requires
+    them; its NaN/inf positions are masked first)."""
+    if isinstance(elem, IntElement) or elem.bits > 8 or dtype not in (torch.float32, torch.float64):
         return None
     itype, mant, _ = _int_view(dtype)
     size = 2 ** (1 + (8 if dtype == torch.float32 else 11) + elem.mbits)
@@ -328,23 +329,3 @@ def _magnitude_code_bits(a: torch.Tensor, elem: Element) -> torch.Tensor:
     man = torch.where(is_sub, man_s, man_n)
     expf = torch.where(is_sub, torch.zeros_like(e), e + elem.bias)
     return (expf << m) | man
-
-
-@functools.lru_cache(maxsize=256)
-def magnitude_codes(elem: Element) -> torch.Tensor | None:
-    """The code of each non-negative finite grid value v at index v / min_subnormal (in the code dtype, at most
-    256 KiB), for minifloats of ≤ 8 bits whose largest value is at most 2^18 smallest subnormals (E2M1, E2M3,
-    E3M2, E4M3; not E5M2 or E8M0); None for the others. Every grid value is an integer multiple of the smallest
-    subnormal, so the index is exact. :func:`encode` uses it for tensors holding NaN/inf (finite ones take
-    :func:`pattern_codes`); both paths give every code back (``tests/formats/test_element.py``)."""
-    if isinstance(elem, IntElement) or elem.bits > 8 or elem.policy == "fnu":
-        return None
-    span = elem.max / elem.min_subnormal
-    if span > 2**18:
-        return None
-    values = decode_table(elem, torch.float64).tolist()
-    table = torch.zeros(int(span) + 1, dtype=code_dtype(elem.bits))
-    for code, v in enumerate(values):
-        if math.isfinite(v) and math.copysign(1.0, v) > 0:  # +0 and the positive grid (not −0, not NaN)
-            table[int(v / elem.min_subnormal)] = code
-    return table
