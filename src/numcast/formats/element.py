@@ -249,8 +249,9 @@ def encode(values: torch.Tensor, elem: Element) -> torch.Tensor:
     if isinstance(elem, IntElement):
         q = (values * math.ldexp(1.0, elem.frac_bits)).round().to(torch.int64)
         return (q & (2**elem.bits - 1)).to(dt)
-    x = values if pattern_codes(elem, values.dtype) is not None else values.double()
-    table = pattern_codes(elem, x.dtype)
+    x, table = values, pattern_codes(elem, values.dtype)
+    if table is None:  # other dtypes, or values that are not all normal in this one: float64
+        x, table = values.double(), pattern_codes(elem, torch.float64)
     if finite and table is not None:
         return _encode_finite_by_pattern(x, elem, table.to(x.device))
     if nan is None:
@@ -279,9 +280,14 @@ def encode(values: torch.Tensor, elem: Element) -> torch.Tensor:
 def _encode_finite_by_pattern(values: torch.Tensor, elem: Element, table: torch.Tensor) -> torch.Tensor:
     """:func:`encode` of finite grid values by :func:`pattern_codes`: the top bits of each value's IEEE pattern
     index the table (a shift and a mask in the integer view, one gather into the code dtype: three passes)."""
+    return lookup(table, _pattern_index(values, elem, table.numel()))
+
+
+def _pattern_index(values: torch.Tensor, elem: Element, size: int) -> torch.Tensor:
+    """The index of :func:`pattern_codes` (``size`` entries): the sign, exponent and top ``mbits`` mantissa bits of
+    each float32/float64 value's IEEE pattern."""
     itype, mant, _ = _int_view(values.dtype)
-    index = (values.view(itype) >> (mant - elem.mbits)).bitwise_and_(table.numel() - 1)
-    return lookup(table, index)
+    return (values.view(itype) >> (mant - elem.mbits)).bitwise_and_(size - 1)
 
 
 @functools.lru_cache(maxsize=256)
@@ -296,24 +302,19 @@ def pattern_codes(elem: Element, dtype: torch.dtype) -> torch.Tensor | None:
     them; its NaN/inf positions are masked first)."""
     if isinstance(elem, IntElement) or elem.bits > 8 or dtype not in (torch.float32, torch.float64):
         return None
-    itype, mant, _ = _int_view(dtype)
     size = 2 ** (1 + (8 if dtype == torch.float32 else 11) + elem.mbits)
-
-    def index(v: torch.Tensor) -> torch.Tensor:
-        return (v.view(itype) >> (mant - elem.mbits)) & (size - 1)
-
     codes = torch.arange(2**elem.bits)
     exact = decode(codes, elem, torch.float64)
     finite = torch.isfinite(exact)
     v = exact[finite].to(dtype)
     if not torch.equal(v.double(), exact[finite]) or bool(((v != 0) & (v.abs() < torch.finfo(dtype).tiny)).any()):
         return None  # a value that does not convert exactly, or a subnormal of dtype
-    if len(set(index(v).tolist())) != v.numel():
+    if len(set(_pattern_index(v, elem, size).tolist())) != v.numel():
         return None
     table = torch.zeros(size, dtype=code_dtype(elem.bits))
-    table[index(v)] = codes[finite].to(table.dtype)
+    table[_pattern_index(v, elem, size)] = codes[finite].to(table.dtype)
     if elem.policy == "fnuz":  # −0 (a rounding result) is code 0
-        table[index(torch.tensor([-0.0], dtype=dtype))] = 0
+        table[_pattern_index(torch.tensor([-0.0], dtype=dtype), elem, size)] = 0
     return table
 
 
