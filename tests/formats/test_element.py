@@ -198,6 +198,17 @@ def test_arithmetic_rounding_equals_exponent_bits(name, saturate):
         assert_bitwise(ours, cast_element(x, e, saturate=saturate, arithmetic=False), f"{name} {dtype}")
 
 
+@pytest.mark.parametrize("name", [n for n in ARITHMETIC if arithmetic_rounding_exact(get_format(n).element,
+                                                                                 torch.float32)])  # fmt: skip
+def test_arithmetic_rounding_equals_exponent_bits_on_every_float32_of_its_edge_binades(name):
+    """Every float32 of the lowest normal binade (where the subnormal step takes over) and of the top binade
+    (where values round up beyond the grid): Veltkamp's split rounds ties to even for this m."""
+    e = get_format(name).element
+    mant = torch.arange(1 << 23, dtype=torch.float32) * 2.0**-23 + 1.0
+    x = torch.cat([mant * 2.0**e.emin, mant * 2.0**e.emax])
+    assert_bitwise(cast_element(x, e, arithmetic=True), cast_element(x, e, arithmetic=False), name)
+
+
 @pytest.mark.parametrize("name", ARITHMETIC)
 def test_grid_step_is_the_clamped_binade_spacing(name):
     """The eager cast's grid spacing (the exponent field clamped in place) is the definition's

@@ -71,8 +71,8 @@ def grid_step(y: torch.Tensor, elem: Element) -> torch.Tensor:
 
 def arithmetic_rounding_exact(elem: Element, dtype: torch.dtype) -> bool:
     """Whether :func:`round_nearest_even_arithmetic` gives :func:`cast_element`'s bits for ``elem`` in the work
-    ``dtype``: 2^emin is a normal number, |y| clamped to 2^(emax+1) times Veltkamp's 2^(p−1)+1 stays finite, and
-    the grid step of every binade is at least 2^(3−p)·2^e (p: the dtype's significand bits)."""
+    ``dtype``: 2^emin is a normal number, |y| clamped to 2^(emax+1) times Veltkamp's 2^(p−1−m)+1 stays finite, and
+    the split keeps at least two bits, m ≤ p − 3 (p: the dtype's significand bits, m: the element's)."""
     _, mant, bias = _int_view(dtype)
     p = mant + 1
     return elem.emin >= 1 - bias and elem.emax + 1 + p <= bias and elem.mbits <= p - 3
@@ -84,28 +84,26 @@ def round_nearest_even_arithmetic(y: torch.Tensor, elem: Element) -> torch.Tenso
 
     Same values and signs as :func:`floor_log2` / :func:`pow2` / ``torch.round`` (``tests/formats/test_element.py``
     checks every float32 binade), for the compiled kernel: inductor writes a vector bit cast (``view(int32)``) as
-    a scalar loop through a stack buffer, which on some CPUs costs more than the whole cast. Two exact float
-    steps instead (p = the work dtype's significand bits, 24 for float32):
+    a scalar loop through a stack buffer, which on some CPUs costs more than the whole cast. Exact float steps
+    instead (p = the work dtype's significand bits, 24 for float32; a = min(|y|, 2^(emax+1))):
 
-    1. The binade's power of two 2^e of a = clamp(|y|, 2^emin, 2^(emax+1)) by Veltkamp's split (Dekker 1971,
-       "A floating-point technique for extending the available precision", §6): c = a·(2^(p−1)+1), computed as
-       a·2^(p−1) + a (an exact product, so an FMA gives the same c), and h = c − (c − a) is a rounded to one
-       significant bit, so h ∈ {2^e, 2^(e+1)}; h > a means 2^(e+1): halve it.
-    2. Round to the step 2^(e−m) with the "magic number" M = 1.5·2^(p−1)·2^(e−m): y + M lies in the binade of M,
-       whose ulp is the step, so the float addition rounds y to the grid (ties to even) and (y + M) − M is exact
-       (Sterbenz). ``copysign`` restores the sign of results that round to zero.
+    - Normal range, a ≥ 2^emin: Veltkamp's split (Dekker 1971, "A floating-point technique for extending the
+      available precision", §6) with the constant 2^(p−1−m) + 1: c = a·2^(p−1−m) + a (an exact product, so an FMA
+      gives the same c) and c − (c − a) is a rounded to m + 1 significant bits, to nearest with ties to even
+      (checked on every float32 of a binade for every m, ``tests/formats/test_element.py``): the grid value.
+    - Subnormal range, a < 2^emin: the step is the fixed 2^(emin−m); with the "magic number" M = 1.5·2^(p−1)·
+      2^(emin−m), a + M lies in the binade of M, whose ulp is the step, so the addition rounds a to the grid (ties
+      to even) and (a + M) − M is exact (Sterbenz).
 
-    Needs :func:`arithmetic_rounding_exact`. Every product here is exact (a power of two, or 1.5 times one, times
-    a float), so a compiler that contracts a product and a sum into an FMA (``TORCHINDUCTOR_CPP_ENABLE_FLOATING_
-    POINT_CONTRACT_FLAG=fast``) computes the same bits.
+    ``copysign`` restores the sign (also of results that round to zero). Clamping a at 2^(emax+1) keeps c finite;
+    such values overflow the grid either way. Needs :func:`arithmetic_rounding_exact`.
     """
     p = _int_view(y.dtype)[1] + 1
-    a = y.abs().clamp(math.ldexp(1.0, elem.emin), math.ldexp(1.0, elem.emax + 1))
-    c = a * math.ldexp(1.0, p - 1) + a  # = a·(2^(p−1)+1) rounded once, also when contracted to an FMA
-    h = c - (c - a)
-    binade = torch.where(h > a, h * 0.5, h)
-    magic = binade * math.ldexp(1.5, p - 1 - elem.mbits)
-    return torch.copysign((y + magic) - magic, y)
+    a = y.abs().clamp(max=math.ldexp(1.0, elem.emax + 1))
+    c = a * math.ldexp(1.0, p - 1 - elem.mbits) + a
+    normal = c - (c - a)
+    magic = math.ldexp(1.5, p - 1 - elem.mbits + elem.emin)
+    return torch.copysign(torch.where(a < math.ldexp(1.0, elem.emin), (a + magic) - magic, normal), y)
 
 
 def cast_element(
@@ -115,6 +113,7 @@ def cast_element(
     noise: torch.Tensor | None = None,
     saturate: bool = True,
     arithmetic: bool | None = None,
+    no_inf: bool = False,
 ) -> torch.Tensor:
     """Round ``y`` (float32/float64) to the element grid; same dtype and shape.
 
@@ -126,10 +125,15 @@ def cast_element(
     silent finite value). Finite overflow saturates to ±max when ``saturate`` (always for ``finite`` and
     integer grids), else becomes the policy's inf/NaN. ``fnuz`` has no −0: negative zeros become +0.
     ``fnu`` (E8M0) is unsigned without zero: zero and negative inputs become NaN (as ml_dtypes).
+
+    ``no_inf``: the caller guarantees that ``y`` holds no ±inf (values divided by scales derived from their own
+    block, where a non-finite block has a NaN scale), so the selects that handle inf are left out; NaN passes
+    through the rest of the arithmetic.
     """
-    # eager casts of large tensors check once and skip the non-finite selects (below FINITE_CHECK_MIN elements,
-    # a GPTQ column say, the selects cost less than the check's host sync; compiled code fuses them)
-    finite = not torch.compiler.is_compiling() and y.numel() >= FINITE_CHECK_MIN and all_finite(y)
+    # no ±inf in y: the caller says so, or one check of a large eager tensor finds it all finite; the selects that
+    # handle inf are then skipped (below FINITE_CHECK_MIN elements, a GPTQ column say, they cost less than the
+    # check's host sync; compiled code fuses them)
+    inf_free = no_inf or (not torch.compiler.is_compiling() and y.numel() >= FINITE_CHECK_MIN and all_finite(y))
     if isinstance(elem, IntElement):
         # fresh temporaries are worked on in place: a new CPU tensor is new pages to fault in (benchmarks/formats.py)
         v = y * math.ldexp(1.0, elem.frac_bits) if elem.frac_bits else y
@@ -137,7 +141,7 @@ def cast_element(
         out = r.clamp_(elem.qmin, elem.qmax).add_(0.0)  # integers have no −0
         if elem.frac_bits:
             out.mul_(math.ldexp(1.0, -elem.frac_bits))
-        return out if finite else torch.where(torch.isfinite(y), out, torch.full_like(out, math.nan))
+        return out if inf_free else torch.where(torch.isfinite(y), out, torch.full_like(out, math.nan))
 
     if arithmetic is None:
         arithmetic = torch.compiler.is_compiling() and arithmetic_rounding_exact(elem, y.dtype)
@@ -153,7 +157,7 @@ def cast_element(
         out = torch.where(out.abs() > elem.max, torch.copysign(torch.full_like(out, math.inf), out), out)
     else:
         out = torch.where(out.abs() > elem.max, torch.full_like(out, math.nan), out)
-    if not finite:
+    if not inf_free:
         inf_in = y.abs() == math.inf  # (not isinf: compiles to a vector compare)
         out = torch.where(inf_in, y if elem.policy == "ieee" else torch.full_like(out, math.nan), out)
     if elem.policy == "fnuz":

@@ -93,6 +93,10 @@ def grid_cast(
     noise = None
     if rounding == "stochastic":
         noise = make_noise(rows.shape, rows.device, generator, seed)
+    # scales derived here from each block's own values: a block holding NaN/inf gets a NaN scale, every other block
+    # one that maps its amax into the grid's range or, saturated, one ≥ 1 (a scale format reaching 1), so y = x/s
+    # holds no ±inf and the element cast leaves out the selects that handle it
+    no_inf = scaling.scaled and scales is None and scaling.scale_format.max >= 1.0
     if not scaling.scaled:
         scales = Scales(None)
         y = rows
@@ -117,9 +121,9 @@ def grid_cast(
             q = round_to_int(y, rounding, noise) + zp
             values = torch.where(torch.isfinite(y), q.clamp(0, elem.qmax), torch.full_like(q, math.nan))
             return GridCast(layout, y + zp, values, scales, work)
-    values = cast_element(y, elem, rounding, noise, fmt.saturate)
+    values = cast_element(y, elem, rounding, noise, fmt.saturate, no_inf=no_inf)
     if rounding in _MIRRORED and scaling.rule == "signed_max":  # a negative scale mirrors the direction
-        mirrored = cast_element(y, elem, _MIRRORED[rounding], noise, fmt.saturate)
+        mirrored = cast_element(y, elem, _MIRRORED[rounding], noise, fmt.saturate, no_inf=no_inf)
         values = torch.where((scales.scale < 0).to(y.device)[:, None], mirrored, values)
     return GridCast(layout, y, values, scales, work, two_level_f32(fmt) and work == torch.float32)
 
