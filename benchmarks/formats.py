@@ -1,22 +1,24 @@
 """Speed of ``numcast.cast`` on a 4096×4096 float32 tensor, as a multiple of a memory-bound copy.
 
     .venv/bin/python benchmarks/formats.py --markdown      # the README table: both malloc settings, all backends
-    .venv/bin/python benchmarks/formats.py [--size 4096] [--threads 2] [--repeat 10] [--formats mxfp4 nvfp4]
-        [--backends auto eager compiled] [--malloc both|inherit] [--json PATH]
+    .venv/bin/python benchmarks/formats.py [--size 4096] [--threads 2] [--rounds 4] [--repeat 4]
+        [--formats mxfp4 nvfp4] [--backends auto eager compiled] [--malloc both|inherit] [--json PATH]
     .venv/bin/python benchmarks/formats.py --render benchmarks/results/formats.json   # table of a saved run
 
 Backend ``auto`` is the default path users get, ``numcast.cast(x, fmt)`` with no backend argument (compiled for a
 tensor this large where a C++ compiler is present); ``eager`` and ``compiled`` are forced. The copy baseline
 ``y.copy_(x)`` into a preallocated tensor is timed in the same process; every cast is reported in milliseconds and
 as a multiple of it (timings on these machines vary up to 2× between runs, ratios within one run are what to
-compare). Each figure is the best of ``--repeat`` runs (default 10) after a warm-up call, whose time
-(``first_call_s``: the compile, for a compiled kernel not yet in inductor's on-disk cache) is recorded too. A "bit
-cast probe" row times a compiled copy through two vector bit casts, the machine property that decides how fast
-kernels reading exponent bits can be (:func:`bit_cast_probe`). Every backend's output is checked bit-identical to
+compare). Each figure is the best of ``--rounds`` × ``--repeat`` calls (default 16) after a warm-up call, the rows
+timed in turn round by round (:func:`interleaved_ms`); the first call's time (``first_call_s``: the compile, for a
+compiled kernel not yet in inductor's on-disk cache) is recorded too. A "bit cast probe" row times a compiled copy
+through two vector bit casts, the machine property that decides how fast kernels reading exponent bits can be
+(:func:`bit_cast_probe`). Every backend's output is checked bit-identical to
 the eager cast before it is timed. ``x`` and the copy's target are advised to huge pages before they are first
 written (``numcast.libc.advise_huge_pages``): otherwise the copy ran at 3.5 or at 2 ms depending on whether the
 kernel had yet merged their pages into huge ones. A cast's own fresh output is advised the same way by numcast
-(``formats.fused.fresh_output``).
+(``formats.fused.fresh_output``); the "fresh copy" row times a copy into such a new tensor, what the OS charges for
+fresh pages included (on these VMs it varies from run to run), the floor under every cast that returns a new tensor.
 
 glibc returns freed 64 MiB buffers to the OS, so every fresh output page faults on first touch (in 4 KiB pages
 that cost more than the cast itself; numcast's huge-page advice cuts it to about a copy's time). ``--malloc
@@ -36,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -48,14 +51,20 @@ MALLOC_ENV = {
 }
 
 
-def best_ms(fn, repeat: int) -> tuple[float, float]:
-    fn()
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
+def interleaved_ms(fns: list, rounds: int, repeat: int) -> list[tuple[float, float]]:
+    """(best, median) ms of each of ``fns`` over ``rounds`` × ``repeat`` calls after a warm-up call: each round times
+    every function ``repeat`` times in turn, so a slow spell of the machine (these VMs have them, seconds long)
+    touches every row alike instead of one format's ten consecutive calls."""
+    times: list[list[float]] = [[] for _ in fns]
+    for fn in fns:
         fn()
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * min(ts), 1e3 * statistics.median(ts)
+    for _ in range(rounds):
+        for ts, fn in zip(times, fns, strict=True):
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+    return [(1e3 * min(ts), 1e3 * statistics.median(ts)) for ts in times]
 
 
 def bit_cast_probe(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -64,6 +73,17 @@ def bit_cast_probe(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     several times it). numcast's compiled casts avoid bit casts for this reason
     (``numcast.formats.element.round_nearest_even_arithmetic``)."""
     return y.copy_((x.view(torch.int32) >> 1).view(torch.float32))
+
+
+def fresh_copy(x: torch.Tensor) -> torch.Tensor:
+    """``x`` copied into a new tensor whose memory is advised to huge pages first, as numcast's casts without
+    ``out=`` do (``formats.fused.fresh_output``): the copy plus what the OS charges for fresh pages, the floor under
+    every cast that returns a new tensor."""
+    from numcast.libc import advise_huge_pages
+
+    out = torch.empty_like(x)
+    advise_huge_pages(out)
+    return out.copy_(x)
 
 
 def peer_fns(x: torch.Tensor) -> dict:
@@ -123,12 +143,14 @@ def run(args: argparse.Namespace) -> dict:
         advise_huge_pages(t)
     x.normal_(generator=g)
     y.zero_()
-    copy_min, copy_med = best_ms(lambda: y.copy_(x), args.repeat)
-    rows = [{"name": "copy (y.copy_(x))", "backend": "-", "ms": copy_min, "median_ms": copy_med, "x_copy": 1.0}]
     probe = torch.compile(bit_cast_probe)
-    ms, med = best_ms(lambda: probe(x, y), args.repeat)
-    rows.append({"name": "bit cast probe", "backend": "compiled", "ms": ms, "median_ms": med,
-                 "x_copy": ms / copy_min, "note": "y = (x.view(int32) >> 1).view(float32), machine probe"})  # fmt: skip
+    timed: list[tuple[dict, Callable]] = [
+        ({"name": "copy (y.copy_(x))", "backend": "-"}, lambda: y.copy_(x)),
+        ({"name": "fresh copy", "backend": "-", "note": "copy into a new tensor advised to huge pages (a cast's "
+          "fresh output)"}, lambda: fresh_copy(x)),
+        ({"name": "bit cast probe", "backend": "compiled", "note": "y = (x.view(int32) >> 1).view(float32), machine "
+          "probe"}, lambda: probe(x, y)),
+    ]  # fmt: skip
     for name in args.formats:
         for backend in args.backends:
             kw = {} if backend == "auto" else {"backend": backend}  # auto: the default call, no argument
@@ -138,26 +160,26 @@ def run(args: argparse.Namespace) -> dict:
             if not _same_bits(res, numcast.cast(x, name, backend="eager")):
                 raise SystemExit(f"{name}: backend {backend} differs from the eager cast")
             del res
-            ms, med = best_ms(lambda n=name, kw=kw: numcast.cast(x, n, **kw), args.repeat)
-            rows.append({"name": name, "backend": backend, "ms": ms, "median_ms": med, "x_copy": ms / copy_min,
-                         "first_call_s": first})  # fmt: skip
-            numcast.cast(x, name, out=y, **kw)
-            ms, med = best_ms(lambda n=name, kw=kw: numcast.cast(x, n, out=y, **kw), args.repeat)
-            rows.append({"name": name, "backend": f"{backend}, out=", "ms": ms, "median_ms": med,
-                         "x_copy": ms / copy_min})  # fmt: skip
+            timed.append(({"name": name, "backend": backend, "first_call_s": first},
+                          lambda n=name, kw=kw: numcast.cast(x, n, **kw)))  # fmt: skip
+            timed.append(({"name": name, "backend": f"{backend}, out="},
+                          lambda n=name, kw=kw: numcast.cast(x, n, out=y, **kw)))  # fmt: skip
+    peers = []
     for name, val in peer_fns(x).items():
         if isinstance(val, tuple):
-            fn, note = val
-            ms, med = best_ms(fn, args.repeat)
-            rows.append({"name": name, "backend": "peer", "ms": ms, "median_ms": med, "x_copy": ms / copy_min,
-                         "note": note})  # fmt: skip
+            timed.append(({"name": name, "backend": "peer", "note": val[1]}, val[0]))
         else:
-            rows.append({"name": name, "backend": "peer", "note": val})
+            peers.append({"name": name, "backend": "peer", "note": val})
+    results = interleaved_ms([fn for _, fn in timed], args.rounds, args.repeat)
+    copy_ms = results[0][0]
+    rows = [dict(meta, ms=ms, median_ms=med, x_copy=ms / copy_ms)
+            for (meta, _), (ms, med) in zip(timed, results, strict=True)] + peers  # fmt: skip
     malloc = all(os.environ.get(k) == v for k, v in MALLOC_ENV.items())
     return {
         "size": [args.size, args.size],
         "dtype": "float32",
         "threads": args.threads,
+        "rounds": args.rounds,
         "repeat": args.repeat,
         "malloc_env": malloc,
         "torch": torch.__version__,
@@ -169,8 +191,9 @@ def run(args: argparse.Namespace) -> dict:
 def print_table(res: dict) -> None:
     from numcast.report.tables import make_table, print_table
 
+    calls = res.get("rounds", 1) * res["repeat"]
     title = (f"cast of a {res['size'][0]}x{res['size'][1]} float32 tensor, {res['threads']} threads, best of "
-             f"{res['repeat']}, glibc malloc env {'on' if res['malloc_env'] else 'off'}")  # fmt: skip
+             f"{calls}, glibc malloc env {'on' if res['malloc_env'] else 'off'}")  # fmt: skip
     rows = [[r["name"], r["backend"], r.get("ms"), r.get("median_ms"), r.get("x_copy"), r.get("first_call_s"),
              r.get("note", "")] for r in res["rows"]]  # fmt: skip
     cols = ("format", "backend", "best ms", "median ms", "x copy", "first call s", "note")
@@ -178,7 +201,8 @@ def print_table(res: dict) -> None:
 
 
 def markdown(payload: dict) -> str:
-    """One Markdown table of both glibc settings side by side (the README's); `out=` rows stay in the JSON."""
+    """One Markdown table of both glibc settings side by side (the README's); of the `out=` rows only the default
+    path's (`auto, out=`), the others stay in the JSON."""
     runs = payload["runs"] if "runs" in payload else [payload]
     keyed = [{(r["name"], r["backend"]): r for r in run["rows"]} for run in runs]
     head = ["format", "backend"]
@@ -187,7 +211,7 @@ def markdown(payload: dict) -> str:
         head += [f"ms ({env})", f"x copy ({env})"]
     lines = ["| " + " | ".join(head + ["note"]) + " |", "|" + "---|" * (len(head) + 1)]
     for key, first in keyed[0].items():
-        if key[1].endswith("out="):
+        if key[1].endswith("out=") and key[1] != "auto, out=":
             continue
         cells = [key[0], key[1]]
         for k in keyed:
@@ -201,7 +225,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=4096)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--repeat", type=int, default=4, help="calls per function and round")
     p.add_argument("--formats", nargs="+", default=FORMATS)
     p.add_argument(
         "--backends", nargs="+", default=["auto", "eager", "compiled"], choices=["auto", "eager", "compiled"]
@@ -221,7 +246,8 @@ def main() -> None:
             if env_on:
                 env.update(MALLOC_ENV)
             cmd = [sys.executable, __file__, "--malloc", "inherit", "--json", "-", "--size", str(args.size),
-                   "--threads", str(args.threads), "--repeat", str(args.repeat), "--formats", *args.formats,
+                   "--threads", str(args.threads), "--rounds", str(args.rounds), "--repeat", str(args.repeat),
+                   "--formats", *args.formats,
                    "--backends", *args.backends]  # fmt: skip
             out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
             res = json.loads(out[out.index("{") :])

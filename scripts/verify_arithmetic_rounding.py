@@ -26,7 +26,8 @@ def mismatches(name: str) -> int:
     elem = get_format(name).element
     if work_dtype(elem) != torch.float32 or not arithmetic_rounding_exact(elem, torch.float32):
         raise SystemExit(f"{name}: the compiled float32 kernels do not use the arithmetic rounding for it")
-    fast = torch.compile(lambda x: cast_element(x, elem, saturate=True, arithmetic=True))
+    torch._dynamo.reset()  # a fresh compile per format: a recompile of the same lambda made dynamo break the graph
+    fast = torch.compile(lambda x: cast_element(x, elem, saturate=True, arithmetic=True), fullgraph=True)
     bad = 0
     for start in range(0, 1 << 32, CHUNK):
         x = torch.arange(start, start + CHUNK, dtype=torch.int64).to(torch.int32).view(torch.float32)

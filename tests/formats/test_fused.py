@@ -141,7 +141,8 @@ def test_a_kernel_compiled_on_a_small_tensor_still_runs_on_every_thread():
     """Inductor decides which loops OpenMP splits from the size of the call that compiles a kernel (and its on-disk
     cache keeps that code), so NVFP4's kernel first compiled on 56 rows came out single-threaded for every later
     tensor. numcast compiles with ``cpp.dynamic_threads``: the kernel's C++ has its OpenMP region whatever the first
-    size. A fresh kernel (not the cached one), compiled without the on-disk cache so its source is generated here."""
+    size. Fresh kernels (the scales' and the cast's, not the cached ones), compiled without the on-disk cache so
+    their source is generated here."""
     from torch._inductor import config
     from torch._inductor.utils import run_and_get_code
 
@@ -153,9 +154,12 @@ def test_a_kernel_compiled_on_a_small_tensor_still_runs_on_every_thread():
     x = torch.randn(7, 128, generator=torch.Generator().manual_seed(0))
     layout = Layout.of(x.shape, fmt.scaling)
     rows = fused._mark_dynamic(layout.to_rows(x), layout)
-    kernel = fused._kernel.__wrapped__(fused.kernel_key(x, fmt, "nearest_even"), False)
+    key = fused.kernel_key(x, fmt, "nearest_even")
+    scales_kernel, kernel = fused._scales_kernel.__wrapped__(key), fused._kernel.__wrapped__(key, False)
     with config.patch(fx_graph_cache=False):
-        out, sources = run_and_get_code(kernel, rows, tensor_scale_of(x, fmt))
+        scales, scale_sources = run_and_get_code(scales_kernel, rows, tensor_scale_of(x, fmt))
+        out, sources = run_and_get_code(kernel, rows, *scales)
+    sources = scale_sources + sources
     assert_bitwise(layout.from_rows(out).reshape(x.shape), cast(x, fmt, backend="eager"))
     kernels = [s for s in sources if 'extern "C"' in s]
     assert kernels and all("#pragma omp parallel" in s for s in kernels)

@@ -75,6 +75,7 @@ def grid_cast(
     seed: int | None = None,
     scales: Scales | None = None,
     tensor_scale: torch.Tensor | float | None = None,
+    own_scales: bool = False,
 ) -> GridCast:
     """Element values and scales of ``x`` in ``fmt`` (``rounding`` overrides the format's).
 
@@ -83,7 +84,9 @@ def grid_cast(
     block's scale before its elements are rounded. For a format with sub-block offsets (shared
     microexponents) fixed scales must carry them too (``Scales.sub_offset``), else ``ValueError``.
     ``tensor_scale`` fixes only a two-level format's per-tensor scale (``x`` a slice of a larger tensor, whose
-    :func:`tensor_scale_of` it is); the block scales are derived from ``x`` under it."""
+    :func:`tensor_scale_of` it is); the block scales are derived from ``x`` under it. ``own_scales``: the fixed
+    ``scales`` are ``compute_scales`` of x's own rows (the compiled path computes them in a kernel of their own),
+    so they hold what derived scales hold (below)."""
     check_input(x)
     rounding = rounding or fmt.rounding
     elem, scaling = fmt.element, fmt.scaling
@@ -96,7 +99,7 @@ def grid_cast(
     # scales derived here from each block's own values: a block holding NaN/inf gets a NaN scale, every other block
     # one that maps its amax into the grid's range or, saturated, one ≥ 1 (a scale format reaching 1), so y = x/s
     # holds no ±inf and the element cast leaves out the selects that handle it
-    no_inf = scaling.scaled and scales is None and scaling.scale_format.max >= 1.0
+    no_inf = scaling.scaled and (scales is None or own_scales) and scaling.scale_format.max >= 1.0
     if not scaling.scaled:
         scales = Scales(None)
         y = rows

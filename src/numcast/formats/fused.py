@@ -1,9 +1,11 @@
 """The compiled cast: the very same engine as the eager path, fused by ``torch.compile``.
 
-Inductor turns the chain of element-wise ops (and the per-block amax) into one loop nest per format
-(C++/OpenMP on CPU, Triton on GPU), so a cast reads its input about once instead of ~20 times. The
-arithmetic is the eager code's, op for op (:func:`~numcast.formats.engine.cast_unchunked`);
-``tests/formats/test_fused.py`` and ``tests/formats/test_auto_backend.py`` check the paths bit-identical.
+Inductor turns the chain of element-wise ops into one loop nest per format (C++/OpenMP on CPU, Triton on GPU), so a
+cast reads its input once or twice instead of ~20 times: formats with a scale per block or channel compute their
+scales in a kernel of their own first (one vectorised pass over the input, :func:`scales_apart`), then the element
+kernel reads the input and the scales. The arithmetic is the eager code's, op for op
+(:func:`~numcast.formats.engine.grid_cast` with those scales is what :func:`~numcast.formats.engine.cast_unchunked`
+computes); ``tests/formats/test_fused.py`` and ``tests/formats/test_auto_backend.py`` check the paths bit-identical.
 Stochastic rounding stays eager (its noise comes from an explicit ``torch.Generator``).
 
 What is compiled is the cast of the *rows* (``[R, L]``, one scale per row, :class:`~numcast.formats.layout.Layout`),
@@ -31,8 +33,10 @@ from dataclasses import replace
 
 import torch
 
-from numcast.formats.engine import cast_unchunked, tensor_scale_of
+from numcast.formats.element import work_dtype
+from numcast.formats.engine import cast_unchunked, grid_cast, tensor_scale_of
 from numcast.formats.layout import Layout
+from numcast.formats.scale import Scales, compute_scales
 from numcast.formats.spec import Format
 from numcast.libc import advise_huge_pages
 
@@ -110,17 +114,49 @@ def _own_code(fn: Callable, tag: str) -> Callable:
     return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
+def scales_apart(fmt: Format) -> bool:
+    """Whether the compiled cast of ``fmt`` computes its scales in a kernel of their own (:func:`_scales_kernel`)
+    before the element kernel: formats with a scale per block or channel. Fused into the element loop, inductor
+    recomputes a row's scalar scale arithmetic for every vector of 8 values of the row (it hoists no loop
+    invariants, and the C++ compiler cannot hoist a load that may alias the stores); where that arithmetic is long
+    (int4_g128's FP16 scale: a float64 division and the FP16 rounding; NVFP4's two levels) computing every scale once
+    in a vectorised pass is faster, although it reads the input once more; MX formats run at the same speed either
+    way (scratch timings of both layouts; the README's speed table has this layout's)."""
+    return fmt.scaling.scaled and fmt.scaling.granularity in ("block", "channel")
+
+
+@functools.lru_cache(maxsize=512)
+def _scales_kernel(key: KernelKey) -> Callable:
+    """The compiled scales of the rows of ``key``'s format: ``compute_scales`` of the rows in the work dtype, as
+    the tuple (scale, tensor scale, zero points, sub-block offsets) that :func:`_kernel` takes (None where absent)."""
+    row_fmt = key[0]
+    elem, scaling = row_fmt.element, row_fmt.scaling
+
+    def scales_of_rows(rows: torch.Tensor, tensor_scale: torch.Tensor | None = None) -> tuple:
+        s = compute_scales(rows.to(work_dtype(elem, scaling, rows.dtype)), elem, scaling, tensor_scale)
+        return s.scale, s.tensor_scale, s.zero_point, s.sub_offset
+
+    return torch.compile(_own_code(scales_of_rows, str(next(_SERIAL))), fullgraph=True, options=INDUCTOR_OPTIONS)
+
+
 @functools.lru_cache(maxsize=512)
 def _kernel(key: KernelKey, into: bool) -> Callable:
-    """The compiled rows cast of ``key`` (returning the rows, or writing them ``into`` a second argument)."""
+    """The compiled rows cast of ``key`` (returning the rows, or writing them ``into`` a second argument). Its
+    last arguments are the tensor scale, or for :func:`scales_apart` formats the scales from :func:`_scales_kernel`."""
     row_fmt, rounding, _dtype, _device = key  # dtype and device: only kernels of their own (a code object each)
+    apart, sub_block = scales_apart(row_fmt), row_fmt.scaling.sub_block_size or 0
 
-    def cast_rows(rows: torch.Tensor, tensor_scale: torch.Tensor | None = None) -> torch.Tensor:
-        return cast_unchunked(rows, row_fmt, rounding, tensor_scale=tensor_scale)
+    def cast_of(rows: torch.Tensor, scales: tuple) -> torch.Tensor:
+        if not apart:
+            return cast_unchunked(rows, row_fmt, rounding, tensor_scale=scales[0] if scales else None)
+        given = Scales(*scales, sub_block=sub_block if scales[3] is not None else 0)
+        return grid_cast(rows, row_fmt, rounding, scales=given, own_scales=True).output(rows.shape, rows.dtype)
 
-    def cast_rows_into(rows: torch.Tensor, out: torch.Tensor, tensor_scale: torch.Tensor | None = None) -> None:
-        # inductor stores the fused result straight into out
-        out.copy_(cast_unchunked(rows, row_fmt, rounding, tensor_scale=tensor_scale))
+    def cast_rows(rows: torch.Tensor, *scales: torch.Tensor | None) -> torch.Tensor:
+        return cast_of(rows, scales)
+
+    def cast_rows_into(rows: torch.Tensor, out: torch.Tensor, *scales: torch.Tensor | None) -> None:
+        out.copy_(cast_of(rows, scales))  # inductor stores the fused result straight into out
 
     fn = _own_code(cast_rows_into if into else cast_rows, str(next(_SERIAL)))
     return torch.compile(fn, fullgraph=True, options=INDUCTOR_OPTIONS)
@@ -166,14 +202,24 @@ def compiled_cast(x: torch.Tensor, fmt: Format, rounding: str, out: torch.Tensor
     if rows is None:
         rows = layout.to_rows(x)
     rows = _mark_dynamic(rows, layout)
+    key = kernel_key(x, fmt, rounding)
     # a two-level format's tensor scale comes in computed (a whole-tensor reduction inside the kernel made inductor
     # emit it without OpenMP: one thread for the whole cast)
-    t = tensor_scale_of(x, fmt)
+    scales: tuple = (tensor_scale_of(x, fmt),)
+    if scales_apart(fmt):
+        scales = tuple(_mark_rows_dynamic(t) for t in _scales_kernel(key)(rows, scales[0]))
     if writes_into(x, fmt, out):
-        _kernel(kernel_key(x, fmt, rounding), True)(rows, _mark_dynamic(_rows_view(layout, out), layout), t)
+        _kernel(key, True)(rows, _mark_dynamic(_rows_view(layout, out), layout), *scales)
         return out
-    res = layout.from_rows(_kernel(kernel_key(x, fmt, rounding), False)(rows, t)).reshape(x.shape)
+    res = layout.from_rows(_kernel(key, False)(rows, *scales)).reshape(x.shape)
     return res if out is None else out.copy_(res)
+
+
+def _mark_rows_dynamic(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A per-row scales tensor with its row count marked dynamic, as the rows' (0-dim and None pass through)."""
+    if t is not None and t.dim():
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+    return t
 
 
 def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
