@@ -13,10 +13,10 @@ compare). Each figure is the best of ``--rounds`` × ``--repeat`` calls (default
 timed in turn round by round (:func:`interleaved_ms`); the first call's time (``first_call_s``: the compile, for a
 compiled kernel not yet in inductor's on-disk cache) is recorded too. A "bit cast probe" row times a compiled copy
 through two vector bit casts, the machine property that decides how fast kernels reading exponent bits can be
-(:func:`bit_cast_probe`). Every backend's output is checked bit-identical to
-the eager cast before it is timed. ``x`` and the copy's target are advised to huge pages before they are first
-written (``numcast.libc.advise_huge_pages``): otherwise the copy ran at 3.5 or at 2 ms depending on whether the
-kernel had yet merged their pages into huge ones. A cast's own fresh output is advised the same way by numcast
+(:func:`bit_cast_probe`). Every backend's output is checked bit-identical to the eager cast before it is timed.
+``x`` and the copy's target are advised to huge pages before they are first written
+(``numcast.libc.advise_huge_pages``): otherwise the copy ran at 3.5 or at 2 ms depending on whether the kernel had
+yet merged their pages into huge ones. A cast's own fresh output is advised the same way by numcast
 (``formats.fused.fresh_output``); the "fresh copy" row times a copy into such a new tensor, what the OS charges for
 fresh pages included (on these VMs it varies from run to run), the floor under every cast that returns a new tensor.
 
