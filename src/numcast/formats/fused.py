@@ -149,7 +149,7 @@ def _kernel(key: KernelKey, into: bool) -> Callable:
     def cast_of(rows: torch.Tensor, scales: tuple) -> torch.Tensor:
         if not apart:
             return cast_unchunked(rows, row_fmt, rounding, tensor_scale=scales[0] if scales else None)
-        given = Scales(*scales, sub_block=sub_block if scales[3] is not None else 0)
+        given = Scales(*scales, sub_block=sub_block)  # compute_scales gives offsets exactly when sub_block > 0
         return grid_cast(rows, row_fmt, rounding, scales=given, own_scales=True).output(rows.shape, rows.dtype)
 
     def cast_rows(rows: torch.Tensor, *scales: torch.Tensor | None) -> torch.Tensor:
