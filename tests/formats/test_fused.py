@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers import adversarial_blocks, assert_bitwise, thp_available, vm_flags
 
+from numcast.formats import fused
 from numcast.formats.fused import compiler_available, rows_format
 from numcast.formats.ops import cast
 from numcast.formats.registry import get_format
@@ -104,6 +105,23 @@ def test_stochastic_rounding_runs_eager_under_every_backend():
     ref = cast(x, "mxfp4", rounding="stochastic", seed=5, backend="eager")
     for backend in ("compiled", "auto"):
         assert_bitwise(cast(x, "mxfp4", rounding="stochastic", seed=5, backend=backend), ref, backend)
+
+
+def test_the_cuda_exactness_switches_are_options_this_inductor_takes():
+    """The switches the CUDA kernels are compiled with (IEEE division, no flush-to-zero: without them an H200 gave
+    other bits, README GPU section) must be inductor options of the pinned torch: torch.compile refuses unknown
+    ones, so a kernel compiled with them here proves the names (their effect needs a GPU: test_cuda.py)."""
+    opts = fused.inductor_options("cuda")
+    assert fused.exact_on_cuda() and opts.items() >= fused.CUDA_EXACT_OPTIONS.items()
+    fn = torch.compile(lambda t: t / 3.0, fullgraph=True, options=opts)
+    assert_bitwise(fn(torch.arange(8.0)), torch.arange(8.0) / 3.0, "compiled with the CUDA options")
+
+
+def test_an_inductor_without_the_cuda_switches_gets_no_compiled_cuda_path(monkeypatch):
+    monkeypatch.setattr(fused, "exact_on_cuda", lambda: False)
+    with pytest.raises(RuntimeError, match="backend='eager'"):
+        fused.inductor_options("cuda")
+    assert fused.inductor_options("cpu") == fused.INDUCTOR_OPTIONS
 
 
 def test_unknown_backend_is_refused():

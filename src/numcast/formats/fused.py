@@ -46,6 +46,34 @@ _SERIAL = itertools.count()
 # call that compiled the kernel (and its on-disk cache keeps that decision), so a kernel first compiled on a small
 # tensor stayed single-threaded for every later large one (README speed notes: NVFP4 7.3x -> 4.2x the copy)
 INDUCTOR_OPTIONS = {"cpp.dynamic_threads": True}
+# On CUDA, Triton lowers a float32 x / y to the approximate div.full.f32 and links libdevice with flush-to-zero
+# (subnormal inputs and results read as 0): on an H200 both changed the bits of int4_g128, int8_channel and the
+# directed roundings of int4, fp8_e4m3 and nvfp4 (tests/formats/test_cuda.py, scripts/device_check.sh). Inductor's
+# eager_numerics switches compile IEEE division (div_rn) without flush-to-zero, as the eager CUDA ops compute; an
+# inductor without them gets no compiled CUDA path (:func:`exact_on_cuda`).
+CUDA_EXACT_OPTIONS = {"eager_numerics.division_rounding": True, "eager_numerics.disable_ftz": True}
+
+
+def exact_on_cuda() -> bool:
+    """Whether this torch's inductor has the switches that make its Triton kernels compute as the eager CUDA ops
+    do (:data:`CUDA_EXACT_OPTIONS`)."""
+    import torch._inductor.config as inductor_config
+
+    numerics = getattr(inductor_config, "eager_numerics", None)
+    return all(hasattr(numerics, key.split(".")[1]) for key in CUDA_EXACT_OPTIONS)
+
+
+def inductor_options(device_type: str) -> dict:
+    """The options numcast's kernels for ``device_type`` are compiled with; ``RuntimeError`` on CUDA where
+    :func:`exact_on_cuda` is False (its kernels would not give the eager cast's bits)."""
+    if device_type != "cuda":
+        return INDUCTOR_OPTIONS
+    if not exact_on_cuda():
+        raise RuntimeError(
+            f"torch {torch.__version__}: inductor lacks {sorted(CUDA_EXACT_OPTIONS)}, without which "
+            "its CUDA kernels divide approximately and flush subnormals to zero; use backend='eager'"
+        )
+    return {**INDUCTOR_OPTIONS, **CUDA_EXACT_OPTIONS}
 
 
 @functools.cache
@@ -62,7 +90,7 @@ def compiler_available(device_type: str) -> bool:
         if device_type == "cuda":
             from torch.utils._triton import has_triton
 
-            return bool(has_triton())
+            return bool(has_triton()) and exact_on_cuda()
     except Exception:  # noqa: BLE001 - any failure to find a toolchain means: no compiled path here
         return False
     return False
@@ -136,7 +164,8 @@ def _scales_kernel(key: KernelKey) -> Callable:
         s = compute_scales(rows.to(work_dtype(elem, scaling, rows.dtype)), elem, scaling, tensor_scale)
         return s.scale, s.tensor_scale, s.zero_point, s.sub_offset
 
-    return torch.compile(_own_code(scales_of_rows, str(next(_SERIAL))), fullgraph=True, options=INDUCTOR_OPTIONS)
+    fn = _own_code(scales_of_rows, str(next(_SERIAL)))
+    return torch.compile(fn, fullgraph=True, options=inductor_options(key[3]))
 
 
 @functools.lru_cache(maxsize=512)
@@ -159,7 +188,7 @@ def _kernel(key: KernelKey, into: bool) -> Callable:
         out.copy_(cast_of(rows, scales))  # inductor stores the fused result straight into out
 
     fn = _own_code(cast_rows_into if into else cast_rows, str(next(_SERIAL)))
-    return torch.compile(fn, fullgraph=True, options=INDUCTOR_OPTIONS)
+    return torch.compile(fn, fullgraph=True, options=inductor_options(key[3]))
 
 
 def _mark_dynamic(rows: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -171,14 +200,13 @@ def _mark_dynamic(rows: torch.Tensor, layout: Layout) -> torch.Tensor:
 
 
 def fresh_output(x: torch.Tensor, fmt: Format) -> torch.Tensor | None:
-    """A new tensor for the compiled cast of ``x`` (on the CPU) to write its result straight into, or None where the
-    kernel could not (the rows layout needs a copy) or ``x`` is not on the CPU. Its memory is advised to huge pages
+    """A new tensor for the compiled cast of ``x`` to write its result straight into, or None where the kernel could
+    not (the rows layout needs a copy). On the CPU its memory is advised to huge pages
     (:func:`numcast.libc.advise_huge_pages`): the kernel's first write into a fresh 64 MiB output would otherwise
     fault in 16,384 pages of 4 KiB, which took longer than the cast itself (``benchmarks/formats.py``, allocator
-    env off)."""
-    if x.device.type != "cpu":
-        return None
-    out = torch.empty(x.shape, dtype=x.dtype)
+    env off). On an H200 the kernel writing into a given tensor ran 1.03–1.7× faster than the one returning its own
+    (``benchmarks/results/formats_cuda.json``: "compiled, out=" against "compiled")."""
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if _rows_view(Layout.of(x.shape, fmt.scaling), out) is None:
         return None
     advise_huge_pages(out)

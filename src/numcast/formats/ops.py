@@ -44,24 +44,34 @@ _AUTO_CHECKED: set[tuple[KernelKey, bool]] = set()  # kernels (writing into out 
 
 
 CHUNK_ELEMENTS = 1 << 18  # ~1 MiB of float32: an eager chunk's ~20 temporaries stay in L2 and the allocator
+# On a GPU a chunk costs ~20 kernel launches whatever its size: chunks of 2^18 left the eager MXFP4 cast of a
+# 1 GiB tensor launch-bound on an H200 (408 ms; 12.1 ms with chunks of 2^24, whose temporaries take ~1.3 GiB;
+# benchmarks/results/formats_cuda_chunk.json against formats_cuda.json)
+DEVICE_CHUNK_ELEMENTS = 1 << 24
+
+
+def chunk_elements(x: torch.Tensor) -> int:
+    """The length (elements) of the slices the eager cast and ``quantize`` work in on ``x``'s device."""
+    return CHUNK_ELEMENTS if x.device.type == "cpu" else DEVICE_CHUNK_ELEMENTS
 
 
 def _cast_eager(x: torch.Tensor, fmt: Format, rounding: str | None = None, generator=None, seed=None) -> torch.Tensor:
     """The eager cast. Large tensors whose scales are per row (block, channel, none) run in chunks of
-    ~CHUNK_ELEMENTS: the same per-row arithmetic, so the same bits, without streaming ~20 full-size
+    :func:`chunk_elements`: the same per-row arithmetic, so the same bits, without streaming ~20 full-size
     temporaries through memory (about 4x faster on a 64 MiB tensor here). Per-tensor and two-level
     scales (which need the whole tensor's amax) and stochastic rounding (one noise draw) run whole."""
     check_input(x)
     sc = fmt.scaling
     mode = rounding or fmt.rounding
-    if x.numel() <= 2 * CHUNK_ELEMENTS or sc.granularity == "tensor" or sc.tensor_scale or mode == "stochastic":
+    chunk = chunk_elements(x)
+    if x.numel() <= 2 * chunk or sc.granularity == "tensor" or sc.tensor_scale or mode == "stochastic":
         return cast_unchunked(x, fmt, rounding, generator, seed)
     if not sc.scaled:  # element-wise: any slicing will do
         flat = x.reshape(-1)
         out = torch.empty_like(flat)
         advise_huge_pages(out)  # written once, in order: one fault per 2 MiB instead of per 4 KiB
-        for i in range(0, flat.numel(), CHUNK_ELEMENTS):
-            out[i : i + CHUNK_ELEMENTS] = cast_unchunked(flat[i : i + CHUNK_ELEMENTS], fmt, rounding)
+        for i in range(0, flat.numel(), chunk):
+            out[i : i + chunk] = cast_unchunked(flat[i : i + chunk], fmt, rounding)
         return out.reshape(x.shape)
     layout = Layout.of(x.shape, sc)
     rows = layout.to_rows(x)
@@ -69,7 +79,7 @@ def _cast_eager(x: torch.Tensor, fmt: Format, rounding: str | None = None, gener
     row_fmt = fmt.with_(scaling=replace(sc, axis=-1 if sc.granularity == "block" else 0))
     out = torch.empty_like(rows)
     advise_huge_pages(out)
-    step = max(1, CHUNK_ELEMENTS // rows.shape[1])
+    step = max(1, chunk // rows.shape[1])
     for i in range(0, rows.shape[0], step):
         out[i : i + step] = cast_unchunked(rows[i : i + step], row_fmt, rounding)
     return layout.from_rows(out).reshape(x.shape)
@@ -258,18 +268,18 @@ def quantize(
 
 
 def _independent_slices(x: torch.Tensor, fmt: Format, mode: str) -> int | None:
-    """Slices of about CHUNK_ELEMENTS along ``x``'s first axis (their length) when they quantize independently
+    """Slices of about :func:`chunk_elements` along ``x``'s first axis (their length) when they quantize independently
     of each other and ``x`` is large: scales per block along another axis (a two-level format's tensor scale
     fixed from the whole tensor), per channel of the first axis, or none, and no stochastic noise (one draw for
     the whole tensor); else None. Quantized whole, the engine's element-wise chain holds a dozen or more
     full-size temporaries at once, which set the peak of a weight-only RTN run (``benchmarks/memory.py``)."""
-    sc, nd = fmt.scaling, x.dim()
-    if nd < 2 or x.numel() <= 2 * CHUNK_ELEMENTS or mode == "stochastic":
+    sc, nd, chunk = fmt.scaling, x.dim(), chunk_elements(x)
+    if nd < 2 or x.numel() <= 2 * chunk or mode == "stochastic":
         return None
     along_first = sc.axis % nd == 0
     if not {"none": True, "block": not along_first, "channel": along_first}.get(sc.granularity, False):
         return None
-    return max(1, CHUNK_ELEMENTS // x[0].numel())
+    return max(1, chunk // x[0].numel())
 
 
 class _STE(torch.autograd.Function):
