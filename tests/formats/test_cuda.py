@@ -3,10 +3,10 @@
 The reference is the CPU eager cast, which the rest of the battery proves against the specs, ml_dtypes and the
 brute-force references. Every registered format is cast on the GPU by the eager engine, by the compiled (Triton)
 kernels and through ``quantize`` (codes, scales and packed bytes included) on the same adversarial inputs the
-auto-backend tests use; one format per engine code path also through ``backend="auto"`` above its threshold, in
-every directed rounding mode and in every input dtype. Stochastic rounding on the GPU draws from a CUDA generator,
-so its bits differ from the CPU's: it is checked for what it promises instead (seeded → reproducible, each value one
-of its two grid neighbours, unbiased).
+auto-backend tests use; one format per engine code path also through ``backend="auto"`` above its threshold; six
+formats in every directed rounding mode, three in every other input dtype, two through ``out=``. Stochastic
+rounding on the GPU draws from a CUDA generator, so its bits differ from the CPU's: it is checked for what it
+promises instead (seeded → reproducible, each value one of its two grid neighbours, unbiased).
 """
 
 from __future__ import annotations

@@ -45,8 +45,8 @@ _AUTO_CHECKED: set[tuple[KernelKey, bool]] = set()  # kernels (writing into out 
 
 CHUNK_ELEMENTS = 1 << 18  # ~1 MiB of float32: an eager chunk's ~20 temporaries stay in L2 and the allocator
 # On a GPU a chunk costs ~20 kernel launches whatever its size: chunks of 2^18 left the eager MXFP4 cast of a
-# 1 GiB tensor launch-bound on an H200 (408 ms; 12.1 ms with chunks of 2^24, whose temporaries take ~1.3 GiB;
-# benchmarks/results/formats_cuda_chunk.json against formats_cuda.json)
+# 1 GiB tensor launch-bound on an H200 (408 ms; 12.4 ms with chunks of 2^24, whose temporaries take ~1.3 GiB;
+# benchmarks/results/formats_cuda_chunk262144.json against formats_cuda.json)
 DEVICE_CHUNK_ELEMENTS = 1 << 24
 
 
