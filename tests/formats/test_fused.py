@@ -73,10 +73,9 @@ def test_a_fresh_output_is_written_by_the_kernel_into_huge_pages():
 
 
 @pytest.mark.parametrize("bad", [None, float("nan"), float("inf")])
-def test_two_level_tensor_scale_computed_outside_the_kernel_keeps_the_bits(bad):
-    """NVFP4's per-tensor scale is reduced before the kernel runs (one pass where all is finite, the blocks' path
-    otherwise: a NaN/inf block is left out of the max); the cast equals the eager one bit for bit, in every
-    input dtype."""
+def test_two_level_tensor_scale_reduced_by_the_scales_kernel_keeps_the_bits(bad):
+    """NVFP4's per-tensor scale is reduced by the scales kernel from the blocks' amax (a NaN/inf block left out of
+    the max); the cast equals the eager one bit for bit, in every input dtype."""
     x = torch.randn(300, 64, generator=torch.Generator().manual_seed(5)) * 40
     if bad is not None:
         x[7, 3], x[200, 60] = bad, -bad
@@ -164,8 +163,6 @@ def test_a_kernel_compiled_on_a_small_tensor_still_runs_on_every_thread():
     from torch._inductor import config
     from torch._inductor.utils import run_and_get_code
 
-    from numcast.formats import fused
-    from numcast.formats.engine import tensor_scale_of
     from numcast.formats.layout import Layout
 
     fmt = get_format("nvfp4")
@@ -175,7 +172,7 @@ def test_a_kernel_compiled_on_a_small_tensor_still_runs_on_every_thread():
     key = fused.kernel_key(x, fmt, "nearest_even")
     scales_kernel, kernel = fused._scales_kernel.__wrapped__(key), fused._kernel.__wrapped__(key, False)
     with config.patch(fx_graph_cache=False):
-        scales, scale_sources = run_and_get_code(scales_kernel, rows, tensor_scale_of(x, fmt))
+        scales, scale_sources = run_and_get_code(scales_kernel, rows)
         out, sources = run_and_get_code(kernel, rows, *scales)
     sources = scale_sources + sources
     assert_bitwise(layout.from_rows(out).reshape(x.shape), cast(x, fmt, backend="eager"))

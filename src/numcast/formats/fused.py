@@ -34,7 +34,7 @@ from dataclasses import replace
 import torch
 
 from numcast.formats.element import work_dtype
-from numcast.formats.engine import cast_unchunked, grid_cast, tensor_scale_of
+from numcast.formats.engine import cast_unchunked, grid_cast
 from numcast.formats.layout import Layout
 from numcast.formats.scale import Scales, compute_scales
 from numcast.formats.spec import Format
@@ -156,12 +156,14 @@ def scales_apart(fmt: Format) -> bool:
 @functools.lru_cache(maxsize=512)
 def _scales_kernel(key: KernelKey) -> Callable:
     """The compiled scales of the rows of ``key``'s format: ``compute_scales`` of the rows in the work dtype, as
-    the tuple (scale, tensor scale, zero points, sub-block offsets) that :func:`_kernel` takes (None where absent)."""
+    the tuple (scale, tensor scale, zero points, sub-block offsets) that :func:`_kernel` takes (None where absent).
+    A two-level format's per-tensor scale is reduced here from the blocks' amax, as the eager cast does: one read
+    of the input for both levels (a separate ``torch.aminmax`` pass before this kernel cost NVFP4 a read more)."""
     row_fmt = key[0]
     elem, scaling = row_fmt.element, row_fmt.scaling
 
-    def scales_of_rows(rows: torch.Tensor, tensor_scale: torch.Tensor | None = None) -> tuple:
-        s = compute_scales(rows.to(work_dtype(elem, scaling, rows.dtype)), elem, scaling, tensor_scale)
+    def scales_of_rows(rows: torch.Tensor) -> tuple:
+        s = compute_scales(rows.to(work_dtype(elem, scaling, rows.dtype)), elem, scaling)
         return s.scale, s.tensor_scale, s.zero_point, s.sub_offset
 
     fn = _own_code(scales_of_rows, str(next(_SERIAL)))
@@ -170,14 +172,14 @@ def _scales_kernel(key: KernelKey) -> Callable:
 
 @functools.lru_cache(maxsize=512)
 def _kernel(key: KernelKey, into: bool) -> Callable:
-    """The compiled rows cast of ``key`` (returning the rows, or writing them ``into`` a second argument). Its
-    last arguments are the tensor scale, or for :func:`scales_apart` formats the scales from :func:`_scales_kernel`."""
+    """The compiled rows cast of ``key`` (returning the rows, or writing them ``into`` a second argument). For
+    :func:`scales_apart` formats its last arguments are the scales from :func:`_scales_kernel`."""
     row_fmt, rounding, _dtype, _device = key  # dtype and device: only kernels of their own (a code object each)
     apart, sub_block = scales_apart(row_fmt), row_fmt.scaling.sub_block_size or 0
 
     def cast_of(rows: torch.Tensor, scales: tuple) -> torch.Tensor:
         if not apart:
-            return cast_unchunked(rows, row_fmt, rounding, tensor_scale=scales[0] if scales else None)
+            return cast_unchunked(rows, row_fmt, rounding)
         given = Scales(*scales, sub_block=sub_block)  # compute_scales gives offsets exactly when sub_block > 0
         return grid_cast(rows, row_fmt, rounding, scales=given, own_scales=True).output(rows.shape, rows.dtype)
 
@@ -231,11 +233,9 @@ def compiled_cast(x: torch.Tensor, fmt: Format, rounding: str, out: torch.Tensor
         rows = layout.to_rows(x)
     rows = _mark_dynamic(rows, layout)
     key = kernel_key(x, fmt, rounding)
-    # a two-level format's tensor scale comes in computed (a whole-tensor reduction inside the kernel made inductor
-    # emit it without OpenMP: one thread for the whole cast)
-    scales: tuple = (tensor_scale_of(x, fmt),)
-    if scales_apart(fmt):
-        scales = tuple(_mark_rows_dynamic(t) for t in _scales_kernel(key)(rows, scales[0]))
+    # block and channel formats take their scales from the scales kernel (a two-level format's per-tensor scale too,
+    # reduced there from the blocks' amax); the other formats have none
+    scales = tuple(_mark_rows_dynamic(t) for t in _scales_kernel(key)(rows)) if scales_apart(fmt) else ()
     if writes_into(x, fmt, out):
         _kernel(key, True)(rows, _mark_dynamic(_rows_view(layout, out), layout), *scales)
         return out
