@@ -24,8 +24,11 @@ Rules (``Scaling.rule``; numcast's choices against peers are stated here once):
 
 Degenerate rows: an all-zero row gets the scale format's smallest positive value (for E8M0 2^−127, what
 the floor rule's clamp of log2(0) = −inf gives), and so does any row whose scale would underflow to 0.
-Scales above the scale format's max saturate to it. A row holding NaN or ±inf gets a NaN scale
-(E8M0 0xFF), so the whole block dequantizes to NaN and the problem is visible, never hidden.
+Scales above the scale format's max saturate to it. A single-level ``amax`` scale whose rounding up would put
+the grid's top value max_elem·s above float32's largest finite value takes the scale format's value below instead
+(a finite input never casts to inf; only rows with amax within about an ulp of 3.4e38, with FP32 scales). A row
+holding NaN or ±inf gets a NaN scale (E8M0 0xFF), so the whole block dequantizes to NaN and the problem is
+visible, never hidden.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ import torch
 
 from numcast.formats.element import cast_element, floor_log2, pow2
 from numcast.formats.spec import Element, Scaling
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @dataclass
@@ -161,6 +166,11 @@ def compute_scales(
     else:
         q = amax / denom
     s = cast_element(q.nan_to_num(nan=0.0, posinf=0.0), sf, "nearest_even", saturate=True)
+    if tensor_scale is None and not scaling.zero_point and elem.max * sf.max > FLOAT32_MAX:
+        # a scale rounded up can put the grid's top value qmax·s past float32's largest finite value, so a finite
+        # input (amax within an ulp of 3.4e38) would cast to inf: there take the scale format's value below q
+        over = (s * elem.max > FLOAT32_MAX) & (amax <= FLOAT32_MAX)
+        s = torch.where(over, cast_element(q.nan_to_num(nan=0.0, posinf=0.0), sf, "toward_zero", saturate=True), s)
     s = torch.where(s > 0, s, torch.full_like(s, sf.min_subnormal))
     s = torch.where(bad, torch.full_like(s, math.nan), s)
     if scaling.zero_point:
