@@ -165,12 +165,13 @@ def compute_scales(
         q = (mx.clamp(min=0.0) - lo) / denom
     else:
         q = amax / denom
-    s = cast_element(q.nan_to_num(nan=0.0, posinf=0.0), sf, "nearest_even", saturate=True)
-    if tensor_scale is None and not scaling.zero_point and elem.max * sf.max > FLOAT32_MAX:
+    q = q.nan_to_num(nan=0.0, posinf=0.0)
+    s = cast_element(q, sf, "nearest_even", saturate=True)
+    if not scaling.tensor_scale and not scaling.zero_point and elem.max * sf.max > FLOAT32_MAX:
         # a scale rounded up can put the grid's top value qmax·s past float32's largest finite value, so a finite
         # input (amax within an ulp of 3.4e38) would cast to inf: there take the scale format's value below q
         over = (s * elem.max > FLOAT32_MAX) & (amax <= FLOAT32_MAX)
-        s = torch.where(over, cast_element(q.nan_to_num(nan=0.0, posinf=0.0), sf, "toward_zero", saturate=True), s)
+        s = torch.where(over, cast_element(q, sf, "toward_zero", saturate=True), s)
     s = torch.where(s > 0, s, torch.full_like(s, sf.min_subnormal))
     s = torch.where(bad, torch.full_like(s, math.nan), s)
     if scaling.zero_point:
