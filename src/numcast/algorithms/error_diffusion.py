@@ -37,9 +37,10 @@ default ``strong-first`` visits the strongest inputs (largest ||Â_t||²) first,
 after them absorb their rounding error (the idea of GPTQ's act-order): SmolLM2-135M at MXFP4 perplexity 26.3
 (weak-first 30.6, natural 30.9), MobileNetV2 MXFP4 top-1 agreement 0.82 (weak-first 0.78). MiniLM, a
 post-LayerNorm BERT with a few outlier features, is the exception: embedding cosine to float 0.79
-strong-first, 0.97 ``weak-first`` (numbers in README). ``order="auto"`` runs both and keeps, per layer, the one
-with the lower objective ||ÂŴᵀ − AWᵀ||² = Σ_rows (ŵᵀHŵ − 2ŵᵀGw) + const (twice the solve's cost); on MiniLM
-it picks strong-first too (cosine 0.788, README limits) — the calibration objective does not see what
+strong-first, 0.97 ``weak-first`` (numbers in README, measured while padding tokens were in the statistics).
+``order="auto"`` runs both and keeps, per layer, the one with the lower objective ||ÂŴᵀ − AWᵀ||² =
+Σ_rows (ŵᵀHŵ − 2ŵᵀGw) + const (twice the solve's cost); on MiniLM it picks strong-first too (cosine 0.788,
+README limits) — the calibration objective does not see what
 MiniLM's single-word evaluation inputs need. Orders by norm visit a block's columns apart, so block scales
 are ``static`` by default; with the ``dynamic`` rule blocks are kept whole (ordered by their summed norms,
 columns inside a block too).

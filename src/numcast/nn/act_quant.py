@@ -52,6 +52,8 @@ class ActQuantizer(nn.Module):
         self.register_buffer("amax", torch.zeros(()), persistent=True)
         self.calibrating = False
         self.bypass = False  # pass inputs through unchanged (the block-wise runner, until this layer's block is done)
+        # while calibrating: the part of an input to observe (the pipeline leaves padding tokens out); None: all of it
+        self.observed_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._seen: list[torch.Tensor] = []
 
     @property
@@ -113,7 +115,8 @@ class ActQuantizer(nn.Module):
             return x
         if self.calibrating:
             if self.mode == "static":
-                sample = x.detach().abs().reshape(-1).float()
+                seen = x.detach() if self.observed_rows is None else self.observed_rows(x.detach())
+                sample = seen.abs().reshape(-1).float()
                 if sample.numel() > 1 << 16:  # bounded memory: a deterministic stride sample
                     sample = sample[:: sample.numel() // (1 << 16) + 1]
                 self._seen.append(sample.cpu())

@@ -16,6 +16,7 @@ from numcast.nn.act_quant import ActQuantizer, calibrate
 from numcast.nn.convert import make_quantizable
 from numcast.nn.observe import call_model
 from numcast.nn.surgery import set_module
+from numcast.pipeline.padding import observing_real_tokens, token_mask
 from numcast.pipeline.plan import (
     QuantizationResult,
     check_finite_weights,
@@ -81,4 +82,10 @@ def calibrate_activations(model: nn.Module, batches: list, only_uncalibrated: bo
     quants = [m for m in model.modules() if isinstance(m, ActQuantizer) and m.mode == "static"]
     if only_uncalibrated:
         quants = [q for q in quants if not q.calibrated]
-    calibrate(quants, lambda: [call_model(model, b) for b in batches])
+
+    def run() -> None:
+        for b in batches:
+            with observing_real_tokens(quants, token_mask(b)):
+                call_model(model, b)
+
+    calibrate(quants, run)

@@ -37,6 +37,7 @@ from numcast.algorithms.rtn import rtn
 from numcast.formats.qtensor import storage_nbytes
 from numcast.formats.registry import get_format
 from numcast.nn.observe import call_model
+from numcast.pipeline.padding import real_tokens, token_mask
 from numcast.pipeline.settings import MixedPrecisionSettings, budget_bits
 
 
@@ -81,7 +82,8 @@ class LayerMeasure:
 def measure_layers(model: nn.Module, plans: list, candidates: list[str], batches: list,
                    features: bool = False) -> dict[str, LayerMeasure]:  # fmt: skip
     """:class:`LayerMeasure` of every planned layer in one pass over the calibration batches: inside each
-    layer's forward hook the layer is run again once per candidate with its RTN weight."""
+    layer's forward hook the layer is run again once per candidate with its RTN weight. Padding tokens (a batch's
+    ``attention_mask``) are left out of the sums (:mod:`numcast.pipeline.padding`)."""
     got = {p.name: LayerMeasure(noise=dict.fromkeys(candidates, 0.0), features=FeatureGram() if features else None)
            for p in plans}  # fmt: skip
     quant = {
@@ -90,13 +92,14 @@ def measure_layers(model: nn.Module, plans: list, candidates: list[str], batches
     }
     busy = set()
     handles = []
+    mask: list[torch.Tensor | None] = [None]  # the current batch's real tokens
     for p in plans:
 
         def hook(mod, args, out, name=p.name):
             if name in busy:
                 return
             busy.add(name)
-            ref = (out[0] if isinstance(out, tuple) else out).double()
+            ref = real_tokens((out[0] if isinstance(out, tuple) else out).double(), mask[0])
             m = got[name]
             m.signal += float(ref.square().sum())
             if m.features is not None:
@@ -107,7 +110,7 @@ def measure_layers(model: nn.Module, plans: list, candidates: list[str], batches
                     mod.weight.data = wq.to(orig.dtype)
                     q_out = mod(*args)
                     q_out = q_out[0] if isinstance(q_out, tuple) else q_out
-                    m.noise[c] += float((ref - q_out.double()).square().sum())
+                    m.noise[c] += float((ref - real_tokens(q_out.double(), mask[0])).square().sum())
             finally:
                 mod.weight.data = orig
                 busy.discard(name)
@@ -115,6 +118,7 @@ def measure_layers(model: nn.Module, plans: list, candidates: list[str], batches
         handles.append(p.module.register_forward_hook(hook))
     try:
         for b in batches:
+            mask[0] = token_mask(b)
             call_model(model, b)
     finally:
         for h in handles:

@@ -17,6 +17,8 @@
    quantized layers, X ← float block(X), measuring each quantized layer's output SQNR against its float twin
    on the same input. Methods that solve whole blocks (Attention Round) do so before the groups; methods that
    diffuse error may also re-fit the float weights of layers kept in float inside the blocks.
+   Padding tokens of text batches (their ``attention_mask``) are left out of the statistics, the SQNR and the
+   RTN guard's measure (:mod:`numcast.pipeline.padding`).
 4. Static activation scales of layers outside the blocks are calibrated on the finished model.
 
 Only the block being solved is on the compute device (:class:`Placement`); finished blocks, the float twin and
@@ -65,6 +67,7 @@ from numcast.pipeline.block_inputs import (
 from numcast.pipeline.data_free import calibrate_activations
 from numcast.pipeline.methods import RTN, Method
 from numcast.pipeline.offload import available_memory, return_freed_memory, trim_heap
+from numcast.pipeline.padding import observing_real_tokens, real_tokens, token_mask
 from numcast.pipeline.plan import (
     LayerPlan,
     QuantizationResult,
@@ -158,6 +161,12 @@ class Streams:
         self.outputs: dict[str, list] = {"quant": [], "float": []}  # the last block's whole outputs, per batch
         self.kept: dict[str, list[list]] | None = None  # every finished block's outputs (models with glue code)
         self.sqnr_batches: Collection[int] = range(len(quant))  # the batches the layers' SQNR is measured on
+        self.token_masks: list[torch.Tensor | None] = [None] * len(quant)  # per batch: its real tokens (padding)
+
+    def skip_padding(self, batches: list) -> None:
+        """Leave the padding tokens of ``batches`` (the calibration batches behind the streams, in order) out of
+        the statistics, the SQNR and the RTN guard's measure (:mod:`numcast.pipeline.padding`)."""
+        self.token_masks = [token_mask(b) for b in batches]
 
     def measure_sqnr_on(self, n_batches: int) -> None:
         """Measure the layers' SQNR on ``SQNR_BATCHES`` evenly spaced calibration batches of all ``n_batches`` (all
@@ -295,13 +304,15 @@ class Streams:
         distributed.defer_statistics(unique)
         float_in: dict[int, torch.Tensor] = {}
         last = id(group[-1].module)
+        now = [0]  # the batch being run
         hooks = []
         for p in group:
             key = id(p.module)
 
             def on_quant(mod, args, key=key):
                 if key in recorded:
-                    stats[key].add(mod, args[0], float_in.pop(key, None))
+                    mask = self.token_masks[now[0]]
+                    stats[key].add(mod, real_tokens(args[0], mask), real_tokens(float_in.pop(key, None), mask))
                 if key == last:
                     raise Stop
 
@@ -317,6 +328,7 @@ class Streams:
                 hooks.append(job.twin(p).register_forward_pre_hook(on_float))
         try:
             for i in range(len(self.calls)):
+                now[0] = i
                 if method.needs_float_inputs and floats is None:
                     self._run_until_stop(job.float_block, i, self.float[i])
                 elif method.needs_float_inputs:
@@ -341,7 +353,8 @@ class Streams:
 
         def run() -> None:
             for i, x in enumerate(self.quant):
-                self.run(block, i, x)
+                with observing_real_tokens(quants, self.token_masks[i]):
+                    self.run(block, i, x)
             distributed.gather_observations(quants)  # every rank's batches, in batch order
 
         calibrate(quants, run)
@@ -359,7 +372,8 @@ class Streams:
 
         def on_out(mod, args, out):
             if now[0] in self.sqnr_batches:
-                ref = installed[id(mod)][1](args[0])
+                mask = self.token_masks[now[0]]
+                ref, out = real_tokens(installed[id(mod)][1](args[0]), mask), real_tokens(out, mask)
                 terms[installed[id(mod)][0].name].append((float(ref.square().sum(dtype=torch.float64)),
                                                           float((out - ref).square().sum(dtype=torch.float64))))
 
@@ -456,6 +470,7 @@ def _quantize_blockwise(model, blocks, batches, recipe, placement, true_sequenti
         quant_calls = _first_block_calls(model, blocks[0], batches, placement, first_block_input)
     streams = Streams.start(quant_calls, float_calls if method.needs_float_inputs else None, placement)
     streams.measure_sqnr_on(len(everything))
+    streams.skip_padding(batches)
     if GLUE in kinds:
         streams.keep_all_outputs()
     todo = {id(p.module): p for p in plans if id(p.module) in in_blocks and _solved_here(p, method)}
@@ -513,12 +528,12 @@ class RTNGuard:
 
     Why the whole model and not each group of layers: a choice per group by its block's output error (tried
     first) kept most solutions on MiniLM at MXFP4, each bringing its block's output closer to the float block's,
-    while the model ended further from float than RTN's (embedding cosine 0.876 vs RTN's 0.963; this guard gives
-    RTN's model there: ``benchmarks/ed_minilm.py``). Only the model's output sees what the blocks do with each
-    other's errors. The guard batches stay in the statistics: holding them out (tried) cost SmolLM2 at MXFP4 0.8
-    of perplexity (26.26 → 27.04, 28 of 32 windows solved on) and changed no decision — MiniLM's loss shows on
-    the batches the solves saw as well. Memory: the RTN weights of every solved layer (as
-    QTensors, 4-bit ones packed; under disk offload in the spill folder, a reverted layer's spilled file
+    while the model ended further from float than RTN's (embedding cosine 0.876 vs RTN's 0.963, padding rows then
+    in the statistics; this guard gives RTN's model there: ``benchmarks/ed_minilm.py``). Only the model's output
+    sees what the blocks do with each other's errors. The guard batches stay in the statistics: holding them out
+    (tried) cost SmolLM2 at MXFP4 0.8 of perplexity (26.26 → 27.04, 28 of 32 windows solved on) and changed no
+    decision — MiniLM's loss shows on the batches the solves saw as well. Memory: the RTN weights of every solved
+    layer (as QTensors, 4-bit ones packed; under disk offload in the spill folder, a reverted layer's spilled file
     rewritten) and the RTN stream on the guard batches."""
 
     EVERY = 8
@@ -529,6 +544,7 @@ class RTNGuard:
         self.batches = [i - share.start for i in chosen if share.start <= i < share.stop]  # this rank's, local
         self.rtn = Streams([streams.calls[i] for i in self.batches], [streams.quant[i] for i in self.batches], [],
                            streams.placement)  # fmt: skip
+        self.rtn.token_masks = [streams.token_masks[i] for i in self.batches]
         if streams.kept is not None:
             self.rtn.keep_all_outputs()
         self.recipe, self.method, self.disk = recipe, RTN.from_recipe(recipe), streams.placement.disk
@@ -579,8 +595,9 @@ class RTNGuard:
     def settle(self, streams: Streams) -> None:
         """After the last block: keep the solutions, or give every solved layer its RTN version where the RTN
         stream ends closer to the float stream (static input scales left uncalibrated for the runner's pass)."""
-        solved = self._error([streams.quant[b] for b in self.batches], [streams.float[b] for b in self.batches])
-        rtn = self._error(self.rtn.quant, [streams.float[b] for b in self.batches])
+        masks, targets = [streams.token_masks[b] for b in self.batches], [streams.float[b] for b in self.batches]
+        solved = self._error([streams.quant[b] for b in self.batches], targets, masks)
+        rtn = self._error(self.rtn.quant, targets, masks)
         if rtn < solved:
             for p, fallback in self.fallback.values():
                 self._revert(p, fallback)
@@ -607,10 +624,10 @@ class RTNGuard:
             p.module.input_quant.amax.zero_()  # calibrated again on the RTN model (the runner's last static pass)
         p.method = f"{p.method} -> rtn (RTN model closer to float)"
 
-    def _error(self, outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
-        """Σ‖y − target‖² over the guard batches of every rank (float64, in batch order)."""
-        terms = [float((y.float() - t.to(y.device).float()).square().sum(dtype=torch.float64))
-                 for y, t in zip(outputs, targets, strict=True)]  # fmt: skip
+    def _error(self, outputs: list[torch.Tensor], targets: list[torch.Tensor], masks: list) -> float:
+        """Σ‖y − target‖² over the real tokens of the guard batches of every rank (float64, in batch order)."""
+        terms = [float(real_tokens(y.float() - t.to(y.device).float(), m).square().sum(dtype=torch.float64))
+                 for y, t, m in zip(outputs, targets, masks, strict=True)]  # fmt: skip
         total = 0.0
         for e in distributed.gather_in_order({"e": terms})["e"]:
             total += e
