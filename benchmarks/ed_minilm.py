@@ -14,7 +14,8 @@ words and the documents:
 - ``rtn for``: layers whose Error Diffusion solution is replaced by RTN (by name fragment), to find where the
   loss comes from; ``guard``: Error Diffusion's RTN guard (``rtn_guard``) on or off.
 
-Prints a Markdown table and writes the rows as JSON.
+Prints a Markdown table and writes the rows as JSON. ``--tokens`` only counts each calibration set's rows (real
+tokens and padding, batches of 16 padded to their longest) into ``benchmarks/results/ed_minilm_tokens.json``.
 """
 
 from __future__ import annotations
@@ -88,13 +89,33 @@ def run(model, tok, fmt: str, method: str, kind: str, samples: int, rtn_for: tup
         methods.ErrorDiffusion.solve = original
 
 
+def count_tokens(tok, out: Path) -> None:
+    """Rows of each calibration set of :data:`CASES`: real tokens, and padding (all rows − real)."""
+    rows = []
+    for kind, samples in sorted({(kind, samples) for _, kind, samples, _, _ in CASES}):
+        masks = [b["attention_mask"] for b in calibration(tok, kind, samples)]
+        real, total = sum(int(m.sum()) for m in masks), sum(m.numel() for m in masks)
+        rows.append({"calibration": kind, "samples": samples, "real_tokens": real, "rows": total,
+                     "padding_fraction": 1 - real / total})  # fmt: skip
+    out.write_text(json.dumps({"rows": rows}, indent=2))
+    print("| calibration | samples | real tokens | rows (with padding) | padding |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['calibration']} | {r['samples']} | {r['real_tokens']} | {r['rows']} | "
+              f"{100 * r['padding_fraction']:.0f} % |")  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--formats", nargs="+", default=["mxfp4"])
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/ed_minilm.json"))
+    p.add_argument("--tokens", action="store_true", help="only count the calibration sets' tokens and padding")
     args = p.parse_args()
     torch.set_num_threads(2)
     float_model, tok = load_minilm()
+    if args.tokens:
+        count_tokens(tok, Path("benchmarks/results/ed_minilm_tokens.json"))
+        return
     pairs = wordsim353()
     words = sorted({w for a, b, _ in pairs for w in (a, b)})
     docs, _ = lee_corpus()

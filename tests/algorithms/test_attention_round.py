@@ -353,3 +353,29 @@ def test_batch_norm_folding_is_the_same_function_of_the_weights():
     block.train()
     assert fold_batch_norms(block, convs) is None  # batch statistics: nothing to fold
     assert fold_batch_norms(nn.Sequential(nn.Linear(3, 3)), []) is None
+
+
+def test_row_masks_travel_with_their_samples():
+    """A padded batch's row mask is drawn with its samples (batches without one count every row), so the loss sees
+    the real rows of exactly the drawn samples; a mask of the wrong shape or dtype is refused."""
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(4, 6, 3, generator=g) for _ in range(3)]
+    ts = [x * 2 for x in xs]
+    masks = [x[..., 0] > 0 for x in xs[:2]] + [None]  # the last batch pads nothing
+    mb = MiniBatches(lambda i: ((xs[i],), {}), ts, batch_size=5, seed=1, masks=masks)
+    assert mb.why_whole is None
+    for _ in range(20):
+        (x,), _, target, mask = mb.draw_masked()
+        assert torch.equal(target, 2 * x)
+        in_last = torch.tensor([any(torch.equal(row, b) for b in xs[2]) for row in x])  # [5]: from the unmasked batch
+        want = in_last[:, None] | (x[..., 0] > 0)
+        assert (mask is None and bool(want.all())) or torch.equal(mask, want)
+    whole = MiniBatches(lambda i: ((xs[i],), {}), ts, batch_size=None, seed=1, masks=masks)
+    for _ in range(3):
+        (x,), _, _, mask = whole.draw_masked()
+        i = next(k for k in range(3) if torch.equal(xs[k], x))
+        assert mask is masks[i]
+    with pytest.raises(ValueError, match="row mask"):
+        MiniBatches(lambda i: ((xs[i],), {}), ts, batch_size=5, masks=[masks[0].long(), None, None])
+    with pytest.raises(ValueError, match="row mask"):
+        MiniBatches(lambda i: ((xs[i],), {}), ts, batch_size=5, masks=[masks[0][:, :3], None, None])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from helpers import assert_bitwise
@@ -44,14 +46,15 @@ def _bert() -> torch.nn.Module:
         return transformers.BertModel(config).eval()
 
 
-def _batches(pad_id_seed: int) -> list[dict[str, torch.Tensor]]:
-    """The same real tokens in every call; the padding positions get token ids drawn with ``pad_id_seed``."""
+def _batches(pad_id_seed: int, width: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """The same real tokens in every call; the padding positions get token ids drawn with ``pad_id_seed``. Each
+    batch is padded to its longest sample, or to ``width`` tokens."""
     real, pad = torch.Generator().manual_seed(1), torch.Generator().manual_seed(pad_id_seed)
     out = []
     for lengths in LENGTHS:
-        width = max(lengths)
-        ids = torch.randint(1, VOCAB, (len(lengths), width), generator=real)
-        mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
+        ids = torch.randint(1, VOCAB, (len(lengths), max(lengths)), generator=real)
+        ids = torch.nn.functional.pad(ids, (0, (width or max(lengths)) - ids.shape[1]))
+        mask = (torch.arange(ids.shape[1])[None] < torch.tensor(lengths)[:, None]).long()
         ids = torch.where(mask.bool(), ids, torch.randint(1, VOCAB, ids.shape, generator=pad))
         out.append({"input_ids": ids, "attention_mask": mask})
     return out
@@ -127,3 +130,24 @@ def test_static_activation_ranges_ignore_the_padding(method):
         amax.append({n: float(m.amax) for n, m in model.named_modules() if isinstance(m, ActQuantizer)})
     assert len(amax[0]) == 12 and all(a > 0 for a in amax[0].values())
     assert amax[0] == amax[1]
+
+
+@pytest.mark.parametrize("batch_size", [None, 4])
+def test_attention_round_block_loss_ignores_the_padding(batch_size):
+    """Attention Round's block reconstruction counts the real tokens only: whole calibration batches per step
+    (``batch_size`` None), or mini-batches of 4 samples drawn across batches padded to one width (their masks
+    drawn with them): the rounded weights do not depend on what the padding holds."""
+    got = []
+    for pad_id_seed in (2, 3):
+        model = _bert()
+        recipe = Recipe(weights="int4_g32", method="attention-round", include=["encoder.*"],
+                        attention_round={"iterations": 15, "batch_size": batch_size})  # fmt: skip
+        with warnings.catch_warnings():  # mini-batches: the calls must split by sample (no whole-batch warning)
+            if batch_size is not None:
+                warnings.filterwarnings("error", message="Attention Round")
+            batches = _batches(pad_id_seed, width=12)
+            quantize_blockwise(model, list(model.encoder.layer), batches, recipe, progress=False)
+        got.append({n: m.weight.clone() for n, m in model.named_modules() if hasattr(m, "qweight")})
+    assert len(got[0]) == 12
+    for name, w in got[0].items():
+        assert_bitwise(w, got[1][name], name)

@@ -419,15 +419,24 @@ class MiniBatches:
     (per-batch sequence lengths, say), or ``batch_size`` None: each step runs one whole calibration batch, in a
     seeded random order, every batch once per epoch. ``why_whole`` says why (None when split by sample).
 
+    ``masks[i]`` (optional; bool ``[n_i, tokens]`` or None: every row) marks the rows of ``targets[i]`` that count
+    (a padded text batch's real tokens); :meth:`draw_masked` returns the drawn samples' rows with the call.
+
     Under torch.distributed each rank draws from its own share with the same seed (the draws are positions in
     the share): deterministic on every rank, and equal to one process where the shares are equal."""
 
     def __init__(self, inputs: Callable[[int], tuple[tuple, dict]], targets: list[torch.Tensor],
-                 batch_size: int | None, seed: int = 0) -> None:  # fmt: skip
+                 batch_size: int | None, seed: int = 0,
+                 masks: list[torch.Tensor | None] | None = None) -> None:  # fmt: skip
         if not targets:
             raise ValueError("block reconstruction needs at least one calibration batch")
         if batch_size is not None and int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1 (or None: whole calibration batches), got {batch_size}")
+        self.masks = list(masks) if masks is not None else [None] * len(targets)
+        for i, (m, t) in enumerate(zip(self.masks, targets, strict=True)):
+            if m is not None and (m.dtype != torch.bool or t.dim() < 3 or m.shape != t.shape[:2]):
+                raise ValueError(f"calibration batch {i}: a row mask must be bool [samples, tokens] = the target's "
+                                 f"first two dims {tuple(t.shape[:2])}, got {m.dtype} {tuple(m.shape)}")  # fmt: skip
         self.inputs, self.targets, self.batch_size = inputs, targets, batch_size
         self.generator = torch.Generator().manual_seed(seed)
         self._order: list[int] = []
@@ -468,6 +477,9 @@ class MiniBatches:
         self._bank = [[b[j].to(bank) for b in leaves] if split else None for j, split in enumerate(per_sample)]
         self._shared = [None if split else t for t, split in zip(leaves[0], per_sample, strict=True)]
         self._offsets = torch.tensor([0, *ns]).cumsum(0)
+        if any(m is not None for m in self.masks):  # every batch's rows (all of them where it has no mask)
+            self._mask_bank = [torch.ones(t.shape[:2], dtype=torch.bool) if m is None else m.cpu()
+                               for m, t in zip(self.masks, self.targets, strict=True)]  # fmt: skip
         return None
 
     @property
@@ -475,21 +487,27 @@ class MiniBatches:
         """The number of cached calibration samples."""
         return int(sum(t.shape[0] if t.dim() else 1 for t in self.targets))
 
+    _mask_bank: list[torch.Tensor] | None = None
+
     def peek(self) -> tuple[tuple, dict, torch.Tensor]:
         """A call and target for checks (the first calibration batch's, or its first samples), drawing nothing."""
         if self.why_whole is not None:
             args, kwargs = self.inputs(0)
             return _channels_last(tuple(args)), kwargs, self.targets[0]
-        return self._gather(torch.arange(min(int(self._offsets[1]), self.batch_size)))
+        return self._gather(torch.arange(min(int(self._offsets[1]), self.batch_size)))[:3]
 
     def draw(self) -> tuple[tuple, dict, torch.Tensor]:
         """The next step's block ``(args, kwargs)`` and target."""
+        return self.draw_masked()[:3]
+
+    def draw_masked(self) -> tuple[tuple, dict, torch.Tensor, torch.Tensor | None]:
+        """The next step's block ``(args, kwargs)``, target and the target rows that count (None: all)."""
         if self.why_whole is not None:
             if not self._order:
                 self._order = torch.randperm(len(self.targets), generator=self.generator).tolist()
             i = self._order.pop(0)
             args, kwargs = self.inputs(i)
-            return _channels_last(tuple(args)), kwargs, self.targets[i]
+            return _channels_last(tuple(args)), kwargs, self.targets[i], self.masks[i]
         n = int(self._offsets[-1])
         if self.batch_size >= n:  # every sample in every step: assembled once
             if self._all is None:
@@ -497,8 +515,9 @@ class MiniBatches:
             return self._all
         return self._gather(torch.randperm(n, generator=self.generator)[: self.batch_size].sort().values)
 
-    def _gather(self, idx: torch.Tensor) -> tuple[tuple, dict, torch.Tensor]:
-        """The call and target of the samples ``idx`` (ascending positions in the batches' concatenation)."""
+    def _gather(self, idx: torch.Tensor) -> tuple[tuple, dict, torch.Tensor, torch.Tensor | None]:
+        """The call, target and row mask of the samples ``idx`` (ascending positions in the batches'
+        concatenation)."""
         batch = torch.searchsorted(self._offsets, idx, right=True) - 1
         ids, counts = torch.unique_consecutive(batch, return_counts=True)
         rows = (idx - self._offsets[batch]).split(counts.tolist())
@@ -510,7 +529,8 @@ class MiniBatches:
         leaves = [self._shared[j] if bank is None else take(bank).to(self._devices[j])
                   for j, bank in enumerate(self._bank)]  # fmt: skip
         args, kwargs = _fill(self._template, leaves)
-        return _channels_last(args), kwargs, take(self.targets)
+        mask = None if self._mask_bank is None else take(self._mask_bank)
+        return _channels_last(args), kwargs, take(self.targets), None if mask is None or mask.all() else mask
 
 
 class _ConvBatchNorm(nn.Module):
@@ -601,6 +621,7 @@ def round_block(
     variant: str = "soft",
     seed: int = 0,
     batch_size: int | None = DEFAULT_BATCH_SIZE,
+    masks: list[torch.Tensor | None] | None = None,
     **optimise_kwargs,
 ) -> dict[str, QTensor]:
     """Block reconstruction (the paper's objective): the offsets of every layer in ``layers`` (name inside
@@ -608,26 +629,31 @@ def round_block(
     ``inputs(i)`` (the ``(args, kwargs)`` of calibration batch i: the quantized stream), reproduces
     ``targets[i]`` (the float block's output on the float stream): mean squared error over a mini-batch of
     ``batch_size`` samples per step, drawn from every batch's samples with a generator seeded with ``seed``
-    (:class:`MiniBatches`; None: one whole calibration batch per step). Image batches (a 4-D first argument) run
-    channels-last (faster conv forward/backward on the CPU). ``optimise_kwargs`` go to :func:`optimise`.
+    (:class:`MiniBatches`; None: one whole calibration batch per step); ``masks[i]`` (bool ``[n_i, tokens]``, or
+    None) keeps the loss to the rows that count (a padded text batch's real tokens). Image batches (a 4-D first
+    argument) run channels-last (faster conv forward/backward on the CPU). ``optimise_kwargs`` go to :func:`optimise`.
     Returns {layer name: QTensor}."""
     rounders = []
     for name, mod, fmt in layers:
         w = mod.weight.detach().reshape(mod.weight.shape[0], -1)
         key = f"{name}.weight" if name else "weight"
         rounders.append((name, key, mod, AttentionRounder(w, fmt, k_nearest, variant, seed)))
-    batches = MiniBatches(inputs, targets, batch_size, seed)
+    batches = MiniBatches(inputs, targets, batch_size, seed, masks)
     if batches.why_whole is not None and batch_size is not None:
         warnings.warn(f"Attention Round: the block's calibration calls do not split by sample ({batches.why_whole}); "
                       "each step runs one whole calibration batch", stacklevel=2)  # fmt: skip
     run = _folded_or_block(block, [mod for _, _, mod, _ in rounders], batches)
 
     def step_loss(it: int, sigma: float) -> torch.Tensor:
-        args, kwargs, target = batches.draw()
+        args, kwargs, target, mask = batches.draw_masked()
         params = {key: r.soft(sigma).reshape(mod.weight.shape).to(mod.weight.dtype) for _, key, mod, r in rounders}
         out = functional_call(run, params, args, kwargs)
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        return F.mse_loss(out.float(), target.to(out.device).float())
+        out = (out[0] if isinstance(out, (tuple, list)) else out).float()
+        target = target.to(out.device).float()
+        if mask is not None:
+            mask = mask.to(out.device)
+            out, target = out[mask], target[mask]
+        return F.mse_loss(out, target)
 
     optimise([r for *_, r in rounders], step_loss, **optimise_kwargs)
     return {name: r.qtensor() for name, _, _, r in rounders}

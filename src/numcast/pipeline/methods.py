@@ -106,10 +106,12 @@ class Method:
         raise NotImplementedError
 
     def solve_block(self, block: nn.Module, plans: list[LayerPlan], names: dict[str, str],
-                    inputs: Callable[[int], tuple[tuple, dict]], targets: list[torch.Tensor]) -> dict[str, QTensor]:
+                    inputs: Callable[[int], tuple[tuple, dict]], targets: list[torch.Tensor],
+                    masks: list[torch.Tensor | None] | None = None) -> dict[str, QTensor]:  # fmt: skip
         """``solves_blocks`` methods: {plan name: QTensor} for the ``plans`` of ``block`` at once; ``names[plan
         name]`` is the layer's name inside the block, ``inputs(i)`` the block's arguments on calibration batch i (the
-        quantized stream), ``targets[i]`` the float block's output on the float stream."""
+        quantized stream), ``targets[i]`` the float block's output on the float stream, ``masks[i]`` its rows
+        that count (bool ``[samples, tokens]``: a padded batch's real tokens; None: every row)."""
         raise NotImplementedError
 
     def refit_float(self, module: nn.Module, stats) -> None:
@@ -230,7 +232,7 @@ class AttentionRound(Method):
         return attention_round(w, plan.weight_format, layer_output_loss(w, stats.result()), k_nearest=st.k_nearest,
                                variant=st.variant, seed=st.seed, **self._optimise_kwargs()).qtensor  # fmt: skip
 
-    def solve_block(self, block, plans, names, inputs, targets) -> dict[str, QTensor]:
+    def solve_block(self, block, plans, names, inputs, targets, masks=None) -> dict[str, QTensor]:
         """Each step a mini-batch of ``batch_size`` samples drawn from all the cached calibration samples (seeded).
         Under torch.distributed each rank draws from its own share and the offsets' gradients are averaged over
         the ranks every step (DDP, :mod:`numcast.pipeline.distributed`)."""
@@ -238,7 +240,7 @@ class AttentionRound(Method):
         layers = [(names[p.name], p.module, get_format(p.weight_format)) for p in plans]
         ddp = dict(reduce_grads=distributed.average_gradients, stop_together=distributed.any_rank)
         got = round_block(block, layers, inputs, targets, k_nearest=st.k_nearest, variant=st.variant, seed=st.seed,
-                          batch_size=st.batch_size, **(ddp if distributed.active() else {}),
+                          batch_size=st.batch_size, masks=masks, **(ddp if distributed.active() else {}),
                           **self._optimise_kwargs())  # fmt: skip
         return {p.name: got[names[p.name]] for p in plans}
 

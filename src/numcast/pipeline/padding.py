@@ -12,9 +12,10 @@ shape (a Linear's ``[batch, tokens, features]``). A tensor of any other shape (a
 mixture-of-experts expert's routed tokens) passes whole: padding there is not recognised.
 
 The runner (:class:`numcast.pipeline.runner.Streams`) applies them to the layer-wise solvers' statistics, the
-layers' SQNR and the RTN guard's measure; :func:`observing_real_tokens` to static activation calibration; the
-mixed-precision measurement (:func:`numcast.pipeline.mixed_precision.measure_layers`) to its sums. Not yet to
-Attention Round's block loss (its mini-batches draw samples across batches): it still sees the padding rows.
+layers' SQNR and the RTN guard's measure, and hands them to block solvers (Attention Round's block loss, whose
+mini-batches draw each sample's mask with it); :func:`observing_real_tokens` applies them to static activation
+calibration; the mixed-precision measurement (:func:`numcast.pipeline.mixed_precision.measure_layers`) to its
+sums.
 """
 
 from __future__ import annotations

@@ -697,7 +697,9 @@ def _solve_whole_block(method: Method, job: OpenBlock, streams: Streams) -> dict
         return {}
     targets = streams.float_outputs(job.float_block)
     plans = [p for p in job.plans if p.quantized]
-    solved = method.solve_block(job.block, plans, job.inner, streams.inputs, targets)
+    masks = [m if m is not None and t.dim() >= 3 and t.shape[:2] == m.shape else None
+             for m, t in zip(streams.token_masks, targets, strict=True)]  # fmt: skip
+    solved = method.solve_block(job.block, plans, job.inner, streams.inputs, targets, masks)
     return distributed.broadcast_object(solved, 0, streams.placement.device)  # the same result on every rank
 
 
