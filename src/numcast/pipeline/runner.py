@@ -17,8 +17,8 @@
    quantized layers, X ← float block(X), measuring each quantized layer's output SQNR against its float twin
    on the same input. Methods that solve whole blocks (Attention Round) do so before the groups; methods that
    diffuse error may also re-fit the float weights of layers kept in float inside the blocks.
-   Padding tokens of text batches (their ``attention_mask``) are left out of the statistics, the SQNR and the
-   RTN guard's measure (:mod:`numcast.pipeline.padding`).
+   Padding tokens of text batches (their ``attention_mask``) are left out of the statistics, block solvers'
+   losses, static activation ranges, the SQNR and the RTN guard's measure (:mod:`numcast.pipeline.padding`).
 4. Static activation scales of layers outside the blocks are calibrated on the finished model.
 
 Only the block being solved is on the compute device (:class:`Placement`); finished blocks, the float twin and
@@ -165,7 +165,8 @@ class Streams:
 
     def skip_padding(self, batches: list) -> None:
         """Leave the padding tokens of ``batches`` (the calibration batches behind the streams, in order) out of
-        the statistics, the SQNR and the RTN guard's measure (:mod:`numcast.pipeline.padding`)."""
+        the statistics, block solvers' losses, static activation ranges, the SQNR and the RTN guard's measure
+        (:mod:`numcast.pipeline.padding`)."""
         self.token_masks = [token_mask(b) for b in batches]
 
     def measure_sqnr_on(self, n_batches: int) -> None:
