@@ -40,12 +40,18 @@ def token_mask(batch: object) -> torch.Tensor | None:
     return None if real.all() else real
 
 
-def real_tokens(x: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor | None:
-    """``x`` [batch, tokens, ...] → its real tokens' rows [n_real, ...] (in batch order) where ``mask`` applies;
-    otherwise ``x`` itself."""
+def mask_for(x: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``mask`` where it applies to ``x`` (``x`` is [batch, tokens, ...] with the mask's leading shape), else None."""
     if x is None or mask is None or x.dim() < 3 or x.shape[:2] != mask.shape:
-        return x
-    return x[mask.to(x.device)]
+        return None
+    return mask
+
+
+def real_tokens(x: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``x`` [batch, tokens, ...] → its real tokens' rows [n_real, ...] (in batch order) where ``mask`` applies
+    (:func:`mask_for`); otherwise ``x`` itself."""
+    mask = mask_for(x, mask)
+    return x if mask is None else x[mask.to(x.device)]
 
 
 @contextmanager

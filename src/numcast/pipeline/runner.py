@@ -67,7 +67,7 @@ from numcast.pipeline.block_inputs import (
 from numcast.pipeline.data_free import calibrate_activations
 from numcast.pipeline.methods import RTN, Method
 from numcast.pipeline.offload import available_memory, return_freed_memory, trim_heap
-from numcast.pipeline.padding import observing_real_tokens, real_tokens, token_mask
+from numcast.pipeline.padding import mask_for, observing_real_tokens, real_tokens, token_mask
 from numcast.pipeline.plan import (
     LayerPlan,
     QuantizationResult,
@@ -698,8 +698,7 @@ def _solve_whole_block(method: Method, job: OpenBlock, streams: Streams) -> dict
         return {}
     targets = streams.float_outputs(job.float_block)
     plans = [p for p in job.plans if p.quantized]
-    masks = [m if m is not None and t.dim() >= 3 and t.shape[:2] == m.shape else None
-             for m, t in zip(streams.token_masks, targets, strict=True)]  # fmt: skip
+    masks = [mask_for(t, m) for m, t in zip(streams.token_masks, targets, strict=True)]
     solved = method.solve_block(job.block, plans, job.inner, streams.inputs, targets, masks)
     return distributed.broadcast_object(solved, 0, streams.placement.device)  # the same result on every rank
 
