@@ -9,9 +9,10 @@ Every cell runs ``numcast quantize`` in its own process (so peak memory is that 
 under ``--work`` and is collected into one table and JSON; ``--update`` replaces the cells it ran in an
 existing JSON and keeps the others (so the table can be filled model by model). ``--models`` takes short names
 or paths of local models (a ``.gguf`` file or a Hugging Face folder; named by their file name). Methods are ``rtn``,
-``gptq``, ``error-diffusion`` (defaults: static block scales, strongest inputs first, RTN guard) and its
-ablations ``error-diffusion-noguard`` (no RTN guard), ``error-diffusion-dynamic`` (block scales from the
-updated targets), ``error-diffusion-natural`` (GPFQ's natural column order, dynamic scales),
+``gptq``, ``error-diffusion`` (defaults: static block scales, strongest inputs first, damping 0.01, RTN guard) and
+its ablations ``error-diffusion-nodamp`` (no damping: the paper's method), ``error-diffusion-noguard`` (no RTN
+guard), ``error-diffusion-dynamic`` (block scales from the updated targets), ``error-diffusion-natural`` (GPFQ's
+natural column order, dynamic scales),
 ``error-diffusion-weak`` (weakest inputs first) and
 ``error-diffusion-refit`` (layers kept in float by
 ``--exclude`` re-fitted with Q = identity: the ablation of Error Diffusion's layer calibration), and
@@ -39,6 +40,7 @@ METHOD_ARGS = {
     "rtn": ["--method", "rtn"],
     "gptq": ["--method", "gptq"],
     "error-diffusion": ["--method", "error-diffusion"],
+    "error-diffusion-nodamp": ["--method", "error-diffusion", "--ed-damp", "0"],
     "error-diffusion-dynamic": ["--method", "error-diffusion", "--ed-scale-rule", "dynamic"],
     "error-diffusion-natural": ["--method", "error-diffusion", "--ed-scale-rule", "dynamic", "--ed-order", "natural"],
     "error-diffusion-weak": ["--method", "error-diffusion", "--ed-order", "weak-first"],
@@ -125,6 +127,34 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def side_by_side(rows: list[dict], methods: list[str]) -> str:
+    """One line per model and format, the primary metric of each method in ``methods`` side by side (blank where
+    the cell was not run), with the calibration samples and the metric's direction."""
+    cells = {_key(r): r for r in rows if "error" not in r}
+    pairs = list(dict.fromkeys((r["model"], r["format"]) for r in rows))
+    head = ["model", "format", "metric", "calibration", *methods]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    wins = {m: [0, 0] for m in methods[:-1]}  # the last method against each other one: [at least as good, cells]
+    for model, fmt in pairs:
+        got = [cells.get((model, fmt, m)) for m in methods]
+        if sum(g is not None for g in got) < 2:
+            continue
+        first = next(g for g in got if g is not None)
+        lower_is_better = first["metric"] == "perplexity"
+        values = ["" if g is None else f"{g['quantized']:.4f}" for g in got]
+        lines.append(f"| {model} | {fmt} | {first['metric']} {'↓' if lower_is_better else '↑'} | "
+                     f"{first['calibration']} | " + " | ".join(values) + " |")  # fmt: skip
+        last = got[-1]
+        for m, other in zip(methods[:-1], got[:-1], strict=True):
+            if last is not None and other is not None:
+                sign = -1 if lower_is_better else 1
+                wins[m][0] += sign * (last["quantized"] - other["quantized"]) >= 0
+                wins[m][1] += 1
+    lines.append("")
+    lines += [f"{methods[-1]} at least as good as {m}: {w} of {n} cells" for m, (w, n) in wins.items() if n]
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=MODELS)
@@ -138,11 +168,14 @@ def main() -> None:
     p.add_argument("--collect", action="store_true", help="do not run: collect the cells already under --work")
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--render", metavar="JSON", help="only print the Markdown table of a saved run (--models filter)")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="with --render: one line per model and format, the --methods' primary metric as columns")
     args = p.parse_args()
     if args.render:
         rows = json.loads(Path(args.render).read_text())["rows"]
         keep = [r for r in rows if r["model"] in args.models and r["method"] in args.methods]
-        print(markdown([r for r in keep if r["format"] in args.formats]))
+        keep = [r for r in keep if r["format"] in args.formats]
+        print(side_by_side(keep, args.methods) if args.side_by_side else markdown(keep))
         return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

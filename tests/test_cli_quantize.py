@@ -146,12 +146,13 @@ def test_recipe_file_and_flags(tiny, tmp_path, capsys):
     rec = json.loads(capsys.readouterr().out)
     assert rec["recipe"]["weights"] == "mxfp4" and rec["recipe"]["exclude"] == ["fc"]
     assert main(["quantize", "tiny-cnn", "--weights", "mxfp4", "--method", "error-diffusion", "--ed-scale-rule",
-                 "dynamic", "--ed-order", "natural", "--ed-calibrate-float-layers", "--no-ed-rtn-guard", "--exclude",
-                 "blocks.1.*",
+                 "dynamic", "--ed-order", "natural", "--ed-calibrate-float-layers", "--no-ed-rtn-guard", "--ed-damp",
+                 "0.02", "--exclude", "blocks.1.*",
                  "--calibration", "8", "--out", str(tmp_path / "ed"), "--no-progress", "--json"]) == 0  # fmt: skip
     rec = json.loads(capsys.readouterr().out)
     assert rec["recipe"]["error_diffusion"] == {"scale_rule": "dynamic", "order": "natural",
-                                                "calibrate_float_layers": True, "rtn_guard": False}  # fmt: skip
+                                                "calibrate_float_layers": True, "rtn_guard": False,
+                                                "damp": 0.02}  # fmt: skip
 
 
 def test_corrupted_packed_model_names_the_file(tiny, tmp_path, capsys):

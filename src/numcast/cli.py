@@ -163,7 +163,8 @@ RECIPE_FLAGS = ("weights", "activations", "activation_mode", "activation_observe
 SECTION_FLAGS = {
     "gptq": {"damp": "gptq_damp", "block_size": "gptq_block_size", "act_order": "gptq_act_order"},
     "error_diffusion": {"scale_rule": "ed_scale_rule", "order": "ed_order",
-                        "calibrate_float_layers": "ed_calibrate_float_layers", "rtn_guard": "ed_rtn_guard"},
+                        "calibrate_float_layers": "ed_calibrate_float_layers", "rtn_guard": "ed_rtn_guard",
+                        "damp": "ed_damp"},
     "attention_round": {k: f"ar_{k}" for k in ("objective", "iterations", "variant", "time_budget_s", "k_nearest",
                                                "batch_size")},
     "mixed_precision": {"strategy": "mixed_precision", "candidates": "candidates", "budget": "budget"},
@@ -368,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ed-rtn-guard", dest="ed_rtn_guard", action=argparse.BooleanOptionalAction, default=None,
                    help="error-diffusion: give every solved layer its RTN weights when the RTN model's output is "
                         "closer to the float model's on every 8th calibration batch (default on)")
+    q.add_argument("--ed-damp", dest="ed_damp", type=float,
+                   help="error-diffusion: ridge toward the float weight, this fraction of the mean input energy "
+                        "added to both Gram diagonals (default 0.01, as GPTQ's damping; 0: none, as in the paper)")
     q.add_argument("--mixed-precision", dest="mixed_precision", choices=("lcl", "sensitivity"),
                    help="per-layer weight formats from --candidates under --budget (lossy coding length or SQNR)")
     q.add_argument("--candidates", type=lambda t: [c.strip() for c in t.split(",") if c.strip()],

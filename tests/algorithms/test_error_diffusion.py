@@ -3,6 +3,8 @@ output error than RTN on correlated inputs, an independent per-neuron GPFQ, grou
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from helpers import assert_bitwise
@@ -222,3 +224,34 @@ def test_permute_in_place_equals_the_gather(groups, n, rows_per_step):
         out = permute_in_place(work, perm, rows_per_step)
         assert out.data_ptr() == ptr
         assert torch.equal(out, m[:, perm[:, None], perm])
+
+
+@pytest.mark.parametrize("order", ["strong-first", "auto"])
+@pytest.mark.parametrize("name", ["mxfp4", "int4_g128", "nvfp4", "int4_channel"])
+def test_damping_is_gpfq_with_a_row_per_feature_tying_it_to_its_float_weight(name, order):
+    """``damp`` = the direct GPFQ loop on the calibration rows plus one row √λ·e_t per input feature in both
+    streams (λ = damp · mean ||Â_t||²): the objective ||ÂŴᵀ − AWᵀ||² + λ||Ŵ − W||²."""
+    a, a_hat = streams(300, 200, noise=0.2)
+    w = weight(24, 200)
+    g, h = grams(a, a_hat)
+    g0, h0 = g.clone(), h.clone()
+    damp = 0.5
+    extra = math.sqrt(damp * float(torch.diagonal(h).mean())) * torch.eye(200, dtype=torch.float64)
+    got = error_diffusion(w, g, h, name, order=order, damp=damp)
+    want = error_diffusion_direct(w, torch.cat([a.double(), extra]), torch.cat([a_hat.double(), extra]), name,
+                                  order=order)  # fmt: skip
+    assert got.order == want.order
+    assert_bitwise(got.weight, want.weight, f"{name} {order}")
+    assert not torch.equal(got.weight, error_diffusion(w, g, h, name, order=order).weight), "damping did nothing"
+    assert torch.equal(g, g0) and torch.equal(h, h0), "the caller's matrices were changed"
+
+
+@pytest.mark.parametrize("name", ["mxfp4", "int4_g128", "nvfp4"])
+def test_overwhelming_damping_gives_rtn_and_bad_damping_is_refused(name):
+    a, a_hat = streams(300, 128, noise=0.2)
+    w = weight(16, 128)
+    g, h = grams(a, a_hat)
+    assert_bitwise(error_diffusion(w, g, h, name, damp=1e9).weight, rtn(w, name).dequantize(), name)
+    for bad in (-0.01, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="damp"):
+            error_diffusion(w, g, h, name, damp=bad)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from helpers import assert_bitwise
 from torch import nn
 
+from numcast.algorithms.error_diffusion import error_diffusion
 from numcast.nn.observe import layer_inputs_2d
 from numcast.pipeline.data_free import quantize_data_free
 from numcast.pipeline.layer_stats import GramStatistics, HessianStatistics
@@ -220,6 +221,30 @@ def test_error_diffusion_refits_layers_kept_in_float():
         assert entry.action == "skipped" and ("re-fit" in (entry.method or "")) == refit
     assert kept[False] and not kept[True]
     assert errs[True] < errs[False], errs
+
+
+def test_error_diffusion_damping_reaches_every_solve_and_refit(monkeypatch):
+    """The recipe's ``damp`` is the one each Error Diffusion solve and float re-fit uses: the pipeline's weights
+    are those of :func:`error_diffusion` with it, not without it."""
+    import numcast.pipeline.methods as methods
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["damp"])
+        return error_diffusion(*args, **kwargs)
+
+    monkeypatch.setattr(methods, "error_diffusion", spy)
+    weights = {}
+    for damp in (0.0, 0.3):
+        model = TinyLM()
+        recipe = Recipe(weights="int3_channel", method="error-diffusion", exclude=["head", "blocks.1.*"],
+                        error_diffusion={"calibrate_float_layers": True, "rtn_guard": False, "damp": damp})  # fmt: skip
+        quantize_blockwise(model, list(model.blocks), batches(), recipe, progress=False)
+        weights[damp] = [m.weight.detach().clone() for m in model.modules() if isinstance(m, nn.Linear) or
+                         hasattr(m, "qweight")]  # fmt: skip
+    assert seen == [0.0] * 6 + [0.3] * 6  # 3 blocks × (up, down): 4 solves and 2 re-fits per run
+    assert any(not torch.equal(a, b) for a, b in zip(weights[0.0], weights[0.3], strict=True))
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq", "error-diffusion"])

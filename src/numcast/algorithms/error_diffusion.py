@@ -5,7 +5,8 @@ A layer y = W·x with W [out, in]. Calibration inputs as rows: A [m, in] reaches
 Â [m, in] in the network whose earlier layers are already quantized. Error Diffusion looks for Ŵ on the
 format's grid with Â·Ŵᵀ ≈ A·Wᵀ: the quantized layer, fed what the quantized network really gives it, reproduces
 the float network's output, so the error arriving from upstream is compensated ("diffused") here instead of
-being passed on. No Hessian inverse, no damping, no knob.
+being passed on. No Hessian inverse and no knob to tune (the pipeline adds GPTQ's fixed damping constant as a
+ridge: "Damping" below).
 
 GPFQ, one output neuron w, input features t visited one by one, running residual u ∈ R^m (u = 0 at first)::
 
@@ -53,6 +54,16 @@ layer: on MiniLM, where Error Diffusion loses to RTN, the loss is in the attenti
 0.963), although Error Diffusion lowers their objective on held-out calibration rows too, and each group's
 solution even brings its block's output closer to the float block's.
 
+Damping (``damp``; this function's default 0 is GPFQ as published, the pipeline's recipe default is 0.01) adds
+λ = damp · mean(diag H) to the diagonals of both H and G, as if every input feature had one more calibration row
+of its own, of value √λ in both streams. The objective becomes ||ÂŴᵀ − AWᵀ||²/m + λ·||Ŵ − W||²: a ridge toward
+the float weight (added to H alone it would pull toward 0), with GPTQ's damping λ [numcast's addition; the
+paper has none]. Why: Error Diffusion fits its few calibration rows far more closely than it generalises (README,
+Qwen2.5-Coder: its KL to float on the guard's calibration windows 4–5× below the evaluation tokens'), and the
+ridge keeps a solve from moving weights along directions the calibration rows barely measure. The constant is
+GPTQ's, not tuned per model; ``benchmarks/ptq.py`` ablation ``error-diffusion-nodamp`` (damp 0) measures it in
+the README's PTQ section.
+
 Dead input features (H[t, t] = 0: zero on every calibration row of the quantized path) carry no information
 about their weight; they get Q(w_t), the round-to-nearest value [numcast's choice; GPTQ's reference zeroes
 them instead — a feature that is dead in calibration need not be dead in use].
@@ -62,6 +73,7 @@ With Â = A and orthogonal input features (G = H diagonal), r = 0 and p_t = w_t:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -165,6 +177,7 @@ def error_diffusion(
     *,
     scale_rule: str = "static",
     order: str = "strong-first",
+    damp: float = 0.0,
     overwrite_gram: bool = False,
 ) -> EDResult:
     """Quantize ``weight`` [out, in] to ``fmt`` from the Gram matrices ``g`` = ÂᵀA and ``h`` = ÂᵀÂ.
@@ -175,7 +188,8 @@ def error_diffusion(
     factor of g and h (e.g. 1/m) cancels. ``order``: the column order (module docstring; ``auto`` keeps the
     better of strong-first and weak-first by the objective; the one used is ``EDResult.order``).
     ``fmt=None`` is Q = identity: the float weight re-fitted to the quantized network's inputs (the paper's
-    calibration of layers kept in high precision; ``qtensor`` None). ``overwrite_gram``: ``g`` and ``h`` are the
+    calibration of layers kept in high precision; ``qtensor`` None). ``damp`` ≥ 0: λ = damp · mean(diag h) (per
+    group) added to the diagonals of ``g`` and ``h`` (module docstring). ``overwrite_gram``: ``g`` and ``h`` are the
     caller's to lose; with one column order and contiguous float64 matrices they are permuted in place
     (:func:`permute_in_place`: two float64 [in, in] matrices alive instead of three) and their storage is
     released at the end (reading them afterwards raises instead of giving permuted values)."""
@@ -187,8 +201,15 @@ def error_diffusion(
     if g.shape != h.shape or g.shape[1:] != (n_in, n_in) or weight.shape[1] != n_in or out % ng:
         raise ValueError(f"Gram shapes {tuple(g.shape)}/{tuple(h.shape)} do not match weight {tuple(weight.shape)}")
     orders, whole = _orders_and_whole_block(fmt, scale_rule, order)
+    if not (math.isfinite(damp) and damp >= 0):
+        raise ValueError(f"damp must be a finite number >= 0, got {damp}")
     g, h = g.detach().double(), h.detach().double()
     in_place = overwrite_gram and len(orders) == 1 and g.is_contiguous() and h.is_contiguous()
+    if damp:
+        g, h = (g, h) if in_place else (g.clone(), h.clone())  # the caller's matrices are left alone
+        lam = damp * torch.diagonal(h, dim1=1, dim2=2).mean(1, keepdim=True)  # [groups, 1]
+        torch.diagonal(h, dim1=1, dim2=2).add_(lam)
+        torch.diagonal(g, dim1=1, dim2=2).add_(lam)
     best, best_loss = None, None
     for o in orders:
         res = _diffuse(weight, ng, g, h, fmt, scale_rule, visiting_order(h, o, whole), o, in_place)

@@ -190,13 +190,14 @@ class ErrorDiffusion(Method):
             warnings.warn(f"{plan.name}: the float and the quantized stream routed different tokens to this layer in "
                           f"{stats.unpaired_batches} batch(es); for those, Error Diffusion targets the quantized "
                           "stream's inputs (GPTQ's objective)", stacklevel=2)  # fmt: skip
-        return error_diffusion(_weight_2d(plan.module), g, h, get_format(plan.weight_format),
-                               scale_rule=st.scale_rule, order=st.order, overwrite_gram=True).qtensor  # fmt: skip
+        return error_diffusion(_weight_2d(plan.module), g, h, get_format(plan.weight_format), scale_rule=st.scale_rule,
+                               order=st.order, damp=st.damp, overwrite_gram=True).qtensor  # fmt: skip
 
     def refit_float(self, module: nn.Module, stats: GramStatistics) -> None:
         """Layer calibration: the same diffusion with Q = identity; the float weight is replaced in place."""
         g, h = stats.result()
-        new = error_diffusion(_weight_2d(module), g, h, None, order=self.settings.order, overwrite_gram=True).weight
+        st = self.settings
+        new = error_diffusion(_weight_2d(module), g, h, None, order=st.order, damp=st.damp, overwrite_gram=True).weight
         with torch.no_grad():
             module.weight.copy_(new.reshape(module.weight.shape).to(module.weight.dtype))
 

@@ -155,12 +155,16 @@ class ErrorDiffusionSettings(BaseModel):
     blocks (excluded by the recipe) so they absorb the error arriving from upstream (Q = identity).
     ``rtn_guard``: the RTN-quantized model runs beside the solved one on every 8th calibration batch;
     when its output ends closer to the float model's, every solved layer takes its RTN weights
-    (:class:`numcast.pipeline.runner.RTNGuard`; the layers' reports say so)."""
+    (:class:`numcast.pipeline.runner.RTNGuard`; the layers' reports say so).
+    ``damp``: a ridge toward the float weight, λ = damp · mean(diag H) added to the diagonals of both Gram
+    matrices (default 0.01, GPTQ's damping of the same mean; 0: none, the paper's method; measured in the README's
+    PTQ section, ablation ``error-diffusion-nodamp``)."""
 
     model_config = ConfigDict(extra="forbid")
     scale_rule: Literal["static", "dynamic"] = "static"
     order: Literal["strong-first", "weak-first", "natural", "auto"] = "strong-first"
     calibrate_float_layers: bool = False
     rtn_guard: bool = True
+    damp: float = Field(0.01, ge=0.0, le=1.0)
 
 
