@@ -224,8 +224,8 @@ def test_error_diffusion_refits_layers_kept_in_float():
 
 
 def test_error_diffusion_damping_reaches_every_solve_and_refit(monkeypatch):
-    """The recipe's ``damp`` is the one each Error Diffusion solve and float re-fit uses: the pipeline's weights
-    are those of :func:`error_diffusion` with it, not without it."""
+    """The recipe's ``damp`` is the one each Error Diffusion solve and float re-fit is given, and it changes the
+    model's weights."""
     import numcast.pipeline.methods as methods
 
     seen = []
