@@ -12,7 +12,7 @@ from helpers import assert_bitwise
 
 from numcast.formats.ops import cast
 from numcast.formats.registry import get_format, list_formats
-from numcast.formats.scale import row_amax
+from numcast.formats.scale import Scales, compute_scales, row_amax
 
 
 def test_eager_row_amax_equals_the_max_of_absolute_values():
@@ -43,3 +43,29 @@ def test_a_finite_input_never_casts_to_inf(name):
         y = cast(x, name)
         assert bool(torch.isfinite(y).all()), f"{name}: {y[:, :4]}"
         assert_bitwise(cast(y, name), y, name)
+
+
+POW2_ROWS = [f.name for f in list_formats()
+             if f.scaling.scaled and f.scaling.rule not in ("amax", "signed_max") and not f.scaling.sub_block_size]
+
+
+@pytest.mark.parametrize("name", POW2_ROWS)
+def test_the_reciprocal_made_beside_power_of_two_scales_is_exact(name):
+    """``compute_scales`` gives power-of-two scales their reciprocal in the rows' dtype (what the compiled element
+    kernel reads instead of dividing): 1/s exactly, so s · (1/s) = 1 on every finite row down to E8M0's 2^-127,
+    NaN on a non-finite row: the bits ``Scales.reciprocal`` divides out for scales that come without it."""
+    fmt = get_format(name)
+    sc = fmt.scaling
+    block = sc.block_size if sc.granularity == "block" else 8
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randn(64, block, generator=gen) * torch.logspace(-38, 38, 64)[:, None]
+    rows[5, 0], rows[9, 1] = math.nan, math.inf
+    s = compute_scales(rows, fmt.element, sc)
+    assert s.inverse is not None and s.inverse.dtype == rows.dtype
+    finite = torch.isfinite(s.scale)
+    assert not finite[5] and not finite[9] and s.inverse[~finite].isnan().all()
+    assert (s.scale[finite] * s.inverse[finite].double() == 1.0).all(), name
+    afresh = Scales(s.scale)
+    assert afresh.reciprocal(torch.float32).dtype == torch.float32
+    assert_bitwise(s.reciprocal(torch.float32), afresh.reciprocal(torch.float32))
+    assert s.reciprocal(torch.float64).dtype == torch.float64  # a reciprocal of another dtype is not taken

@@ -78,9 +78,10 @@ def arithmetic_rounding_exact(elem: Element, dtype: torch.dtype) -> bool:
     return elem.emin >= 1 - bias and elem.emax + 1 + p <= bias and elem.mbits <= p - 3
 
 
-def round_nearest_even_arithmetic(y: torch.Tensor, elem: Element) -> torch.Tensor:
+def round_nearest_even_arithmetic(y: torch.Tensor, elem: Element, saturate: bool = False) -> torch.Tensor:
     """``y`` rounded to the element grid, ties to even, without reading or writing exponent bits; before
-    overflow handling (values beyond the grid come back larger than ``elem.max``, NaN stays NaN).
+    overflow handling (values beyond the grid come back larger than ``elem.max``, NaN stays NaN), or with
+    ``saturate`` clamped to ±``elem.max``.
 
     Same values and signs as :func:`floor_log2` / :func:`pow2` / ``torch.round`` (``tests/formats/test_element.py``
     checks every float32 binade), for the compiled kernel: inductor writes a vector bit cast (``view(int32)``) as
@@ -96,10 +97,12 @@ def round_nearest_even_arithmetic(y: torch.Tensor, elem: Element) -> torch.Tenso
       to even) and (a + M) − M is exact (Sterbenz).
 
     ``copysign`` restores the sign (also of results that round to zero). Clamping a at 2^(emax+1) keeps c finite;
-    such values overflow the grid either way. Needs :func:`arithmetic_rounding_exact`.
+    such values overflow the grid either way. ``saturate`` clamps a at max instead: max is a grid value and the
+    rounding is monotone, so round(min(a, max)) = min(round(a), max), the saturated result, two operations per
+    value fewer than clamping it afterwards. Needs :func:`arithmetic_rounding_exact`.
     """
     p = _int_view(y.dtype)[1] + 1
-    a = y.abs().clamp(max=math.ldexp(1.0, elem.emax + 1))
+    a = y.abs().clamp(max=elem.max if saturate else math.ldexp(1.0, elem.emax + 1))
     c = a * math.ldexp(1.0, p - 1 - elem.mbits) + a
     normal = c - (c - a)
     magic = math.ldexp(1.5, p - 1 - elem.mbits + elem.emin)
@@ -145,18 +148,16 @@ def cast_element(
 
     if arithmetic is None:
         arithmetic = torch.compiler.is_compiling() and arithmetic_rounding_exact(elem, y.dtype)
+    saturating = saturate or elem.policy == "finite"
     if arithmetic and rounding == "nearest_even":
-        out = round_nearest_even_arithmetic(y, elem)  # no bit casts: see the function
+        out = round_nearest_even_arithmetic(y, elem, saturating)  # no bit casts: see the function
+        if not saturating:
+            out = _overflow(out, elem)
     else:
         step = grid_step(y, elem)
         q = y / step  # exact: division by a power of two
         out = (q.round_() if rounding == "nearest_even" else round_to_int(q, rounding, noise)).mul_(step)
-    if saturate or elem.policy == "finite":
-        out = out.clamp_(-elem.max, elem.max)  # NaN passes through clamp
-    elif elem.policy == "ieee":
-        out = torch.where(out.abs() > elem.max, torch.copysign(torch.full_like(out, math.inf), out), out)
-    else:
-        out = torch.where(out.abs() > elem.max, torch.full_like(out, math.nan), out)
+        out = out.clamp_(-elem.max, elem.max) if saturating else _overflow(out, elem)  # NaN passes through clamp
     if not inf_free:
         inf_in = y.abs() == math.inf  # (not isinf: compiles to a vector compare)
         out = torch.where(inf_in, y if elem.policy == "ieee" else torch.full_like(out, math.nan), out)
@@ -166,6 +167,13 @@ def cast_element(
         out = torch.where(y > 0, out, torch.full_like(out, math.nan))
         out = torch.where(out == 0, torch.full_like(out, elem.min_normal), out)
     return out
+
+
+def _overflow(out: torch.Tensor, elem: Element) -> torch.Tensor:
+    """Values rounded beyond ±max as the format's overflow: ±inf in ``ieee`` formats, NaN elsewhere."""
+    if elem.policy == "ieee":
+        return torch.where(out.abs() > elem.max, torch.copysign(torch.full_like(out, math.inf), out), out)
+    return torch.where(out.abs() > elem.max, torch.full_like(out, math.nan), out)
 
 
 def all_finite(t: torch.Tensor) -> bool:

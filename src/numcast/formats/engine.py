@@ -113,7 +113,7 @@ def grid_cast(
         if scales.sub_offset is not None:  # shared microexponents: 2^(E − τ) per sub-block, exact
             y = rows * (1.0 / scales.per_element()).to(work)
         elif scaling.rule not in ("amax", "signed_max"):
-            y = rows * (1.0 / scales.scale).to(work)[:, None]  # exact: power of two
+            y = rows * scales.reciprocal(work)[:, None]  # exact: power of two
         elif scaling.tensor_scale:  # s_b·s_t needs ~28 bits: divide in float64, round once to `work`
             y = (rows.double() / scales.effective()[:, None]).to(work)
         else:
