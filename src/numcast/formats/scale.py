@@ -62,8 +62,8 @@ class Scales:
     def reciprocal(self, work: torch.dtype) -> torch.Tensor:
         """1/scale, [R], in ``work`` (exact: used for power-of-two scales only). :func:`compute_scales` makes it
         beside the scales, so the compiled element kernel reads it instead of dividing once per vector of 8
-        values (inductor hoists nothing out of that loop: MXFP4's element kernel took 5.5 instead of 4.7 ms on
-        4096 × 4096 float32 values, 2 cores); other scales (fixed by a solver, say) divide here."""
+        values (inductor hoists nothing out of that loop; README, speed notes); other scales (fixed by a solver,
+        say) divide here."""
         if self.inverse is not None and self.inverse.dtype == work:
             return self.inverse
         return (1.0 / self.scale).to(work)
