@@ -345,14 +345,37 @@ def test_ceil_rule_with_offsets_never_saturates():
     assert stats["frac_saturated"] > 0.0
 
 
-def test_compiled_path_equals_eager():
-    """The compiled backend runs the same engine (offsets included) fused: bit-identical (one format: compiling
-    costs seconds; the three differ only in the element width)."""
-    name = "mx6"
+@pytest.mark.parametrize("name", ["mx6", *USER])
+def test_compiled_path_equals_the_paper_reference(name):
+    """The compiled cast finds each element's offset from its sub-block neighbours and power-of-two thresholds
+    (``scale.sub_block_factors``), not from the per-sub-block τ the eager cast computes: both against the
+    paper's reference, on random and edge blocks, for sub-blocks of 1, 2 and 4 with 1- to 3-bit offsets (MX9
+    and MX4 differ from MX6 only in the element width; compiling costs seconds)."""
+    pytest.importorskip("torch._inductor")
+    from numcast.formats.fused import compiler_available
+
+    if not compiler_available("cpu"):
+        pytest.skip("no C++ compiler for inductor")
+    fmt, k1, k2, d2, m = (get_format(name), 16, 2, 1, MX[name]) if name in MX else USER[name]
+    rng = np.random.default_rng(k1 * k2 + d2)
+    x = rng.standard_normal((48, k1)) * np.exp(rng.standard_normal((48, k1)) * 2.5)
+    x = np.concatenate([x, edge_blocks(k1, k2, m, rng)]).astype(np.float32)
+    ref, *_ = reference(x, k1, k2, d2, m)
+    xt = torch.from_numpy(x).reshape(-1, 2 * k1)  # two blocks per row: the kernel's rows are views
+    assert_bitwise(cast(xt, fmt, backend="compiled"), torch.from_numpy(ref).reshape(xt.shape), name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_compiled_path_equals_eager_in_other_input_dtypes(dtype):
+    """bfloat16 inputs run in float32, float64 ones in float64 (thresholds and scales of that dtype)."""
+    from numcast.formats.fused import compiler_available
+
+    if not compiler_available("cpu"):
+        pytest.skip("no C++ compiler for inductor")
     rng = np.random.default_rng(0)
-    x = torch.from_numpy(edge_blocks(16, 2, MX[name], rng))
-    x = torch.cat([x, torch.randn(32, 16, generator=torch.Generator().manual_seed(0))]).reshape(-1, 32)
-    assert_bitwise(cast(x, name, backend="compiled"), cast(x, name), name)
+    x = torch.from_numpy(edge_blocks(16, 2, MX["mx6"], rng))
+    x = torch.cat([x, torch.randn(32, 16, generator=torch.Generator().manual_seed(0))]).reshape(-1, 32).to(dtype)
+    assert_bitwise(cast(x, "mx6", backend="compiled"), cast(x, "mx6", backend="eager"), str(dtype))
 
 
 # ---- CLI and README --------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import torch
 from numcast.formats.element import cast_element, work_dtype
 from numcast.formats.layout import Layout
 from numcast.formats.rounding import make_noise, round_to_int
-from numcast.formats.scale import Scales, compute_scales, row_amax, two_level_tensor_scale
+from numcast.formats.scale import Scales, compute_scales, row_amax, sub_block_factors, two_level_tensor_scale
 from numcast.formats.spec import Format, IntElement
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -40,6 +40,8 @@ class GridCast:
     - ``values``: the element grid values (element units) it rounded to.
     - ``scales``: the per-row scales (and tensor scale, zero points).
     - ``work``: the dtype the arithmetic ran in (float32 where exact, else float64).
+    - ``element_scale``: each element's scale ([rows, n], work dtype) where sub-block offsets were found per
+      element (the compiled cast, :func:`numcast.formats.scale.sub_block_factors`); else None.
     """
 
     layout: Layout
@@ -48,10 +50,14 @@ class GridCast:
     scales: Scales
     work: torch.dtype
     f32_product: bool = False
+    element_scale: torch.Tensor | None = None
 
     def output(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """The dequantized tensor (what ``cast`` returns)."""
-        out = dequantize_rows(self.values, self.scales, self.work, self.f32_product and dtype == torch.float32)
+        if self.element_scale is not None:
+            out = self.values * self.element_scale
+        else:
+            out = dequantize_rows(self.values, self.scales, self.work, self.f32_product and dtype == torch.float32)
         return self.layout.from_rows(out).reshape(shape).to(dtype)
 
     def rows_to_tensor(self, rows: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
@@ -100,18 +106,24 @@ def grid_cast(
     # one that maps its amax into the grid's range or, saturated, one ≥ 1 (a scale format reaching 1), so y = x/s
     # holds no ±inf and the element cast leaves out the selects that handle it
     no_inf = scaling.scaled and (scales is None or own_scales) and scaling.scale_format.max >= 1.0
+    own_per_element = own_scales and scales is not None and scales.sub_position is not None
+    element_scale = None
     if not scaling.scaled:
         scales = Scales(None)
         y = rows
     else:
         if scales is None:
             scales = compute_scales(rows, elem, scaling, tensor_scale)
-        elif bool(scaling.sub_block_size) != (scales.sub_offset is not None):
+        elif bool(scaling.sub_block_size) != (scales.sub_offset is not None or own_per_element):
             need = ("carry its sub-block exponent offsets (Scales.sub_offset)" if scaling.sub_block_size
                     else "not carry sub-block offsets (it has none)")  # fmt: skip
             raise ValueError(f"{fmt.label}: scales fixed for this format must {need}")
         if scales.sub_offset is not None:  # shared microexponents: 2^(E − τ) per sub-block, exact
             y = rows * (1.0 / scales.per_element()).to(work)
+        elif own_per_element:  # the compiled cast: the offsets found per element from the rows (exact)
+            up, down = sub_block_factors(rows, scales, elem, scaling)
+            y = rows * (scales.reciprocal(work)[:, None] * up)
+            element_scale = scales.scale.to(work)[:, None] * down
         elif scaling.rule not in ("amax", "signed_max"):
             y = rows * scales.reciprocal(work)[:, None]  # exact: power of two
         elif scaling.tensor_scale:  # s_b·s_t needs ~28 bits: divide in float64, round once to `work`
@@ -128,7 +140,7 @@ def grid_cast(
     if rounding in _MIRRORED and scaling.rule == "signed_max":  # a negative scale mirrors the direction
         mirrored = cast_element(y, elem, _MIRRORED[rounding], noise, fmt.saturate, no_inf=no_inf)
         values = torch.where((scales.scale < 0).to(y.device)[:, None], mirrored, values)
-    return GridCast(layout, y, values, scales, work, two_level_f32(fmt) and work == torch.float32)
+    return GridCast(layout, y, values, scales, work, two_level_f32(fmt) and work == torch.float32, element_scale)
 
 
 def tensor_scale_of(x: torch.Tensor, fmt: Format) -> torch.Tensor | None:

@@ -156,16 +156,16 @@ def scales_apart(fmt: Format) -> bool:
 @functools.lru_cache(maxsize=512)
 def _scales_kernel(key: KernelKey) -> Callable:
     """The compiled scales of the rows of ``key``'s format: ``compute_scales`` of the rows in the work dtype, as
-    the tuple (scale, tensor scale, zero points, sub-block offsets, reciprocal) that :func:`_kernel` takes (None
-    where absent).
+    the tuple (scale, tensor scale, zero points, sub-block offsets, reciprocal, sub-block positions) that
+    :func:`_kernel` takes (None where absent).
     A two-level format's per-tensor scale is reduced here from the blocks' amax, as the eager cast does: one read
     of the input for both levels (a separate ``torch.aminmax`` pass before this kernel cost NVFP4 a read more)."""
     row_fmt = key[0]
     elem, scaling = row_fmt.element, row_fmt.scaling
 
     def scales_of_rows(rows: torch.Tensor) -> tuple:
-        s = compute_scales(rows.to(work_dtype(elem, scaling, rows.dtype)), elem, scaling)
-        return s.scale, s.tensor_scale, s.zero_point, s.sub_offset, s.inverse
+        s = compute_scales(rows.to(work_dtype(elem, scaling, rows.dtype)), elem, scaling, offsets_per_element=True)
+        return s.scale, s.tensor_scale, s.zero_point, s.sub_offset, s.inverse, s.sub_position
 
     fn = _own_code(scales_of_rows, str(next(_SERIAL)))
     return torch.compile(fn, fullgraph=True, options=inductor_options(key[3]))
@@ -181,9 +181,9 @@ def _kernel(key: KernelKey, into: bool) -> Callable:
     def cast_of(rows: torch.Tensor, scales: tuple) -> torch.Tensor:
         if not apart:
             return cast_unchunked(rows, row_fmt, rounding)
-        scale, tensor_scale, zero_point, sub_offset, inverse = scales
-        # compute_scales gives offsets exactly when sub_block > 0
-        given = Scales(scale, tensor_scale, zero_point, sub_offset, sub_block, inverse)
+        scale, tensor_scale, zero_point, sub_offset, inverse, sub_position = scales
+        # compute_scales gives offsets (sub_offset or sub_position) exactly when sub_block > 0
+        given = Scales(scale, tensor_scale, zero_point, sub_offset, sub_block, inverse, sub_position)
         return grid_cast(rows, row_fmt, rounding, scales=given, own_scales=True).output(rows.shape, rows.dtype)
 
     def cast_rows(rows: torch.Tensor, *scales: torch.Tensor | None) -> torch.Tensor:

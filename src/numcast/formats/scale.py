@@ -21,6 +21,12 @@ Rules (``Scaling.rule``; numcast's choices against peers are stated here once):
   with E the row's exponent above (clamped), each sub-block j of k2 values gets E_j by the same rule from its
   own amax (float64) and τ_j = clamp(min(E − E_j, 2^d2 − 1, E − emin_sf), 0, ·); its values use 2^(E − τ_j).
   ``Scales.sub_offset`` holds τ ([R, L/k2] int64); rows holding NaN/inf get τ = 0 (their scale is NaN).
+  The compiled cast finds the same τ per element instead (:func:`sub_block_factors`, ``floor`` rule): for
+  j = 1 … 2^d2 − 1, E − E_j ≥ j ⟺ amax_j < 2^(E + emax_elem − j + 1), and j ≤ the limit ⟺ 2^E ≥ 2^(emin_sf + j),
+  so τ_j is the number of these power-of-two thresholds its sub-block's amax lies below: comparisons of the
+  values themselves, with no per-sub-block tensor and no exponent bits (inductor builds the maximum of a
+  [R, L/k2, k2] view's sub-blocks from scalar loads, and writing τ out took longer than the cast itself;
+  ``benchmarks/cast_kernels.py``).
 
 Degenerate rows: an all-zero row gets the scale format's smallest positive value (for E8M0 2^−127, what
 the floor rule's clamp of log2(0) = −inf gives), and so does any row whose scale would underflow to 0.
@@ -37,6 +43,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from numcast.formats.element import cast_element, floor_log2, pow2
 from numcast.formats.spec import Element, Scaling
@@ -50,7 +57,9 @@ class Scales:
 
     ``sub_offset`` ([R, L/sub_block] int64, or None): each sub-block's exponent offset τ, so the values of
     sub-block j of row r use the scale ``scale[r] · 2^−τ[r, j]`` (shared microexponents, see the module
-    docstring); ``sub_block`` is the sub-block length (0 without offsets)."""
+    docstring); ``sub_block`` is the sub-block length (0 without offsets). ``sub_position`` ([1, L] in the rows'
+    dtype, or None): each element's position in its sub-block, i mod ``sub_block``, given instead of
+    ``sub_offset`` where the compiled cast finds τ per element (:func:`sub_block_factors`)."""
 
     scale: torch.Tensor | None
     tensor_scale: torch.Tensor | float | None = None
@@ -58,6 +67,7 @@ class Scales:
     sub_offset: torch.Tensor | None = None
     sub_block: int = 0
     inverse: torch.Tensor | None = None  # 1/scale [R] in a work dtype, exact (power-of-two rules): compute_scales'
+    sub_position: torch.Tensor | None = None
 
     def reciprocal(self, work: torch.dtype) -> torch.Tensor:
         """1/scale, [R], in ``work`` (exact: used for power-of-two scales only). :func:`compute_scales` makes it
@@ -133,10 +143,16 @@ def two_level_tensor_scale(amax: torch.Tensor, elem: Element, scale_format: Elem
 
 
 def compute_scales(
-    rows: torch.Tensor, elem: Element, scaling: Scaling, tensor_scale: torch.Tensor | float | None = None
+    rows: torch.Tensor,
+    elem: Element,
+    scaling: Scaling,
+    tensor_scale: torch.Tensor | float | None = None,
+    offsets_per_element: bool = False,
 ) -> Scales:
     """Scales for [R, L] rows (see module docstring for the rules). ``tensor_scale`` fixes the two-level
-    per-tensor scale instead of deriving it from these rows (a slab of a larger tensor)."""
+    per-tensor scale instead of deriving it from these rows (a slab of a larger tensor). ``offsets_per_element``
+    (the compiled cast): where :func:`offsets_per_element_exact` holds, leave the sub-block offsets to
+    :func:`sub_block_factors` (``Scales.sub_position`` instead of ``sub_offset``)."""
     sf = scaling.scale_format
     if scaling.rule == "signed_max":
         return _signed_max_scales(rows, elem, sf)
@@ -150,9 +166,12 @@ def compute_scales(
         scale = pow2(e, torch.float64)
         finite = torch.isfinite(amax)
         scale = torch.where(finite, scale, torch.full_like(scale, math.nan))
-        if scaling.sub_block_size:
-            return Scales(scale, sub_offset=_sub_offsets(rows, e, finite, elem, scaling),
-                          sub_block=scaling.sub_block_size)  # fmt: skip
+        k = scaling.sub_block_size
+        if k and offsets_per_element and offsets_per_element_exact(elem, scaling, rows.dtype):
+            position = (torch.arange(rows.shape[-1], device=rows.device) % k).to(rows.dtype)[None]
+            return Scales(scale, sub_block=k, inverse=(1.0 / scale).to(rows.dtype), sub_position=position)
+        if k:
+            return Scales(scale, sub_offset=_sub_offsets(rows, e, finite, elem, scaling), sub_block=k)
         return Scales(scale, inverse=(1.0 / scale).to(rows.dtype))
     if scaling.zero_point:
         amax, mn, mx = row_range(rows)
@@ -210,6 +229,40 @@ def _sub_offsets(rows: torch.Tensor, e: torch.Tensor, finite: torch.Tensor, elem
     limit = (e - sc.scale_format.emin).clamp(max=2**sc.sub_offset_bits - 1)  # never below the smallest scale
     tau = torch.minimum(e[:, None] - e_sub, limit[:, None]).clamp(min=0)
     return torch.where(finite[:, None], tau, torch.zeros_like(tau))
+
+
+def offsets_per_element_exact(elem: Element, scaling: Scaling, work: torch.dtype) -> bool:
+    """Whether :func:`sub_block_factors` gives ``_sub_offsets``' τ and the exact scales for rows in ``work``: the
+    ``floor`` rule, and in float32 every power of two it forms representable (1/2^E ≤ 2^127, the smallest
+    threshold 2^(emin_sf + emax_elem + 1) ≥ 2^−149; E8M0 with any element here)."""
+    if not scaling.sub_block_size or scaling.rule != "floor" or work not in (torch.float32, torch.float64):
+        return False
+    sf = scaling.scale_format
+    return work == torch.float64 or (sf.emin >= -127 and sf.emax <= 127 and sf.emin + elem.emax + 1 >= -149)
+
+
+def sub_block_factors(
+    rows: torch.Tensor, scales: Scales, elem: Element, scaling: Scaling
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2^τ, 2^−τ) for every element of [R, L] rows (rows' dtype, exact), τ its sub-block's offset found from
+    the rows (module docstring; equal to ``_sub_offsets``' τ where :func:`offsets_per_element_exact` holds).
+    ``scales``: the block scales 2^E ([R], float64, NaN for rows holding NaN/inf: τ = 0 there) and
+    ``sub_position``. Each element sees its sub-block's amax through loads of its k − 1 neighbours, shifted
+    copies of the row masked by the position: contiguous loads that inductor vectorises."""
+    k, pos = scaling.sub_block_size, scales.sub_position
+    a = rows.abs()
+    sub = a
+    for d in range(1, k):
+        sub = torch.maximum(sub, torch.where(pos < k - d, F.pad(a[:, d:], (0, d)), 0.0))  # the one d places on
+        sub = torch.maximum(sub, torch.where(pos >= d, F.pad(a[:, :-d], (d, 0)), 0.0))  # the one d places back
+    s, sf = scales.scale, scaling.scale_format
+    up, down = torch.ones_like(rows), torch.ones_like(rows)
+    for j in range(1, 2**scaling.sub_offset_bits):
+        allowed = s >= math.ldexp(1.0, sf.emin + j)  # j ≤ E − emin_sf (False for NaN scales)
+        threshold = torch.where(allowed, s * math.ldexp(1.0, elem.emax - j + 1), 0.0).to(rows.dtype)
+        below = sub < threshold[:, None]  # E − E_sub ≥ j
+        up, down = torch.where(below, up * 2.0, up), torch.where(below, down * 0.5, down)
+    return up, down
 
 
 def _pow2_exponent(amax: torch.Tensor, elem: Element, rule: str) -> torch.Tensor:
