@@ -177,7 +177,7 @@ def test_static_integer_fast_path_equals_the_general_cast(fmt):
     a.finish_calibration()
     scale = float(a.scales_for(3.0).scale)
     g = gen(9)
-    x = torch.cat([torch.randn(10_000, generator=g) * 2, torch.arange(-300, 301) * scale * 0.5,  # exact ties
+    x = torch.cat([torch.randn(10_000, generator=g) * 2, torch.arange(-300, 301) * scale * 0.5,  # (near-)ties
                    torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 50.0, -50.0])])  # fmt: skip
     fast = a(x)
     general = grid_cast(x, a.fmt, scales=a.scales_for(3.0)).output(x.shape, x.dtype)

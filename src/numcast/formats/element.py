@@ -3,8 +3,8 @@
 The cast follows the TensorCast/OCP recipe (``../shared/design/papers.md`` §2): per-element exponent
 e = max(floor(log2|y|), emin) read from the exponent bits (never ``log2``: pitfall 1), scale to an
 integer grid with an exact power-of-two multiply, round, scale back, then overflow by policy. Work is done
-in float32 when every power of two involved is a float32 normal and nearest rounding of a float32 quotient
-cannot double-round (p32 ≥ 2p+2), else in float64; both are exact.
+in float32 when every power of two involved is a float32 normal and the quotient x/s rounded to float32 cannot
+land on a rounding decision point it is not at (:func:`work_dtype`), else in float64; both are exact.
 """
 
 from __future__ import annotations
@@ -23,10 +23,22 @@ FINITE_CHECK_MIN = 1 << 14  # elements from which the eager cast_element checks 
 
 
 def work_dtype(elem: Element, scaling: Scaling | None = None, input_dtype: torch.dtype = torch.float32) -> torch.dtype:
-    """float32 where exact, else float64 (see module docstring)."""
+    """float32 where exact, else float64.
+
+    Exact means: the grid's powers of two are normal numbers of the dtype, and with a scale that is not a power of
+    two the quotient y = x/s, rounded once to the dtype, rounds onto the grid as the real x/s does. The rounding
+    changes its answer only at decision points d (grid values for directed modes, midpoints between them for
+    nearest), which have :func:`decision_bits` significant bits; s has :func:`scale_bits`. Where d·s fits the
+    dtype's significand, d·s and a float32 x ≠ d·s are distinct numbers of the dtype, so x/s differs from d by
+    more than half an ulp of d and the rounded quotient cannot land on d (nor cross it: rounding is monotone);
+    float64 holds every such product here. NVFP4 (E2M1 midpoints 3 bits, s_b·s_t 4 + 24) and FP32-scaled
+    formats (``int8_channel``: 8 + 24) need float64; FP16-scaled integer groups (``int4_g128``: 4 + 11) do
+    not. (Constructed near-ties: ``tests/formats/test_near_ties.py``.)"""
     if input_dtype == torch.float64:
         return torch.float64
-    pow2_scale = scaling is None or not scaling.scaled or scaling.rule != "amax"
+    pow2_scale = scaling is None or not scaling.scaled or scaling.rule not in ("amax", "signed_max")
+    if not pow2_scale and decision_bits(elem) + scale_bits(scaling) > 24:
+        return torch.float64
     if isinstance(elem, IntElement):
         ok = abs(elem.frac_bits) <= 100 and (elem.bits <= 11 or (pow2_scale and elem.bits <= 24))
         return torch.float32 if ok else torch.float64
@@ -34,6 +46,21 @@ def work_dtype(elem: Element, scaling: Scaling | None = None, input_dtype: torch
     ks = (elem.mbits - elem.emax - 1, elem.mbits - elem.emin, elem.emin - elem.mbits, elem.emax + 1 - elem.mbits)
     ok = all(lo <= k <= hi for k in ks) and (pow2_scale or elem.mbits <= 10)
     return torch.float32 if ok else torch.float64
+
+
+def decision_bits(elem: Element) -> int:
+    """Significant bits of the element grid's rounding decision points: midpoints between neighbouring grid
+    values (one bit more than the grid's m + 1 for minifloats; (2k + 1)/2 for integers up to the largest
+    magnitude), which also covers the grid values themselves (directed modes)."""
+    if isinstance(elem, IntElement):
+        return (2 * max(-elem.qmin, elem.qmax) - 1).bit_length()
+    return elem.mbits + 2
+
+
+def scale_bits(scaling: Scaling) -> int:
+    """Significant bits of an effective scale: the scale format's, plus FP32's 24 for a two-level format's
+    per-tensor factor (s_b·s_t)."""
+    return scaling.scale_format.mbits + 1 + (24 if scaling.tensor_scale else 0)
 
 
 def _int_view(dtype: torch.dtype) -> tuple[torch.dtype, int, int]:

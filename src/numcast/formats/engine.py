@@ -140,7 +140,7 @@ def grid_cast(
     if rounding in _MIRRORED and scaling.rule == "signed_max":  # a negative scale mirrors the direction
         mirrored = cast_element(y, elem, _MIRRORED[rounding], noise, fmt.saturate, no_inf=no_inf)
         values = torch.where((scales.scale < 0).to(y.device)[:, None], mirrored, values)
-    return GridCast(layout, y, values, scales, work, two_level_f32(fmt) and work == torch.float32, element_scale)
+    return GridCast(layout, y, values, scales, work, two_level_f32(fmt), element_scale)
 
 
 def tensor_scale_of(x: torch.Tensor, fmt: Format) -> torch.Tensor | None:
@@ -168,13 +168,14 @@ def dequantize_rows(
 ) -> torch.Tensor:
     """Element values × scale (− zero point), in the work dtype (float64 for two-level scales, whose
     product q·s_b·s_t is exact there and is rounded once, to the output dtype). ``f32_product`` (a float32
-    output of a format where :func:`two_level_f32` holds): (q·s_b)·s_t in float32, the same single rounding."""
+    output of a format where :func:`two_level_f32` holds): (q·s_b)·s_t in float32 (the grid values q are exact
+    there), the same single rounding in half the vector width."""
     s = scales.effective()
     if s is None:
         return values
     if scales.tensor_scale is not None and f32_product:
         t = torch.as_tensor(scales.tensor_scale, dtype=torch.float64, device=values.device).float()
-        return (values * scales.scale.float()[:, None]) * t
+        return (values.float() * scales.scale.float()[:, None]) * t
     if scales.tensor_scale is not None:
         return values.double() * s[:, None]
     if scales.sub_offset is not None:

@@ -127,7 +127,7 @@ class QTensor:
         fmt, layout = self.format, self.layout
         work = work_dtype(fmt.element, fmt.scaling, self.dtype)
         vals = layout.to_rows(decode(self.codes, fmt.element, work))
-        f32 = self.dtype == torch.float32 and work == torch.float32 and two_level_f32(fmt)
+        f32 = self.dtype == torch.float32 and two_level_f32(fmt)
         out = layout.from_rows(dequantize_rows(vals, self._row_scales(), work, f32))
         return out.reshape(self.shape).to(self.dtype)
 

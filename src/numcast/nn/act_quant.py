@@ -20,6 +20,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from numcast.formats.element import work_dtype
 from numcast.formats.engine import grid_cast
 from numcast.formats.ops import cast
 from numcast.formats.registry import FormatLike, get_format
@@ -104,10 +105,12 @@ class ActQuantizer(nn.Module):
         el = self.fmt.element
         if (x.dtype == torch.float32 and el.kind == "int" and not el.frac_bits and scales.tensor_scale is None
                 and scales.zero_point is None and self.fmt.rounding == "nearest_even"):  # fmt: skip
-            # the same arithmetic as the general path, fused into four float32 ops (training speed); tested equal
-            s = scales.scale.to(torch.float32)
-            y = torch.round(x / s).clamp_(el.qmin, el.qmax).mul_(s).add_(0.0)  # +0.0: zeros unsigned, as codes are
-            return torch.where(torch.isfinite(x), y, torch.full_like(y, math.nan))
+            # the same arithmetic as the general path, fused into four ops in its work dtype (training speed; float64
+            # for an FP32 scale, where a float32 x/s can land on a midpoint it is not at); tested equal
+            work = work_dtype(el, self.fmt.scaling, x.dtype)
+            s = scales.scale.to(work)
+            y = torch.round(x.to(work) / s).clamp_(el.qmin, el.qmax).mul_(s).add_(0.0)  # +0.0: zeros unsigned
+            return torch.where(torch.isfinite(x), y.to(x.dtype), torch.full_like(x, math.nan))
         return grid_cast(x, self.fmt, scales=scales).output(x.shape, x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
