@@ -126,7 +126,7 @@ def grid_cast(
             element_scale = scales.scale.to(work)[:, None] * down
         elif scaling.rule not in ("amax", "signed_max"):
             y = rows * scales.reciprocal(work)[:, None]  # exact: power of two
-        elif scaling.tensor_scale:  # s_b·s_t needs ~28 bits: divide in float64, round once to `work`
+        elif scaling.tensor_scale:  # s_b·s_t needs ~28 bits: divide in float64 (every two-level format's work dtype)
             y = (rows.double() / scales.effective()[:, None]).to(work)
         else:
             y = rows / scales.effective().to(work)[:, None]
