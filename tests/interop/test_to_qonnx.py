@@ -233,8 +233,14 @@ def _weight_matrix(mw: ModelWrapper, dot_node) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- execution
 def test_each_layer_is_exact_given_numcasts_input(exported):
-    """Fed numcast's own input, every layer's activation codes are numcast's bit for bit, its accumulator is the
-    exact integer dot product, and its output is numcast's within 1e-6 (relative to the largest |y|)."""
+    """Fed numcast's own input, every layer's activation codes are numcast's, its accumulator is the exact integer
+    dot product of its codes, and its output is numcast's within 1e-6 (relative to the largest |y|).
+
+    The graph divides by the scale in float32 (ONNX ``Div``) and rounds that quotient; numcast rounds the exact
+    quotient (``element.work_dtype``: float64 for an FP32 scale). They may differ only where the float32 quotient
+    is a half-integer that the exact one is not: there numcast's code is the exact quotient's rounding and the
+    graph's its neighbour, and such activations are rare (a wrong scale or rounding would differ everywhere); the
+    outputs are compared on the samples without one."""
     source, result, mw, _ = exported
     io = _numcast_io(source.model, source.example_inputs)
     layers = _layers(source.model)
@@ -242,10 +248,17 @@ def test_each_layer_is_exact_given_numcasts_input(exported):
     for name, m in layers.items():
         x_in, x_q, y = io[name]
         ctx = _run_layer(mw, name, x_in.numpy())
-        codes = _codes(x_q, m)
-        assert np.array_equal(ctx[f"{name}.x_int"], codes), name
-        assert np.array_equal(ctx[f"{name}.acc"], _int_dot(codes, m)), name
-        _rel_close(ctx[name], y.numpy())
+        codes, got = _codes(x_q, m), ctx[f"{name}.x_int"]
+        diff = got != codes
+        if diff.any():
+            q32 = ctx[_node(mw, f"{name}.x_div_scale").output[0]][diff].astype(np.float64)
+            exact = (x_in.double() / _act_scale(m)).numpy()[diff]  # float64 sees the side of every near-tie
+            assert np.all(q32 - np.floor(q32) == 0.5) and np.all(np.abs(exact - np.floor(exact) - 0.5) > 0), name
+            assert np.array_equal(codes[diff], np.round(exact)) and np.all(np.abs(got[diff] - codes[diff]) == 1)
+            assert diff.mean() <= 1e-4, f"{name}: {diff.sum()} of {diff.size} codes differ"
+        assert np.array_equal(ctx[f"{name}.acc"], _int_dot(got.astype(np.float64), m)), name
+        same = ~diff.reshape(len(got), -1).any(1)  # the samples whose codes all agree
+        _rel_close(ctx[name][same], y.numpy()[same])
 
 
 def test_the_whole_graph_matches_numcast_up_to_rounding_ties(exported):
