@@ -36,7 +36,7 @@ def work_dtype(elem: Element, scaling: Scaling | None = None, input_dtype: torch
     not. (Constructed near-ties: ``tests/formats/test_near_ties.py``.)"""
     if input_dtype == torch.float64:
         return torch.float64
-    pow2_scale = scaling is None or not scaling.scaled or scaling.rule not in ("amax", "signed_max")
+    pow2_scale = scaling is None or not scaling.scaled or scaling.power_of_two
     if not pow2_scale and decision_bits(elem) + scale_bits(scaling) > 24:
         return torch.float64
     if isinstance(elem, IntElement):

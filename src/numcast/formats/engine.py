@@ -124,11 +124,9 @@ def grid_cast(
             up, down = sub_block_factors(rows, scales, elem, scaling)
             y = rows * (scales.reciprocal(work)[:, None] * up)
             element_scale = scales.scale.to(work)[:, None] * down
-        elif scaling.rule not in ("amax", "signed_max"):
+        elif scaling.power_of_two:
             y = rows * scales.reciprocal(work)[:, None]  # exact: power of two
-        elif scaling.tensor_scale:  # s_b·s_t needs ~28 bits: divide in float64 (every two-level format's work dtype)
-            y = (rows.double() / scales.effective()[:, None]).to(work)
-        else:
+        else:  # in the work dtype, where a quotient cannot land on a decision point it is not at (work_dtype)
             y = rows / scales.effective().to(work)[:, None]
         if scales.zero_point is not None:
             # q = clamp(round(x/s) + z, 0, qmax): round first, then shift (PyTorch's fake_quantize order)

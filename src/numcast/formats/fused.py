@@ -166,8 +166,7 @@ def _scales_kernel(key: KernelKey) -> Callable:
     def scales_of_rows(rows: torch.Tensor) -> tuple:
         # the amax rules read only the rows' extremes, exact in the rows' own dtype: no float64 copy of the input
         # where the elements work in float64 (NVFP4, FP32-scaled formats)
-        own = scaling.rule in ("amax", "signed_max")
-        work_rows = rows if own else rows.to(work_dtype(elem, scaling, rows.dtype))
+        work_rows = rows.to(work_dtype(elem, scaling, rows.dtype)) if scaling.power_of_two else rows
         s = compute_scales(work_rows, elem, scaling, offsets_per_element=True)
         return s.scale, s.tensor_scale, s.zero_point, s.sub_offset, s.inverse, s.sub_position
 

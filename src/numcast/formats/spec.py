@@ -288,7 +288,7 @@ class Scaling:
             object.__setattr__(self, "axis", 0 if self.granularity == "channel" else -1)
         if self.rule not in SCALE_RULES:
             raise ValueError(f"scaling: unknown scale rule {self.rule!r}; one of {SCALE_RULES}")
-        if self.rule not in ("amax", "signed_max") and self.scale_format.policy != "fnu":
+        if self.power_of_two and self.scale_format.policy != "fnu":
             raise ValueError(f"scaling: power-of-two rule {self.rule!r} needs an E8M0 scale format")
         if self.tensor_scale and self.granularity != "block":
             raise ValueError("scaling: a two-level tensor scale needs block granularity")
@@ -318,6 +318,12 @@ class Scaling:
     @property
     def scaled(self) -> bool:
         return self.granularity != "none"
+
+    @property
+    def power_of_two(self) -> bool:
+        """Whether every scale is a power of two (the floor/ceil/nearest rules; amax and signed_max round a
+        quotient to the scale format)."""
+        return self.rule not in ("amax", "signed_max")
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ def gguf_type(fmt: Format) -> tuple[int | None, str]:
         return None, f"{fmt.label}: sub-block exponent offsets (shared microexponents) have no GGUF block type"
     blocked = sc.granularity == "block" and sc.axis in (-1, 1) and not sc.zero_point
     if isinstance(el, IntElement) and el.signed and not el.frac_bits and el.bits in (4, 8):
-        if not blocked or sc.scale_format != FP16 or sc.rule not in ("amax", "signed_max") or sc.tensor_scale:
+        if not blocked or sc.scale_format != FP16 or sc.power_of_two or sc.tensor_scale:
             return None, f"{fmt.label}: GGUF's Q{el.bits}_0 needs one FP16 scale per group along the input axis"
         if sc.block_size % 32:
             return None, f"{fmt.label}: GGUF's Q{el.bits}_0 blocks hold 32 values; groups of {sc.block_size} don't tile"
